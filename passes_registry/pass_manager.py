@@ -1,0 +1,381 @@
+"""PassManager: builds a pipeline (text or Python), checks properties statically, runs it.
+
+Checks happen when the pipeline is built: every pass's ``requires`` must be established by an
+earlier element or assumed (the manager never inserts or reorders passes). While running, with
+verify-each on (the default), after each modifying pass it lints and recompiles the graph, validates
+annotations, runs the checkers of newly established properties, and compares fingerprints with the
+pass's ``modified`` claim (XLA). Failures come out typed, naming the pass, its position and the
+canonical pipeline, optionally with a reproducer written to disk.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch.fx
+
+from . import registry
+from .analysis_manager import AnalysisManager
+from .context import PassContext
+from .errors import (OptionError, PassesError, PassFailure, PipelineParseError, PropertyError,
+                     VerificationError)
+from .instrument import IRPrinter, Reproducer, Statistics, Timing
+from .pass_base import ParametricPass, Pass, PassResult, PreservedAnalyses
+from .pipeline import Element, Nested, Pipeline, parse_pipeline
+from .printing import fingerprint
+from .suggest import did_you_mean
+
+HISTORY_KEY = "passes_registry"
+
+
+def graph_properties(gm: torch.fx.GraphModule) -> frozenset[str]:
+    """Properties established on ``gm`` by earlier pipeline runs."""
+    return frozenset(gm.meta.get(HISTORY_KEY, {}).get("properties", ()))
+
+
+def graph_history(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """``{"pipeline": [texts], "passes": [{"name", "seconds"}], "properties": [...]}``."""
+    return gm.meta.get(HISTORY_KEY, {"pipeline": [], "passes": [], "properties": []})
+
+
+class PassManager:
+    """An ordered pipeline of passes with static property checking.
+
+    ``assume`` lists properties the input graph already has; it may also be a GraphModule, whose
+    recorded properties (from earlier runs) are assumed.
+    """
+
+    def __init__(self, elements: Pipeline | list | tuple = (), *,
+                 assume: Any = frozenset()):
+        if isinstance(assume, torch.fx.GraphModule):
+            assume = graph_properties(assume)
+        elif isinstance(assume, str):
+            assume = frozenset({assume})
+        self.assume = frozenset(assume)
+        for prop in self.assume:
+            if registry.lookup_property(prop) is None:
+                raise PropertyError(f"unknown property '{prop}' in assume="
+                                    + did_you_mean(prop, registry.property_names()))
+        self._elements: list[Element] = []
+        elems = elements.elements if isinstance(elements, Pipeline) else elements
+        for e in elems:
+            self._append(e)
+
+    # -- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str, *, assume: Any = frozenset()) -> "PassManager":
+        """Build from pipeline text; raises PipelineParseError / PropertyError before running."""
+        return cls(parse_pipeline(text), assume=assume)
+
+    def add(self, element: str | Pass | Nested | type[Pass], **options: Any) -> "PassManager":
+        """Append a pass by name (``pm.add("annotate-bitwidths", weight_bits=4)``) or instance."""
+        if isinstance(element, str):
+            name, param = element, None
+            if "<" in element and element.endswith(">"):
+                name, param = element[:-1].split("<", 1)
+            if registry.lookup_pipeline(name) is not None and param is None:
+                from .options import build_options
+                pdef = registry.lookup_pipeline(name)
+                opts = build_options(name, pdef.Options, options)
+                from .pipeline import _expand_pipeline
+                for e in _expand_pipeline(pdef, opts):
+                    self._append(e)
+                return self
+            try:
+                pass_cls = registry.lookup_pass(name)
+            except PassesError as e:
+                raise PipelineParseError(str(e)) from None
+            if issubclass(pass_cls, ParametricPass):
+                if param is None:
+                    raise PipelineParseError(f"'{name}' needs an analysis: {name}<NAME>")
+                registry.lookup_analysis(param)
+                element = pass_cls(param, **options)
+            else:
+                element = pass_cls(**options)
+        elif isinstance(element, type) and issubclass(element, Pass):
+            element = element(**options)
+        elif options:
+            raise OptionError(getattr(element, "name", "?"), None,
+                              "options can only be given with a pass name or class")
+        if not isinstance(element, (Pass, Nested)):
+            raise TypeError(f"cannot add {element!r} to a pipeline: expected a pass name, "
+                            "a Pass instance or a nested combinator")
+        self._append(element)
+        return self
+
+    def _append(self, element: Element) -> None:
+        self._check_requires([element], self._established_after(self._elements), len(self._elements))
+        self._elements.append(element)
+
+    def _established_after(self, elements: list[Element] | tuple[Element, ...]) -> set[str]:
+        props = set(self.assume)
+        for e in elements:
+            props = _apply_properties(e, props)
+        return props
+
+    def _check_requires(self, elements: Any, props: set[str], start: int) -> set[str]:
+        for i, e in enumerate(elements):
+            if isinstance(e, Nested):
+                # A body runs at least once; its first sweep sees the properties before it.
+                self._check_requires(e.body, set(props), start + i)
+                props = _apply_properties(e, props)
+                continue
+            missing = sorted(e.requires - props)
+            if missing:
+                prop = missing[0]
+                providers = [n for n in registry.pass_names()
+                             if prop in registry.lookup_pass(n).establishes]
+                hint = (f"add {' or '.join(repr(p) for p in providers)} before it"
+                        if providers else "no registered pass establishes it")
+                raise PropertyError(
+                    f"pass '{e.display_name}' (element {start + i} of the pipeline) requires "
+                    f"property '{prop}', which no earlier element establishes ({hint}; or pass "
+                    f"assume={{'{prop}'}} if the input graph already has it)")
+            props = _apply_properties(e, props)
+        return props
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(tuple(self._elements))
+
+    def __str__(self) -> str:
+        return self.pipeline.to_text()
+
+    def __repr__(self) -> str:
+        return f"PassManager({self.pipeline.to_text()!r})"
+
+    def __len__(self) -> int:
+        return len(self._elements)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> torch.fx.GraphModule:
+        """Run the pipeline on ``gm`` in place and return it."""
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise TypeError(f"PassManager.run expects a torch.fx.GraphModule, got "
+                            f"{type(gm).__name__} (trace the model first)")
+        if not self._elements:
+            raise PipelineParseError("empty pipeline: add at least one pass before running")
+        ctx = ctx if ctx is not None else PassContext.current()
+        run = _Run(self, gm, ctx)
+        return run.execute()
+
+
+def _apply_properties(e: Element, props: set[str]) -> set[str]:
+    if isinstance(e, Nested):
+        for sub in e.body:
+            props = _apply_properties(sub, props)
+        return props
+    return (props - set(e.invalidates)) | set(e.establishes)
+
+
+class _Run:
+    """State of one pipeline execution (kept off the PassManager so it stays reusable)."""
+
+    def __init__(self, pm: PassManager, gm: torch.fx.GraphModule, ctx: PassContext):
+        self.pm, self.gm, self.ctx = pm, gm, ctx
+        self.text = pm.pipeline.to_text()
+        self.timing = Timing()
+        self.statistics = Statistics() if ctx.statistics else None
+        instruments: list[Any] = [self.timing]
+        if self.statistics is not None:
+            instruments.append(self.statistics)
+        if ctx.print_before or ctx.print_after or ctx.print_after_change or ctx.print_after_failure:
+            instruments.append(IRPrinter(ctx.stream, ctx.print_before, ctx.print_after,
+                                         ctx.print_after_change, ctx.print_after_failure))
+        instruments.extend(ctx.instruments)
+        self.instruments = tuple(instruments)
+        self.am = AnalysisManager(self.instruments, verify=ctx.verify_each)
+        self.properties = set(pm.assume) | set(graph_properties(gm))
+        self.position = 0
+        self.bisect_count = 0
+
+    def execute(self) -> torch.fx.GraphModule:
+        for inst in self.instruments:
+            inst.on_pipeline_start(self.text, self.gm)
+        self._run_elements(self.pm._elements, path="")
+        for inst in reversed(self.instruments):
+            inst.on_pipeline_end(self.text, self.gm)
+        hist = self.gm.meta.setdefault(HISTORY_KEY, {"pipeline": [], "passes": [], "properties": []})
+        hist["pipeline"].append(self.text)
+        hist["passes"].extend({"name": r.name, "seconds": r.seconds}
+                              for r in self.timing.records if r.kind == "pass")
+        hist["properties"] = sorted(self.properties)
+        if self.ctx.timing:
+            self.ctx.stream.write(self.timing.report() + "\n")
+        if self.statistics is not None:
+            self.ctx.stream.write(self.statistics.report() + "\n")
+        return self.gm
+
+    def _run_elements(self, elements: Any, path: str) -> bool:
+        any_modified = False
+        for i, e in enumerate(elements):
+            pos = f"{path}{i}"
+            if isinstance(e, Nested):
+                any_modified |= self._run_nested(e, pos)
+            else:
+                any_modified |= self._run_pass(e, pos)
+        return any_modified
+
+    def _run_nested(self, e: Nested, pos: str) -> bool:
+        if e.combinator == "repeat":
+            modified = False
+            for _ in range(e.options.count):
+                modified |= self._run_elements(e.body, pos + ".")
+            return modified
+        # fixpoint: rerun until nothing changes; detect cycles by fingerprint (XLA HloPassFix).
+        seen = {_fp_key(fingerprint(self.gm))}
+        modified_any = False
+        for _ in range(e.options.max_iterations):
+            if not self._run_elements(e.body, pos + "."):
+                return modified_any
+            modified_any = True
+            key = _fp_key(fingerprint(self.gm))
+            if key in seen:
+                raise VerificationError(
+                    f"fixpoint at element {pos} cycles: the graph returned to an earlier state "
+                    "while its passes keep reporting changes", pass_name="fixpoint",
+                    position=None, pipeline=self.text)
+            seen.add(key)
+        msg = (f"fixpoint at element {pos} did not converge in "
+               f"{e.options.max_iterations} iterations")
+        if self.ctx.verify_each:
+            raise VerificationError(msg + " (raise max-iterations or fix the non-converging "
+                                          "pass)", pass_name="fixpoint", pipeline=self.text)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return modified_any
+
+    def _should_run(self, p: Pass) -> bool:
+        if not p.required:
+            if p.name in self.ctx.disabled or p.display_name in self.ctx.disabled:
+                return False
+            if self.ctx.bisect_limit is not None:
+                self.bisect_count += 1
+                if self.bisect_count > self.ctx.bisect_limit:
+                    return False
+        return all(inst.should_run(p, self.gm) for inst in self.instruments)
+
+    def _run_pass(self, p: Pass, pos: str) -> bool:
+        gm, ctx = self.gm, self.ctx
+        if not self._should_run(p):
+            return False
+        before = fingerprint(gm) if ctx.verify_each else None
+        snapshot = copy.deepcopy(gm) if ctx.reproducer_dir else None
+        for inst in self.instruments:
+            inst.before_pass(p, gm)
+        try:
+            result = p.run(gm, ctx, self.am)
+            if isinstance(result, bool):
+                result = PassResult(modified=result)
+            if not isinstance(result, PassResult):
+                raise PassFailure(f"run() returned {type(result).__name__}, expected PassResult")
+            if result.modified:
+                gm.graph.lint()
+                gm.recompile()
+            if ctx.verify_each:
+                self._verify(p, result, before)
+            if ctx.check_preservation and result.modified:
+                preserved_results = {n: self.am.cached(n) for n in self.am.cached_names()}
+            else:
+                preserved_results = {}
+            if result.modified:
+                preserved = result.preserved if result.preserved is not None else p.preserves
+                self.am.invalidate(preserved, gm)
+                self._check_preservation(p, preserved_results)
+        except BaseException as exc:  # noqa: BLE001 - re-raised typed, below
+            for inst in reversed(self.instruments):
+                inst.after_pass_failed(p, gm, exc)
+            raise self._typed_failure(p, pos, exc, snapshot) from exc
+        self.properties = (self.properties - set(p.invalidates)) | set(p.establishes)
+        for inst in reversed(self.instruments):
+            inst.after_pass(p, gm, result)
+        return result.modified
+
+    def _verify(self, p: Pass, result: PassResult, before: dict[str, str] | None) -> None:
+        gm = self.gm
+        after = fingerprint(gm)
+        changed = sorted(k for k in after if before is not None and after[k] != before[k])
+        if not result.modified and changed:
+            raise VerificationError(f"pass reported modified=False but changed the graph's "
+                                    f"{', '.join(changed)}")
+        if result.modified and not changed:
+            raise VerificationError("pass reported modified=True but the graph, its "
+                                    "annotations and weights are unchanged")
+        if not result.modified:
+            return
+        try:
+            gm.graph.lint()
+        except Exception as e:  # noqa: BLE001 - fx raises bare RuntimeError
+            raise VerificationError(f"graph.lint() failed after the pass: {e}") from e
+        keys = registry.annotation_keys()
+        for node in gm.graph.nodes:
+            for key, kdef in keys.items():
+                if key in node.meta and kdef.validate is not None:
+                    problems = kdef.validate(node.meta[key])
+                    if problems:
+                        raise VerificationError(f"invalid '{key}' annotation: "
+                                                f"{'; '.join(problems)}", node=node.name)
+        for prop in sorted(p.establishes):
+            pdef = registry.lookup_property(prop)
+            if pdef is not None and pdef.checker is not None:
+                problems = pdef.checker(gm)
+                if problems:
+                    raise VerificationError(f"claims to establish '{prop}' but its checker "
+                                            f"found: {'; '.join(problems[:5])}")
+
+    def _check_preservation(self, p: Pass, cached: dict[str, Any]) -> None:
+        for name in self.am.cached_names():
+            if name not in cached:
+                continue
+            old = cached[name]
+            self.am.forget(name)
+            new = self.am.get(name, self.gm)
+            if not _results_equal(old, new):
+                raise VerificationError(f"claims to preserve analysis '{name}' but recomputing "
+                                        "it gives a different result")
+
+    def _typed_failure(self, p: Pass, pos: str, exc: BaseException,
+                       snapshot: torch.fx.GraphModule | None) -> BaseException:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        repro = None
+        if snapshot is not None:
+            repro = Reproducer(self.ctx.reproducer_dir).write(self.text, p.display_name, snapshot)
+        if isinstance(exc, PassFailure):
+            if exc.pass_name is not None:  # raised by a nested pipeline: already has context
+                return exc
+            return exc.with_context(pass_name=p.display_name, position=_pos_int(pos),
+                                    pipeline=self.text, reproducer=repro)
+        if isinstance(exc, PassesError):
+            # A typed user error (bad annotation config...): keep its type, add the context.
+            where = f"pass '{p.display_name}' (element {pos} of {self.text})"
+            exc.args = (f"{where}: {exc}",) + tuple(exc.args[1:])
+            for k, v in (("pass_name", p.display_name), ("pipeline", self.text),
+                         ("reproducer", repro)):
+                if getattr(exc, k, None) is None:
+                    try:
+                        setattr(exc, k, v)
+                    except AttributeError:
+                        pass
+            return exc
+        return PassFailure(f"internal error: {type(exc).__name__}: {exc}",
+                           pass_name=p.display_name, position=_pos_int(pos), pipeline=self.text,
+                           reproducer=repro)
+
+
+def _pos_int(pos: str) -> int:
+    return int(pos.split(".")[0])
+
+
+def _fp_key(fp: dict[str, str]) -> str:
+    return "|".join(fp[k] for k in sorted(fp))
+
+
+def _results_equal(a: Any, b: Any) -> bool:
+    try:
+        eq = a == b
+        return bool(eq) if not hasattr(eq, "all") else bool(eq.all())
+    except Exception:  # noqa: BLE001 - uncomparable results count as equal (cannot check)
+        return True

@@ -1,0 +1,198 @@
+"""The global registry of passes, pipelines, analyses, IR properties and annotation keys.
+
+One namespace for passes and pipelines (MLIR). Re-registering a name with the same class is a no-op
+(module re-imports); with a different class it is a RegistryError.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import RegistryError
+from .options import NoOptions, OptionInfo, option_infos
+from .pass_base import ASPECTS, Pass
+from .suggest import did_you_mean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis_manager import Analysis
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+_PASSES: dict[str, type[Pass]] = {}
+_PIPELINES: dict[str, "PipelineDef"] = {}
+_ANALYSES: dict[str, type["Analysis"]] = {}
+_PROPERTIES: dict[str, "PropertyDef"] = {}
+_ANNOTATION_KEYS: dict[str, "AnnotationKeyDef"] = {}
+
+
+@dataclass(frozen=True)
+class PipelineDef:
+    """A named pipeline: ``builder(options) -> pipeline text or list of elements``."""
+    name: str
+    summary: str
+    Options: type
+    builder: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class PropertyDef:
+    """An IR property (``bn-folded``) and its checker: ``checker(gm) -> list of problems``."""
+    name: str
+    summary: str
+    checker: Callable[[Any], list[str]] | None
+
+
+@dataclass(frozen=True)
+class AnnotationKeyDef:
+    """A ``node.meta`` key holding typed annotations: how to validate and print its values."""
+    key: str
+    validate: Callable[[Any], list[str]] | None
+    format: Callable[[Any], str] | None
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise RegistryError(f"{kind} name {name!r} must match {NAME_RE.pattern} (kebab-case)")
+
+
+def _same(a: Any, b: Any) -> bool:
+    # A re-imported module defines a new class object with the same qualified name.
+    return a is b or (getattr(a, "__module__", None) == getattr(b, "__module__", None)
+                      and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None))
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: register a Pass subclass under ``cls.name``. Returns the class."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise RegistryError(f"register_pass expects a Pass subclass, got {cls!r}")
+    _check_name("pass", cls.name)
+    option_infos(cls.Options)  # validates the options dataclass now, not at first use
+    for prop in cls.requires | cls.establishes | cls.invalidates:
+        _check_name("property", prop)
+    existing = _PASSES.get(cls.name)
+    if existing is not None and not _same(existing, cls):
+        raise RegistryError(f"pass name '{cls.name}' is already registered by "
+                            f"{existing.__module__}.{existing.__qualname__}")
+    if cls.name in _PIPELINES:
+        raise RegistryError(f"'{cls.name}' is already registered as a pipeline")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def register_pipeline(name: str, builder: Callable[[Any], Any], *, summary: str = "",
+                      options: type = NoOptions) -> None:
+    """Register a named pipeline. ``builder(opts)`` returns pipeline text or a list of elements."""
+    _check_name("pipeline", name)
+    option_infos(options)
+    if name in _PASSES:
+        raise RegistryError(f"'{name}' is already registered as a pass")
+    existing = _PIPELINES.get(name)
+    if existing is not None and not _same(existing.builder, builder):
+        raise RegistryError(f"pipeline name '{name}' is already registered")
+    _PIPELINES[name] = PipelineDef(name, summary, options, builder)
+
+
+def register_analysis(cls: type["Analysis"]) -> type["Analysis"]:
+    """Class decorator: register an Analysis (usable as ``print<name>`` / ``require<name>``)."""
+    _check_name("analysis", cls.name)
+    bad = set(cls.depends_on) - ASPECTS
+    if bad:
+        raise RegistryError(f"analysis '{cls.name}' depends on unknown aspects {sorted(bad)}")
+    existing = _ANALYSES.get(cls.name)
+    if existing is not None and not _same(existing, cls):
+        raise RegistryError(f"analysis name '{cls.name}' is already registered")
+    _ANALYSES[cls.name] = cls
+    return cls
+
+
+def register_property(name: str, checker: Callable[[Any], list[str]] | None = None, *,
+                      summary: str = "") -> None:
+    """Register an IR property; its checker runs under verify-each after a pass establishes it."""
+    _check_name("property", name)
+    existing = _PROPERTIES.get(name)
+    if existing is not None and existing.checker is not None and checker is not None \
+            and not _same(existing.checker, checker):
+        raise RegistryError(f"property '{name}' is already registered with another checker")
+    _PROPERTIES[name] = PropertyDef(name, summary, checker)
+
+
+def register_annotation_key(key: str, *, validate: Callable[[Any], list[str]] | None = None,
+                            format: Callable[[Any], str] | None = None) -> None:
+    """Declare a ``node.meta`` key that holds annotations (validated and printed by the infra)."""
+    _ANNOTATION_KEYS[key] = AnnotationKeyDef(key, validate, format)
+
+
+def lookup_pass(name: str) -> type[Pass]:
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise RegistryError(f"'{name}' does not refer to a registered pass"
+                            + did_you_mean(name, _PASSES)) from None
+
+
+def lookup_analysis(name: str) -> type["Analysis"]:
+    try:
+        return _ANALYSES[name]
+    except KeyError:
+        raise RegistryError(f"'{name}' does not refer to a registered analysis"
+                            + did_you_mean(name, _ANALYSES)) from None
+
+
+def lookup_pipeline(name: str) -> PipelineDef | None:
+    return _PIPELINES.get(name)
+
+
+def lookup_property(name: str) -> PropertyDef | None:
+    return _PROPERTIES.get(name)
+
+
+def pass_names() -> list[str]:
+    return sorted(_PASSES)
+
+
+def pipeline_names() -> list[str]:
+    return sorted(_PIPELINES)
+
+
+def analysis_names() -> list[str]:
+    return sorted(_ANALYSES)
+
+
+def property_names() -> list[str]:
+    return sorted(_PROPERTIES)
+
+
+def annotation_keys() -> dict[str, AnnotationKeyDef]:
+    return dict(_ANNOTATION_KEYS)
+
+
+@dataclass(frozen=True)
+class PassListing:
+    """One row of ``list_passes()``: what ``--list-passes`` and the generated docs show."""
+    name: str
+    kind: str                  # "pass", "pipeline" or "analysis"
+    summary: str
+    options: tuple[OptionInfo, ...]
+    requires: tuple[str, ...] = ()
+    establishes: tuple[str, ...] = ()
+    invalidates: tuple[str, ...] = ()
+    doc: str = ""
+
+
+def list_passes() -> list[PassListing]:
+    """Every registered pass, pipeline and analysis, sorted by kind then name."""
+    rows = []
+    for name in sorted(_PASSES):
+        cls = _PASSES[name]
+        rows.append(PassListing(name, "pass", cls.summary, tuple(option_infos(cls.Options)),
+                                tuple(sorted(cls.requires)), tuple(sorted(cls.establishes)),
+                                tuple(sorted(cls.invalidates)), (cls.__doc__ or "").strip()))
+    for name in sorted(_PIPELINES):
+        p = _PIPELINES[name]
+        rows.append(PassListing(name, "pipeline", p.summary, tuple(option_infos(p.Options)),
+                                doc=(p.builder.__doc__ or "").strip()))
+    for name in sorted(_ANALYSES):
+        a = _ANALYSES[name]
+        rows.append(PassListing(name, "analysis", a.summary, (), doc=(a.__doc__ or "").strip()))
+    return rows
