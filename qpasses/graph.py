@@ -1,0 +1,212 @@
+"""Read-only views of a traced graph: quantizable layers, their shapes, and a networkx DAG.
+
+Quantizable layers are convolutions (1-3d, grouped, depthwise) and linear layers, as modules or in
+functional form with a parameter weight. Every analysis and pass that asks "which layers, with
+which shapes?" uses :func:`quantizable_layers`, so they all agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+CONV_MODULES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+LINEAR_MODULES: dict[type, str] = {nn.Linear: "linear"}
+CONV_FUNCTIONS: dict[Any, str] = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+                                  torch.conv1d: "conv1d", torch.conv2d: "conv2d",
+                                  torch.conv3d: "conv3d"}
+LINEAR_FUNCTIONS: dict[Any, str] = {F.linear: "linear"}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape facts of one quantizable layer (read from the graph; never stored in meta)."""
+    name: str              # module path of the layer ("layer1.0.conv1"); the report's key
+    node: str              # fx node name
+    op: str                # conv1d / conv2d / conv3d / linear
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Any           # tuple of ints, or "same"/"valid"
+    dilation: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    weight_attr: str       # qualified name of the weight parameter
+    bias_attr: str | None
+
+    @property
+    def is_conv(self) -> bool:
+        return self.op.startswith("conv")
+
+    @property
+    def depthwise(self) -> bool:
+        return self.is_conv and self.groups == self.in_channels and self.groups > 1
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        """Output positions per sample each kernel is applied at (tokens for linear layers)."""
+        if self.is_conv:
+            return tuple(self.out_shape[2:])
+        return tuple(self.out_shape[1:-1])
+
+    @property
+    def fan_in(self) -> int:
+        """Products summed into one accumulator."""
+        return self.in_channels // self.groups * math.prod(self.kernel_size)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_attr is not None
+
+    @property
+    def macs(self) -> int:
+        return self.out_channels * self.fan_in * math.prod(self.out_spatial)
+
+    @property
+    def params(self) -> int:
+        return self.out_channels * self.fan_in + (self.out_channels if self.has_bias else 0)
+
+    @property
+    def kind(self) -> str:
+        return f"{self.op}-dw" if self.depthwise else self.op
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        return tuple(int(x) for x in v)
+    return (int(v),) * n
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    return None
+
+
+def _arg(node: torch.fx.Node, names: tuple[str, ...], name: str, default: Any) -> Any:
+    i = names.index(name)
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | None:
+    """LayerInfo of a conv/linear node, or None when the node is not a quantizable layer."""
+    in_shape = _shape(node.args[0]) if node.args else None
+    out_shape = _shape(node)
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        op = CONV_MODULES.get(type(mod)) or LINEAR_MODULES.get(type(mod))
+        if op is None or in_shape is None or out_shape is None:
+            return None
+        prefix = str(node.target)
+        bias_attr = f"{prefix}.bias" if getattr(mod, "bias", None) is not None else None
+        if op == "linear":
+            return LayerInfo(prefix, node.name, op, mod.in_features, mod.out_features, 1, (), (),
+                             (), (), in_shape, out_shape, f"{prefix}.weight", bias_attr)
+        pad = mod.padding if isinstance(mod.padding, str) else _tuple(mod.padding, mod.weight.dim() - 2)
+        return LayerInfo(prefix, node.name, op, mod.in_channels, mod.out_channels, mod.groups,
+                         tuple(mod.kernel_size), tuple(mod.stride), pad, tuple(mod.dilation),
+                         in_shape, out_shape, f"{prefix}.weight", bias_attr)
+    if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
+        names = _CONV_ARGS if node.target in CONV_FUNCTIONS else _LINEAR_ARGS
+        w = _arg(node, names, "weight", None)
+        b = _arg(node, names, "bias", None)
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+            return None
+        if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
+            return None
+        weight = _get_attr(gm, str(w.target))
+        if not isinstance(weight, torch.Tensor) or in_shape is None or out_shape is None:
+            return None
+        attr = str(w.target)
+        name = attr[: -len(".weight")] if attr.endswith(".weight") else attr
+        bias_attr = str(b.target) if b is not None else None
+        if node.target in LINEAR_FUNCTIONS:
+            return LayerInfo(name, node.name, "linear", weight.shape[1], weight.shape[0], 1, (), (),
+                             (), (), in_shape, out_shape, attr, bias_attr)
+        op = CONV_FUNCTIONS[node.target]
+        nd = weight.dim() - 2
+        groups = int(_arg(node, names, "groups", 1))
+        pad = _arg(node, names, "padding", 0)
+        return LayerInfo(name, node.name, op, weight.shape[1] * groups, weight.shape[0], groups,
+                         tuple(weight.shape[2:]), _tuple(_arg(node, names, "stride", 1), nd),
+                         pad if isinstance(pad, str) else _tuple(pad, nd),
+                         _tuple(_arg(node, names, "dilation", 1), nd), in_shape, out_shape,
+                         attr, bias_attr)
+    return None
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def quantizable_layers(gm: torch.fx.GraphModule) -> list[LayerInfo]:
+    """Every conv/linear layer of the graph, in graph (topological) order."""
+    out = []
+    for node in gm.graph.nodes:
+        info = layer_info(gm, node)
+        if info is not None:
+            out.append(info)
+    return out
+
+
+def layer_weight(gm: torch.fx.GraphModule, info: LayerInfo) -> torch.Tensor:
+    return _get_attr(gm, info.weight_attr)
+
+
+def layer_bias(gm: torch.fx.GraphModule, info: LayerInfo) -> torch.Tensor | None:
+    return _get_attr(gm, info.bias_attr) if info.bias_attr else None
+
+
+def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """DAG of node names; edges producer -> consumer; node attributes op/target."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=str(n.target))
+        for inp in n.all_input_nodes:
+            g.add_edge(inp.name, n.name)
+    return g
+
+
+def first_last_layers(gm: torch.fx.GraphModule,
+                      layers: list[LayerInfo] | None = None) -> tuple[set[str], set[str]]:
+    """Names of the first layers (no quantizable layer upstream) and the last layers (none
+    downstream). For a plain CNN: the stem conv and the classifier."""
+    layers = quantizable_layers(gm) if layers is None else layers
+    if not layers:
+        return set(), set()
+    g = to_networkx(gm)
+    by_node = {info.node: info.name for info in layers}
+    first, last = set(), set()
+    for info in layers:
+        if not (nx.ancestors(g, info.node) & by_node.keys()):
+            first.add(info.name)
+        if not (nx.descendants(g, info.node) & by_node.keys()):
+            last.add(info.name)
+    return first, last
+
+
+def users_by_name(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    return {n.name: [u.name for u in n.users] for n in gm.graph.nodes}

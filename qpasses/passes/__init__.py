@@ -1,0 +1,1 @@
+"""Every registered pass, imported explicitly so registration order is deterministic."""
