@@ -21,7 +21,7 @@ from .context import PassContext
 from .errors import (OptionError, PassesError, PassFailure, PipelineParseError, PropertyError,
                      VerificationError)
 from .instrument import IRPrinter, Reproducer, Statistics, Timing
-from .pass_base import ParametricPass, Pass, PassResult, PreservedAnalyses
+from .pass_base import ParametricPass, Pass, PassResult
 from .pipeline import Element, Nested, Pipeline, parse_pipeline
 from .printing import fingerprint
 from .suggest import did_you_mean
@@ -272,7 +272,10 @@ class _Run:
             if not isinstance(result, PassResult):
                 raise PassFailure(f"run() returned {type(result).__name__}, expected PassResult")
             if result.modified:
-                gm.graph.lint()
+                try:
+                    gm.graph.lint()
+                except Exception as e:  # noqa: BLE001 - fx raises bare RuntimeError
+                    raise VerificationError(f"graph.lint() failed after the pass: {e}") from e
                 gm.recompile()
             if ctx.verify_each:
                 self._verify(p, result, before)
@@ -303,12 +306,15 @@ class _Run:
         if result.modified and not changed:
             raise VerificationError("pass reported modified=True but the graph, its "
                                     "annotations and weights are unchanged")
+        for prop in sorted(p.establishes):
+            pdef = registry.lookup_property(prop)
+            if pdef is not None and pdef.checker is not None:
+                problems = pdef.checker(gm)
+                if problems:
+                    raise VerificationError(f"claims to establish '{prop}' but its checker "
+                                            f"found: {'; '.join(problems[:5])}")
         if not result.modified:
             return
-        try:
-            gm.graph.lint()
-        except Exception as e:  # noqa: BLE001 - fx raises bare RuntimeError
-            raise VerificationError(f"graph.lint() failed after the pass: {e}") from e
         keys = registry.annotation_keys()
         for node in gm.graph.nodes:
             for key, kdef in keys.items():
@@ -317,13 +323,6 @@ class _Run:
                     if problems:
                         raise VerificationError(f"invalid '{key}' annotation: "
                                                 f"{'; '.join(problems)}", node=node.name)
-        for prop in sorted(p.establishes):
-            pdef = registry.lookup_property(prop)
-            if pdef is not None and pdef.checker is not None:
-                problems = pdef.checker(gm)
-                if problems:
-                    raise VerificationError(f"claims to establish '{prop}' but its checker "
-                                            f"found: {'; '.join(problems[:5])}")
 
     def _check_preservation(self, p: Pass, cached: dict[str, Any]) -> None:
         for name in self.am.cached_names():

@@ -21,15 +21,18 @@ Conventions
 
 Rounding contracts (:data:`ROUNDING_CONTRACTS`)
 -----------------------------------------------
-``gemmlowp``   SaturatingRoundingDoublingHighMul (rhu) then RoundingDivideByPOT (rha): two roundings.
+``gemmlowp``   SaturatingRoundingDoublingHighMul (rhu), then RoundingDivideByPOT (rha): two
+               roundings (TFLite's default).
 ``single``     ``rhu(acc * multiplier / 2**(bits - shift))``: TFLite's single-rounding variant.
-``float-rne``  ``rne(float32(acc) * float32 scale)``: fbgemm / ONNX Runtime (:func:`requantize_float`).
+``float-rne``  ``rne(float32(acc) * float32 scale)``: fbgemm / ONNX Runtime
+               (:func:`requantize_float`).
 ``hawq``       ``rne(acc * multiplier / 2**(bits - shift))``: HAWQ-V3 dyadic, computed exactly in
                integers (HAWQ evaluates it in float64, which equals this while ``|acc*m| < 2**53``).
 """
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -38,8 +41,9 @@ from torch import Tensor
 from qpasses.errors import NumericsError
 
 __all__ = [
-    "INT32_MAX", "INT32_MIN", "ROUNDING_CONTRACTS", "ROUND_SHIFT_MODES", "check_rounding_contract",
-    "dyadic_multiplier", "fbgemm_scale", "fixed_point_reciprocal", "multiply_by_quantized_multiplier",
+    "INT32_MAX", "INT32_MIN", "INTEGER_CONTRACTS", "MAX_SHIFT", "MIN_SHIFT", "ROUNDING_CONTRACTS",
+    "ROUND_SHIFT_MODES", "check_rounding_contract", "dyadic_multiplier", "fbgemm_scale",
+    "fixed_point_reciprocal", "multiply_by_quantized_multiplier",
     "quantize_multiplier", "requantize", "requantize_float", "requantize_from_scale", "round_shift",
     "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul",
 ]
@@ -67,7 +71,7 @@ IntLike = int | Sequence[int] | Tensor
 # --------------------------------------------------------------------------------------------
 
 def check_rounding_contract(rounding: str) -> str:
-    """Return ``rounding`` if it names a contract, else raise NumericsError listing the valid ones."""
+    """Return ``rounding`` if it names a contract; else raise NumericsError listing valid names."""
     if rounding in ROUNDING_CONTRACTS:
         return rounding
     close = difflib.get_close_matches(str(rounding), ROUNDING_CONTRACTS, n=1)
@@ -77,15 +81,16 @@ def check_rounding_contract(rounding: str) -> str:
 
 
 def _check_bits(multiplier_bits: int) -> int:
-    if isinstance(multiplier_bits, bool) or not isinstance(multiplier_bits, int) \
+    if isinstance(multiplier_bits, bool) or not isinstance(multiplier_bits, numbers.Integral) \
             or not 2 <= multiplier_bits <= 31:
         raise NumericsError(f"multiplier_bits must be an int in 2..31, got {multiplier_bits!r}")
-    return multiplier_bits
+    return int(multiplier_bits)
 
 
 def _as_scale(scale: ScaleLike, name: str = "scale") -> Tensor:
     """float64 tensor of finite, strictly positive scales."""
-    t = torch.as_tensor(scale)
+    # Python floats must become float64 directly: torch's default dtype (float32) would round them.
+    t = scale if isinstance(scale, Tensor) else torch.as_tensor(scale, dtype=torch.float64)
     if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
         raise NumericsError(f"{name} must be real numbers, got dtype {t.dtype}")
     t = t.to(torch.float64)
@@ -211,7 +216,8 @@ def fixed_point_reciprocal(n: IntLike, multiplier_bits: int = 31) -> tuple[Tenso
     return torch.where(carry, m >> 1, m), torch.where(carry, e + 1, e)
 
 
-def fbgemm_scale(input_scale: ScaleLike, weight_scale: ScaleLike, output_scale: ScaleLike) -> Tensor:
+def fbgemm_scale(input_scale: ScaleLike, weight_scale: ScaleLike,
+                 output_scale: ScaleLike) -> Tensor:
     """fbgemm's float32 requantization multiplier ``float32(float32(s_x*s_w) / float32(s_y))``.
 
     The operation order and float32 precision matter for bit-exactness with PyTorch (section 5.3).
@@ -227,13 +233,14 @@ def fbgemm_scale(input_scale: ScaleLike, weight_scale: ScaleLike, output_scale: 
 # --------------------------------------------------------------------------------------------
 
 def round_shift(x: IntLike, shift: IntLike, mode: str = "rne") -> Tensor:
-    """Exactly round ``x / 2**shift`` to an integer (int64); a negative shift is an exact left shift.
+    """Round ``x / 2**shift`` exactly to an int64; a negative shift is an exact left shift.
 
     ``mode``: ``rne`` half to even, ``rha`` half away from zero, ``rhu`` half up (toward +inf),
     ``floor``, ``trunc``. ``|shift| <= 62``; a left shift that overflows int64 raises NumericsError.
     """
     if mode not in ROUND_SHIFT_MODES:
-        raise NumericsError(f"unknown rounding mode {mode!r}; valid: {', '.join(ROUND_SHIFT_MODES)}")
+        raise NumericsError(f"unknown rounding mode {mode!r}; "
+                            f"valid: {', '.join(ROUND_SHIFT_MODES)}")
     xt = _as_int64(x, "x")
     st = _as_int64(shift, "shift")
     _check_range(st, -62, 62, "shift", "int64 shift amount")
@@ -276,7 +283,7 @@ def saturating_rounding_doubling_high_mul(a: IntLike, b: IntLike) -> Tensor:
 
 
 def rounding_divide_by_pot(x: IntLike, exponent: IntLike) -> Tensor:
-    """gemmlowp RoundingDivideByPOT: ``rha(x / 2**exponent)`` for int32 ``x``, ``0 <= exponent <= 31``."""
+    """gemmlowp RoundingDivideByPOT: ``rha(x / 2**exponent)``, int32 ``x``, exponent in 0..31."""
     xt = _as_int64(x, "x")
     et = _as_int64(exponent, "exponent")
     _check_range(xt, INT32_MIN, INT32_MAX, "x", "int32 operand")
@@ -287,7 +294,7 @@ def rounding_divide_by_pot(x: IntLike, exponent: IntLike) -> Tensor:
 def multiply_by_quantized_multiplier(acc: IntLike, multiplier: IntLike, shift: IntLike,
                                      rounding: str = "gemmlowp", *, axis: int | None = None,
                                      multiplier_bits: int = 31) -> Tensor:
-    """``acc * multiplier * 2**(shift - bits)`` rounded under an integer contract (no zero point/clamp).
+    """``acc * multiplier * 2**(shift - bits)`` rounded under an integer contract (no zp/clamp).
 
     ``gemmlowp``: ``RDBPOT(SRDHM(acc * 2**max(shift,0), m31), max(-shift,0))`` where ``m31`` is the
     multiplier widened to Q31 (exact for bits < 31); the left-shifted acc must fit int32 (checked,
@@ -297,15 +304,16 @@ def multiply_by_quantized_multiplier(acc: IntLike, multiplier: IntLike, shift: I
     """
     check_rounding_contract(rounding)
     if rounding == "float-rne":
-        raise NumericsError("rounding 'float-rne' is defined by a float32 real scale, not an integer "
-                            "multiplier; call requantize_float(acc, scale, ...) or "
+        raise NumericsError("rounding 'float-rne' is defined by a float32 real scale, not an "
+                            "integer multiplier; call requantize_float(acc, scale, ...) or "
                             "requantize_from_scale(..., rounding='float-rne')")
     bits = _check_bits(multiplier_bits)
     x = _as_acc(acc)
     m = _as_int64(multiplier, "multiplier")
     s = _as_int64(shift, "shift")
     m_hi = 2 ** bits - 1 if rounding == "gemmlowp" else 2 ** bits
-    _check_range(m, 0, m_hi, "multiplier", f"{bits}-bit fixed-point multiplier, contract {rounding!r}")
+    _check_range(m, 0, m_hi, "multiplier",
+                 f"{bits}-bit fixed-point multiplier, contract {rounding!r}")
     _check_range(s, MIN_SHIFT, MAX_SHIFT, "shift", "keeps int64 intermediates exact")
     m = _channel(m, x, axis, "multiplier")
     s = _channel(s, x, axis, "shift")
@@ -314,8 +322,8 @@ def multiply_by_quantized_multiplier(acc: IntLike, multiplier: IntLike, shift: I
         xl = torch.bitwise_left_shift(x, left)
         if bool(((xl < INT32_MIN) | (xl > INT32_MAX)).any()):
             raise NumericsError("gemmlowp: acc * 2**shift overflows int32 for a left shift "
-                                f"(max shift {int(left.max())}); use rounding='single' or 'hawq', or "
-                                "a smaller output scale ratio")
+                                f"(max shift {int(left.max())}); use rounding='single' or "
+                                "'hawq', or a smaller output scale ratio")
         high = saturating_rounding_doubling_high_mul(xl, m << (31 - bits))
         return round_shift(high, (-s).clamp(min=0), "rha")
     mode = "rhu" if rounding == "single" else "rne"
