@@ -341,7 +341,12 @@ def acc_bits_worst_case(w_bits: int | Sequence[int] | torch.Tensor,
 
 
 def acc_bits_distiller(w_bits: int, a_bits: int, fan_in: int) -> int:
-    """Distiller's conservative rule (§5.7): ``n_w + n_a + ceil(log2 K)``; never below exact."""
+    """Distiller's conservative rule (§5.7): ``n_w + n_a + ceil(log2 K)``.
+
+    Never below :func:`acc_bits_worst_case` when at least one operand is signed and zero points
+    are 0; for unsigned × unsigned operands into a *signed* accumulator it can be one bit short
+    (e.g. 2-bit × 2-bit, K = 1: 3·3 = 9 needs 5 signed bits, the rule gives 4).
+    """
     if fan_in < 1:
         raise NumericsError(f"fan_in must be >= 1, got {fan_in}")
     return w_bits + a_bits + math.ceil(math.log2(fan_in))
