@@ -3,7 +3,11 @@ FracBits fractional bit-widths.
 
 Conventions (reference/algorithms.md §0): ``q = clamp(rnd(x / s) + z, qmin, qmax)`` and
 ``x_hat = s * (q - z)`` (PyTorch convention; Distiller's multiplier is ``1 / s`` and its zero point
-``-z``). "Per-channel" means along ``axis`` (default 0, the output channel of a conv/linear weight).
+``-z``). ``x / s`` is evaluated as ``x * (1 / s)`` in the scale's precision, exactly as torch's
+fake_quantize kernels do, so codes agree with torch.ao bit for bit. One consequence: the float32 scale
+of [-1, 1] at 8 bits is not exactly 1/127.5, so -1 maps to -127 (as in torch), whereas Distiller's
+exact multiplier 127.5 gives -128. "Per-channel" means along ``axis`` (default 0, the output channel
+of a conv/linear weight).
 
 Bit-widths are an ``int`` or a 1-D integer tensor with one entry per channel along ``axis``
 ("per-kernel" bits); a per-kernel tensor is handled by one broadcast op, never a loop over channels.
@@ -12,6 +16,7 @@ A bit-width of 0 means "pruned": such a channel quantizes to exactly 0 whatever 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, Union
 
 import torch
@@ -64,10 +69,10 @@ def _check_bits(bits: Bits, name: str = "bits") -> Bits:
     """Validate an int or 1-D integer tensor of bit-widths in 0..32; returns int or int64 tensor."""
     if isinstance(bits, bool):
         raise NumericsError(f"{name} must be an int or a 1-D integer tensor, got a bool")
-    if isinstance(bits, int):
-        if not 0 <= bits <= MAX_BITS:
+    if isinstance(bits, numbers.Integral):  # int, numpy integers
+        if not 0 <= int(bits) <= MAX_BITS:
             raise NumericsError(f"{name}={bits} is outside the valid range 0..{MAX_BITS}")
-        return bits
+        return int(bits)
     if isinstance(bits, Tensor):
         if bits.dtype.is_floating_point or bits.dtype.is_complex or bits.dtype == torch.bool:
             raise NumericsError(
@@ -139,7 +144,8 @@ def round_tensor(x: Tensor, mode: Rounding = "rne") -> Tensor:
         return torch.floor(x)
     if mode == "rhu":
         f = torch.floor(x)
-        # x - floor(x) is exact for |x| >= 1 (Sterbenz) and rounding-monotone below, so the tie test is exact.
+        # x - floor(x) is exact for |x| >= 1 (Sterbenz) and rounding-monotone below, so the tie
+        # test is exact.
         return f + (x - f >= 0.5).to(x.dtype)
     t = torch.trunc(x)
     return t + torch.sign(x) * ((x - t).abs() >= 0.5).to(x.dtype)
@@ -268,10 +274,11 @@ class _MaskedStraightThrough(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, src: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, src: Tensor, value: Tensor,  # type: ignore[override]
+                mask: Tensor | None) -> Tensor:
         ctx.save_for_backward(mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
-        return value.clone() if value is src else value
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -308,29 +315,50 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 def _check_scale(scale: Tensor, levels: Tensor) -> None:
     if _is_compiling():
         return
+    scale, levels = torch.broadcast_tensors(scale, levels)
     bad = ~(torch.isfinite(scale) & (scale > 0)) & (levels > 0)
     if bool(bad.any()):
         raise NumericsError("scale must be finite and > 0 for every channel with bits > 0 "
                             "(only 0-bit channels may have an arbitrary scale)")
 
 
-def _affine_codes(x: Tensor, scale: Tensor, zero_point: Tensor | int, qmin: Bits, qmax: Bits,
+def _max_abs_code(qmin: Bits, qmax: Bits) -> int:
+    def mag(v: Bits) -> int:
+        return abs(int(v)) if not isinstance(v, Tensor) else int(v.abs().max())
+    return max(mag(qmin), mag(qmax))
+
+
+def _work_dtype(dtype: torch.dtype, qmin: Bits, qmax: Bits) -> torch.dtype:
+    """float64 when the integer codes are not all exactly representable in ``dtype`` (e.g. 32-bit
+    codes in float32), otherwise ``dtype`` itself."""
+    # eps = 2^-mantissa_bits, so integers up to 2 / eps are exact.
+    exact = round(2.0 / torch.finfo(dtype).eps)
+    return torch.float64 if _max_abs_code(qmin, qmax) > exact else dtype
+
+
+def _affine_codes(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qmin: Bits, qmax: Bits,
                   axis: int, rounding: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Shared core: broadcast qparams, return (q, s, z, unclamped codes, single-level mask)."""
+    """Shared core: broadcast qparams; return (codes q, scale, zero point, unclamped codes,
+    single-level mask), all in the working dtype."""
     _check_rounding(rounding)
     if not x.dtype.is_floating_point:
         raise NumericsError(f"x must be a floating-point tensor, got {x.dtype}")
-    s = _along(scale, x, axis, "scale").detach().to(x.dtype)
-    z = _along(zero_point, x, axis, "zero_point").detach().to(x.dtype)
-    lo = _along(qmin, x, axis, "qmin").to(x.dtype)
-    hi = _along(qmax, x, axis, "qmax").to(x.dtype)
+    if x.dim() > 0:
+        _normalize_axis(axis, x.dim())
+    dt = _work_dtype(x.dtype, qmin, qmax)
+    s = _along(scale, x, axis, "scale").detach().to(dt)
+    z = _along(zero_point, x, axis, "zero_point").detach().to(dt)
+    lo = _along(qmin, x, axis, "qmin").to(dt)
+    hi = _along(qmax, x, axis, "qmax").to(dt)
     if not _is_compiling() and bool((lo > hi).any()):
         raise NumericsError("qmin must be <= qmax")
     single = hi == lo
-    _check_scale(s, (hi - lo).expand_as(s) if s.dim() >= (hi - lo).dim() else (hi - lo))
+    _check_scale(s, hi - lo)
     # A single-level range (0 bits) may carry any scale, even 0 or NaN: divide by 1 there instead.
     s_safe = torch.where(single, torch.ones_like(s), s)
-    raw = round_tensor(x.detach() / s_safe, rounding) + z
+    # Multiply by the reciprocal like torch's fake_quantize/quantize kernels, so codes match torch.ao
+    # bit for bit (x / s differs in rare last-ulp ties).
+    raw = round_tensor(x.detach().to(dt) * (1.0 / s_safe), rounding) + z
     q = torch.clamp(raw, lo, hi)
     return q, s_safe, z, raw, single
 
@@ -342,11 +370,14 @@ def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
     ``scale``/``zero_point``/``qmin``/``qmax`` are scalars or per-channel 1-D tensors along ``axis``.
     The gradient wrt ``x`` is 1 where the unclamped code lies in ``[qmin, qmax]`` and 0 outside (as
     torch's fake_quantize); ``scale`` and ``zero_point`` get no gradient (see ``lsq_fake_quant``). A
-    channel whose range has a single level (0 bits, ``qmin == qmax``) outputs exactly 0.
+    channel whose range has a single level (0 bits, ``qmin == qmax``) outputs exactly 0 and passes
+    no gradient.
     """
     q, s, z, raw, single = _affine_codes(x, scale, zero_point, qmin, qmax, axis, rounding)
-    value = torch.where(single, torch.zeros_like(q), (q - z) * s)
-    mask = (raw >= q) & (raw <= q)  # raw == q, spelled so NaN codes count as outside
+    value = torch.where(single, torch.zeros_like(q), (q - z) * s).to(x.dtype)
+    # Inside the range iff the unclamped code was not clamped; a pruned (single-level) channel is a
+    # constant 0 and passes no gradient.
+    mask = (raw == q) & ~single
     return _straight_through(x, value, mask)
 
 
@@ -384,9 +415,9 @@ class _LSQ(torch.autograd.Function):
     """LSQ (Esser et al. 2020): ``round(clamp(x/s, qmin, qmax)) * s`` with the LSQ step gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, qmin: Tensor, qmax: Tensor, g: Tensor,  # type: ignore[override]
-                rounding: str) -> Tensor:
-        v = x / s
+    def forward(ctx, x: Tensor, s: Tensor, qmin: Tensor,  # type: ignore[override]
+                qmax: Tensor, g: Tensor, rounding: str) -> Tensor:
+        v = x * (1.0 / s)
         vc = torch.minimum(torch.maximum(v, qmin), qmax)
         r = round_tensor(vc, rounding)
         ctx.save_for_backward(v, r, qmin, qmax, g)
@@ -497,7 +528,8 @@ def _is_fractional(bits: Bits | float) -> bool:
 def _unit_q(u: Tensor, bits: Bits | float | Tensor, max_bits: int | None, axis: int,
             rounding: Rounding) -> Tensor:
     if _is_fractional(bits):
-        return fracbits_interp(u, bits, max_bits=max_bits, axis=axis, rounding=rounding)  # type: ignore[arg-type]
+        return fracbits_interp(u, bits, max_bits=max_bits, axis=axis,  # type: ignore[arg-type]
+                               rounding=rounding)
     return unit_quantize(u, bits, axis=axis, rounding=rounding)  # type: ignore[arg-type]
 
 
