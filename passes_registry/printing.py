@@ -7,7 +7,6 @@ their ``node.meta`` keys, sorted by key.
 from __future__ import annotations
 
 import hashlib
-import operator
 from typing import Any
 
 import torch
@@ -26,21 +25,43 @@ def dtype_short(dtype: Any) -> str:
     return _DTYPE_SHORT.get(dtype, str(dtype).replace("torch.", ""))
 
 
+_NAMESPACES = ("torch", "torch.nn.functional", "torch.special", "torch.linalg", "operator",
+               "math", "builtins")
+_PUBLIC_NAMES: dict[int, str] | None = None
+
+
+def _public_names() -> dict[int, str]:
+    """id(callable) -> its shortest public spelling (``torch.relu``, ``torch.nn.functional.relu``).
+
+    Needed because torch's builtins report internal qualnames (``_VariableFunctionsClass.relu``,
+    ``boolean_dispatch.<locals>.fn``) that would make dumps unreadable and unstable.
+    """
+    global _PUBLIC_NAMES
+    if _PUBLIC_NAMES is None:
+        import importlib
+        names: dict[int, str] = {}
+        for ns in _NAMESPACES:
+            mod = importlib.import_module(ns)
+            for attr in dir(mod):
+                if attr.startswith("_"):
+                    continue
+                obj = getattr(mod, attr, None)
+                if callable(obj) and not isinstance(obj, type):
+                    names.setdefault(id(obj), f"{ns}.{attr}")
+        _PUBLIC_NAMES = names
+    return _PUBLIC_NAMES
+
+
 def target_name(node: torch.fx.Node) -> str:
     """A stable, readable name for a node's target."""
     t = node.target
     if isinstance(t, str):
         return t
-    if getattr(operator, getattr(t, "__name__", ""), None) is t:
-        return f"operator.{t.__name__}"
+    public = _public_names().get(id(t))
+    if public is not None:
+        return public
     module = getattr(t, "__module__", None) or ""
     name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
-    if module.startswith("torch._C._nn"):
-        module = "torch._C._nn"
-    elif module.startswith("torch") and hasattr(torch, name) and getattr(torch, name) is t:
-        module = "torch"
-    elif module in ("builtins", "_operator"):
-        module = "builtins" if module == "builtins" else "operator"
     return f"{module}.{name}" if module else name
 
 

@@ -34,3 +34,36 @@ class NumericsError(QpassesError, ValueError):
 
 class CalibrationError(QpassesError):
     """Calibration data is missing or a quantizer was never observed."""
+
+
+class ConfigError(AnnotationError):
+    """A bit-width config file (annotate-bitwidths{config=PATH}) is missing, malformed or does not
+    fit the graph; the message names the file, the glob, the layer and what is valid."""
+
+
+__all__.append("ConfigError")
+
+
+class BudgetError(OptionError):
+    """A cost target (``target-bitops`` / ``target-size``) cannot be met: it lies outside the range
+    reachable with the allowed candidates. ``minimum``/``maximum`` hold that range in the
+    option's unit (GBitOPs or MB) and the message states it."""
+
+    def __init__(self, pass_name: str, option: str, reason: str, *, minimum: float,
+                 maximum: float, unit: str):
+        self.minimum, self.maximum, self.unit = minimum, maximum, unit
+        OptionError.__init__(self, pass_name, option, reason)
+
+
+__all__.append("BudgetError")
+
+
+class QpassesWarning(UserWarning):
+    """Base of qpasses' warnings (problems that do not stop a pass but deserve attention)."""
+
+
+class ConfigWarning(QpassesWarning):
+    """A bit-width config entry had no effect (e.g. a glob that matches no layer)."""
+
+
+__all__ += ["QpassesWarning", "ConfigWarning"]

@@ -81,6 +81,29 @@ class LayerInfo:
         return f"{self.op}-dw" if self.depthwise else self.op
 
 
+def module_op(mod: Any) -> str | None:
+    """The layer op of a module: ``conv1d``/``conv2d``/``conv3d``/``linear``, or None.
+
+    isinstance-based (the closest registered base class in the MRO), so fake-quant wrappers such
+    as ``FakeQuantConv2d(nn.Conv2d)`` keep the op, and the LayerInfo, of the layer they replace.
+    """
+    for cls in type(mod).__mro__:
+        op = CONV_MODULES.get(cls) or LINEAR_MODULES.get(cls)
+        if op is not None:
+            return op
+    return None
+
+
+def _unwrap_weight(gm: torch.fx.GraphModule, w: Any) -> Any:
+    """Look through a weight fake-quant node (``call_module`` on a module flagged
+    ``is_weight_quantizer``) to the ``get_attr`` it quantizes."""
+    if isinstance(w, torch.fx.Node) and w.op == "call_module" and w.args:
+        mod = _get_attr(gm, str(w.target))
+        if getattr(mod, "is_weight_quantizer", False):
+            return w.args[0]
+    return w
+
+
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
     if isinstance(v, (tuple, list)):
         return tuple(int(x) for x in v)
@@ -112,7 +135,7 @@ def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | Non
     out_shape = _shape(node)
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        op = CONV_MODULES.get(type(mod)) or LINEAR_MODULES.get(type(mod))
+        op = module_op(mod)
         if op is None or in_shape is None or out_shape is None:
             return None
         prefix = str(node.target)
@@ -126,7 +149,7 @@ def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | Non
                          in_shape, out_shape, f"{prefix}.weight", bias_attr)
     if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
         names = _CONV_ARGS if node.target in CONV_FUNCTIONS else _LINEAR_ARGS
-        w = _arg(node, names, "weight", None)
+        w = _unwrap_weight(gm, _arg(node, names, "weight", None))
         b = _arg(node, names, "bias", None)
         if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
             return None
@@ -193,18 +216,21 @@ def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
 def first_last_layers(gm: torch.fx.GraphModule,
                       layers: list[LayerInfo] | None = None) -> tuple[set[str], set[str]]:
     """Names of the first layers (no quantizable layer upstream) and the last layers (none
-    downstream). For a plain CNN: the stem conv and the classifier."""
+    downstream). For a plain CNN: the stem conv and the classifier. One forward and one backward
+    sweep over the graph, linear in its size."""
     layers = quantizable_layers(gm) if layers is None else layers
-    if not layers:
-        return set(), set()
-    g = to_networkx(gm)
     by_node = {info.node: info.name for info in layers}
-    first, last = set(), set()
-    for info in layers:
-        if not (nx.ancestors(g, info.node) & by_node.keys()):
-            first.add(info.name)
-        if not (nx.descendants(g, info.node) & by_node.keys()):
-            last.add(info.name)
+    nodes = list(gm.graph.nodes)
+    layer_upstream: dict[str, bool] = {}    # a layer is at or above this node
+    for n in nodes:
+        layer_upstream[n.name] = any(layer_upstream[i.name] or i.name in by_node
+                                     for i in n.all_input_nodes)
+    layer_downstream: dict[str, bool] = {}
+    for n in reversed(nodes):
+        layer_downstream[n.name] = any(layer_downstream[u.name] or u.name in by_node
+                                       for u in n.users)
+    first = {name for node, name in by_node.items() if not layer_upstream[node]}
+    last = {name for node, name in by_node.items() if not layer_downstream[node]}
     return first, last
 
 

@@ -10,15 +10,90 @@ from .meta import get_qmeta
 
 
 def check_bits_annotated(gm: torch.fx.GraphModule) -> list[str]:
-    """Every quantizable layer has a weight bit-width (or is explicitly left in float)."""
+    """Every quantizable layer has weight and input-activation bit-widths, or is explicitly left
+    in float."""
     nodes = {n.name: n for n in gm.graph.nodes}
     out = []
     for info in quantizable_layers(gm):
         q = get_qmeta(nodes[info.node])
-        if q.weight is None and q.float_island is None:
+        if q.float_island is not None:
+            continue
+        if q.weight is None:
             out.append(f"layer '{info.name}' has no weight bit-width")
+        if q.act is None:
+            out.append(f"layer '{info.name}' has no input-activation bit-width")
     return out
 
 
 register_property("bits-annotated", check_bits_annotated,
                   summary="every quantizable layer carries weight/activation bit-widths")
+
+
+def check_bn_folded(gm: torch.fx.GraphModule) -> list[str]:
+    """No BatchNorm directly follows a conv/linear it could be folded into."""
+    from .passes.canonicalize.fold_batch_norm import check_bn_folded as check
+    return check(gm)
+
+
+def check_canonical(gm: torch.fx.GraphModule) -> list[str]:
+    """No node matches a canonicalization rule (one spelling per operation)."""
+    from .passes.canonicalize.canonicalize import check_canonical as check
+    return check(gm)
+
+
+register_property("bn-folded", check_bn_folded,
+                  summary="no BatchNorm directly follows a conv/linear it could be folded into")
+register_property("canonical", check_canonical,
+                  summary="one spelling per operation: no canonicalization rule applies")
+
+
+def check_fake_quant_inserted(gm: torch.fx.GraphModule) -> list[str]:
+    """Every annotated layer has a weight quantizer and, with an ``act`` spec, a quantized input;
+    every annotated add/cat join has a quantized output."""
+    from .passes.quantize.annotate_bitwidths import is_join
+    from .passes.quantize.insert_fake_quant import (join_output_fq_node, layer_act_fq_node,
+                                                    layer_weight_quantizer)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for info in quantizable_layers(gm):
+        node = nodes[info.node]
+        q = get_qmeta(node)
+        if q.float_island is not None:
+            continue
+        if q.weight is not None and layer_weight_quantizer(gm, node) is None:
+            out.append(f"layer '{info.name}' has a weight spec but no weight quantizer")
+        if q.act is not None and layer_act_fq_node(gm, node) is None:
+            out.append(f"layer '{info.name}' has an act spec but its input is not fake-quantized")
+    for n in gm.graph.nodes:
+        q = get_qmeta(n)
+        if q.output is not None and q.float_island is None and is_join(n) \
+                and join_output_fq_node(gm, n) is None:
+            out.append(f"join '{n.name}' has an output spec but its output is not fake-quantized")
+    return out
+
+
+def check_calibrated(gm: torch.fx.GraphModule) -> list[str]:
+    """Every fake-quant module has finite, positive scales (and QMeta carries them)."""
+    from .fake_quant import fake_quant_modules
+    from .passes.quantize.insert_fake_quant import layer_act_fq_node, layer_weight_quantizer
+    out = []
+    for name, q in fake_quant_modules(gm).items():
+        out += [f"'{name}': {p}" for p in q.calibration_problems()]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for info in quantizable_layers(gm):
+        node = nodes[info.node]
+        q = get_qmeta(node)
+        if q.float_island is not None:
+            continue
+        if q.weight is not None and layer_weight_quantizer(gm, node) is not None \
+                and q.weight.scale is None:
+            out.append(f"layer '{info.name}': QMeta weight spec has no scale")
+        if q.act is not None and layer_act_fq_node(gm, node) is not None and q.act.scale is None:
+            out.append(f"layer '{info.name}': QMeta act spec has no scale")
+    return out
+
+
+register_property("fake-quant-inserted", check_fake_quant_inserted,
+                  summary="weight and activation fake quantizers are in the graph as annotated")
+register_property("calibrated", check_calibrated,
+                  summary="every quantizer has finite positive scales, also recorded in QMeta")

@@ -1,0 +1,1 @@
+"""Command-line tools (each also importable: ``from tools import dump_graph``)."""

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Benchmarks: a list of named sections, each timing something N times and reporting medians.
+
+    python tools/bench.py                                 # every section
+    python tools/bench.py --only fold-vs-torchao --repeat 5 --json bench.json
+    python tools/bench.py --list
+
+Sections register with :func:`benchmark`; each takes the parsed config and returns a
+:class:`Section` (rows of measurements plus notes). Later issues add sections the same way.
+
+Section ``fold-vs-torchao`` (the foundation's target): torchvision ResNet-50 (random init, input
+1x3x224x224); ours = ``PassManager.parse("graph(canonicalize,fold-batch-norm,dce)")`` +
+``qpasses.trace`` + ``run``; torch.ao = FX-mode ``prepare_fx`` + ``convert_fx`` with
+``get_default_qconfig_mapping("x86")`` (its calibration forward timed separately), on the same
+model in the same process. Reports median seconds and the ratio ours / torch.ao.
+
+Section ``qat-step`` (issue 3's target: <= 1.15x fp32): one SGD training step of torchvision
+ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, the fake-quant graph
+(ours, W8A8 and W4A4, calibrated; and W8A8 with activation observers on every step) and torch.ao
+``prepare_qat_fx``, interleaved in one process; then eval-mode inference of the same graphs (the
+fake-quant inference overhead). ``python tools/bench.py --only qat-step --repeat 5``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+import qpasses
+from passes_registry import PassContext, PassManager, PassesError
+from qpasses.cli import example_inputs_for, load_model, parse_input_shape
+
+
+@dataclass
+class Row:
+    """One measured quantity: all run times (seconds) and their median."""
+    section: str
+    what: str
+    times: list[float]
+    ratio: float | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["median_s"] = self.median
+        d["min_s"] = min(self.times) if self.times else None
+        return d
+
+
+@dataclass
+class Section:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    ratio_label: str = "ratio vs torch.ao"
+
+
+BENCHMARKS: dict[str, tuple[str, Callable[[argparse.Namespace], Section]]] = {}
+
+
+def benchmark(name: str, description: str) -> Callable:
+    """Register a benchmark section ``fn(config) -> Section`` under ``name``."""
+    def wrap(fn: Callable[[argparse.Namespace], Section]) -> Callable:
+        if name in BENCHMARKS:
+            raise ValueError(f"benchmark '{name}' registered twice")
+        BENCHMARKS[name] = (description, fn)
+        return fn
+    return wrap
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 1: fold batch-norm on ResNet-50, ours vs torch.ao FX mode
+
+FOLD_PIPELINE = "graph(canonicalize,fold-batch-norm,dce)"
+
+
+@benchmark("fold-vs-torchao", "ResNet-50: parse+trace+run of graph(canonicalize,fold-batch-norm,"
+                              "dce) vs torch.ao prepare_fx+convert_fx")
+def bench_fold_vs_torchao(cfg: argparse.Namespace) -> Section:
+    sec = Section("fold-vs-torchao")
+    model, _ = load_model(cfg.model, seed=cfg.seed)
+    inputs = example_inputs_for(parse_input_shape(cfg.input_shape), seed=cfg.seed)
+    pipeline = cfg.pipeline or FOLD_PIPELINE
+    try:
+        PassManager.parse(pipeline)
+    except PassesError as e:
+        sec.skipped = f"pipeline does not build: {str(e).splitlines()[0]}"
+        return sec
+    with torch.no_grad():
+        ref = model(*inputs)
+
+    def ours(verify: bool) -> tuple[float, float, float, torch.fx.GraphModule]:
+        t_parse, pm = timed(lambda: PassManager.parse(pipeline))
+        t_trace, gm = timed(lambda: qpasses.trace(model, inputs))
+        with PassContext(example_inputs=inputs, verify_each=verify) as ctx:
+            t_run, gm = timed(lambda: pm.run(gm, ctx))
+        return t_parse, t_trace, t_run, gm
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    qconfig = get_default_qconfig_mapping("x86")
+
+    def torchao() -> tuple[float, float, float]:
+        m = copy.deepcopy(model).eval()  # prepare_fx shares (and fuses) the caller's modules
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t_prep, prepared = timed(lambda: prepare_fx(m, qconfig, inputs))
+            with torch.no_grad():
+                t_cal, _ = timed(lambda: prepared(*inputs))
+            t_conv, _ = timed(lambda: convert_fx(prepared))
+        return t_prep, t_cal, t_conv
+
+    for _ in range(cfg.warmup):
+        ours(True)
+        torchao()
+    parse_t, trace_t, run_t, total_v, total_nv = [], [], [], [], []
+    prep_t, cal_t, conv_t, total_ao = [], [], [], []
+    gm = None
+    for _ in range(cfg.repeat):
+        p, t, r, gm = ours(True)
+        parse_t.append(p), trace_t.append(t), run_t.append(r), total_v.append(p + t + r)
+        p2, t2, r2, _ = ours(False)
+        total_nv.append(p2 + t2 + r2)
+        a, c, v = torchao()
+        prep_t.append(a), cal_t.append(c), conv_t.append(v), total_ao.append(a + v)
+    ao_med = statistics.median(total_ao)
+    name = sec.name
+    sec.rows += [
+        Row(name, "ours: parse", parse_t),
+        Row(name, "ours: trace (deep copy + fx trace + shape propagation)", trace_t),
+        Row(name, "ours: run (verify-each on)", run_t),
+        Row(name, "ours: parse+trace+run, verify-each on (default)", total_v,
+            ratio=statistics.median(total_v) / ao_med),
+        Row(name, "ours: parse+trace+run, --no-verify-each", total_nv,
+            ratio=statistics.median(total_nv) / ao_med),
+        Row(name, "torch.ao: prepare_fx (x86 qconfig mapping)", prep_t),
+        Row(name, "torch.ao: calibration forward (not in total)", cal_t),
+        Row(name, "torch.ao: convert_fx", conv_t),
+        Row(name, "torch.ao: prepare_fx+convert_fx", total_ao, ratio=1.0),
+    ]
+    with torch.no_grad():
+        err = (gm(*inputs) - ref).abs().max().item() if gm is not None else float("nan")
+    bn_left = sum(1 for _, m in gm.named_modules() if isinstance(m, torch.nn.BatchNorm2d)) \
+        if gm is not None else -1
+    sec.notes.append(f"model {cfg.model}, input {cfg.input_shape}, pipeline {pipeline}, "
+                     f"{cfg.repeat} runs (+{cfg.warmup} warm-up), torch {torch.__version__}, "
+                     f"{torch.get_num_threads()} threads")
+    sec.notes.append(f"ours after the pipeline: max |out - float model| = {err:.3g}, "
+                     f"BatchNorm2d modules left = {bn_left}")
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------
+# Section: fake-quant (QAT) training step on ResNet-18, ours vs fp32 vs torch.ao prepare_qat_fx
+
+QAT_BATCH = 8
+QAT_BITS = (8, 4)
+
+
+def _qat_variants(seed: int) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+    """name -> train-mode module, and one (x, y) batch: fp32 (BN), fp32 BN-folded, ours W8A8 and
+    W4A4 (frozen calibrated activation ranges, weight ranges tracking the weights), ours W8A8 with
+    activation observers running every step (torch.ao's QAT mode), torch.ao prepare_qat_fx."""
+    import torchvision
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    from qpasses.fake_quant import set_observing
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(QAT_BATCH, 3, 224, 224, generator=gen)
+    y = torch.randint(0, 1000, (QAT_BATCH,), generator=gen)
+    ex = (x[:1],)
+    out: dict[str, Any] = {"fp32": copy.deepcopy(model).train()}
+    folded = qpasses.trace(model, ex)
+    PassManager.parse("graph(canonicalize,fold-batch-norm)").run(folded)
+    out["fp32, BN folded (ours' float graph)"] = folded.train()
+    for bits in QAT_BITS:
+        gm = qpasses.trace(model, ex)
+        with PassContext(example_inputs=ex, calibration_data=[x[:2]]):
+            PassManager.parse(
+                f"graph(canonicalize,fold-batch-norm,annotate-bitwidths{{weight-bits={bits} "
+                f"act-bits={bits}}},insert-fake-quant,calibrate)").run(gm)
+        out[f"ours W{bits}A{bits}"] = gm.train()
+    gm = qpasses.trace(model, ex)
+    PassManager.parse("graph(canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=8 "
+                      "act-bits=8},insert-fake-quant)").run(gm)
+    set_observing(gm, True)
+    gm(x[:2])  # first observation, as torch.ao's first step
+    out["ours W8A8, act observers on"] = gm.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["torch.ao prepare_qat_fx (x86)"] = prepare_qat_fx(
+            copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), ex)
+    return out, (x, y)
+
+
+@benchmark("qat-step", "ResNet-18 batch 8 224x224 training step: fake-quant (ours) vs fp32 vs "
+                       "torch.ao prepare_qat_fx; plus fake-quant inference overhead")
+def bench_qat_step(cfg: argparse.Namespace) -> Section:
+    sec = Section("qat-step", ratio_label="ratio (see notes)")
+    variants, (x, y) = _qat_variants(cfg.seed)
+    steps = {}
+    for name, m in variants.items():
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+
+        def step(m: Any = m, opt: Any = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        steps[name] = step
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    cpu: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(cfg.warmup):
+        for s in steps.values():
+            s()
+    for _ in range(cfg.repeat):  # interleaved, so load changes hit every variant alike
+        for n, s in steps.items():
+            c0 = time.process_time()
+            times[n].append(timed(s)[0])
+            cpu[n].append(time.process_time() - c0)
+    base = statistics.median(times["fp32"])
+    base_cpu = statistics.median(cpu["fp32"])
+    for n in steps:
+        sec.rows.append(Row(sec.name, f"train step: {n}", times[n],
+                            ratio=statistics.median(times[n]) / base))
+    for n in steps:
+        sec.rows.append(Row(sec.name, f"train step, process CPU time: {n}", cpu[n],
+                            ratio=statistics.median(cpu[n]) / base_cpu))
+    # inference (eval, no grad): frozen quantizers
+    inf_names = ["fp32", "fp32, BN folded (ours' float graph)"] + \
+        [f"ours W{b}A{b}" for b in QAT_BITS] + ["torch.ao prepare_qat_fx (x86)"]
+    for n in inf_names:
+        variants[n].eval()
+    inf: dict[str, list[float]] = {n: [] for n in inf_names}
+    inf_cpu: dict[str, list[float]] = {n: [] for n in inf_names}
+    with torch.no_grad():
+        for _ in range(cfg.warmup):
+            for n in inf_names:
+                variants[n](x)
+        for _ in range(cfg.repeat):
+            for n in inf_names:
+                c0 = time.process_time()
+                inf[n].append(timed(lambda n=n: variants[n](x))[0])
+                inf_cpu[n].append(time.process_time() - c0)
+    ref = "fp32, BN folded (ours' float graph)"
+    for label, data in (("inference", inf), ("inference, process CPU time", inf_cpu)):
+        base_i = statistics.median(data[ref])
+        for n in inf_names:
+            sec.rows.append(Row(sec.name, f"{label}: {n}", data[n],
+                                ratio=statistics.median(data[n]) / base_i))
+    sec.notes.append(f"train-step ratios are vs the fp32 step (BN in train mode); inference "
+                     f"ratios vs the BN-folded fp32 graph. batch {QAT_BATCH}x3x224x224, "
+                     f"{cfg.repeat} interleaved runs (+{cfg.warmup} warm-up), torch "
+                     f"{torch.__version__}, {torch.get_num_threads()} threads; process CPU "
+                     "time (all threads) is the robust figure on a shared machine")
+    sec.notes.append("ours = graph(canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=B "
+                     "act-bits=B},insert-fake-quant,calibrate): per-channel symmetric weights "
+                     "(first/last layer 8 bits), asymmetric per-tensor activations; its "
+                     "fake-quant ops are vectorized composites bit-identical to torch's fused "
+                     "kernels; torch.ao keeps BN (ConvBn fusion) and observes every step; the "
+                     "fake-quant cost proper is ours / 'fp32, BN folded'")
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model and budgets (issue 4): solve-bitwidths and search-mixquant run times
+
+SOLVE_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+
+
+def _annotated(name: str, bits: int, seed: int) -> Any:
+    import torchvision
+    torch.manual_seed(seed)
+    gm = qpasses.trace(getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 224, 224))
+    PassManager.parse(f"graph(annotate-bitwidths{{weight-bits={bits} act-bits={bits} "
+                      f"first-last-bits=8}})").run(gm)
+    return gm
+
+
+@benchmark("solve-bitwidths", "ResNet-18/50, MobileNetV2 (224x224): solve-bitwidths at the BitOPs "
+                              "of uniform 3/4/5 bits (first/last 8), layer-wise; target < 2 s")
+def bench_solve_bitwidths(cfg: argparse.Namespace) -> Section:
+    from passes_registry import AnalysisManager
+    sec = Section("solve-bitwidths")
+    for name in SOLVE_MODELS:
+        for b in (3, 4, 5):
+            gm = _annotated(name, b, cfg.seed)
+            target = AnalysisManager().get("bitops", gm).total
+            pm = PassManager.parse(f"graph(solve-bitwidths{{target-bitops={target / 1e9!r}}})",
+                                   assume=gm)
+            times, util = [], []
+            for i in range(cfg.warmup + cfg.repeat):
+                with PassContext(verify_each=False) as ctx:
+                    t, _ = timed(lambda: pm.run(gm, ctx))
+                if i >= cfg.warmup:
+                    times.append(t)
+                    util.append(AnalysisManager().get("bitops", gm).total / target)
+            sec.rows.append(Row(sec.name, f"{name} uniform-{b} budget ({target / 1e9:.3f} "
+                                          "GBitOPs): pass run", times))
+            sec.notes.append(f"{name} b={b}: result/target = {min(util):.5f}..{max(util):.5f} "
+                             f"(must be in [0.99, 1]); max {max(times):.3f} s (< 2 s)")
+    gm = _annotated("resnet18", 3, cfg.seed)
+    PassManager.parse("graph(annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8 "
+                      "granularity=kernel})", assume=gm).run(gm)
+    target = AnalysisManager().get("bitops", gm).total
+    pm = PassManager.parse(f"graph(solve-bitwidths{{target-bitops={target / 1e9!r} "
+                           f"granularity=kernel}})", assume=gm)
+    times = []
+    for i in range(cfg.warmup + cfg.repeat):
+        with PassContext(verify_each=False) as ctx:
+            t, _ = timed(lambda: pm.run(gm, ctx))
+        if i >= cfg.warmup:
+            times.append(t)
+    sec.rows.append(Row(sec.name, "resnet18 uniform-3 budget, kernel-wise (4736 items): pass "
+                                  "run", times))
+    sec.notes.append(f"resnet18 kernel-wise: result/target = "
+                     f"{AnalysisManager().get('bitops', gm).total / target:.5f}")
+    sec.notes.append(f"{cfg.repeat} runs (+{cfg.warmup} warm-up) each, verify-each off (the "
+                     f"pass itself), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return sec
+
+
+@benchmark("search-mixquant", "ResNet-50: search-mixquant{qem=5} (7 candidates, 25.5M weights); "
+                              "target < 1 s")
+def bench_search_mixquant(cfg: argparse.Namespace) -> Section:
+    sec = Section("search-mixquant")
+    gm = _annotated("resnet50", 8, cfg.seed)
+    for qem in (5.0, 100.0):
+        pm = PassManager.parse(f"graph(search-mixquant{{qem={qem}}})", assume=gm)
+        times = []
+        for i in range(cfg.warmup + cfg.repeat):
+            with PassContext(verify_each=False) as ctx:
+                t, _ = timed(lambda: pm.run(gm, ctx))
+            if i >= cfg.warmup:
+                times.append(t)
+        sec.rows.append(Row(sec.name, f"resnet50 qem={qem}: pass run", times))
+    sec.notes.append(f"{cfg.repeat} runs (+{cfg.warmup} warm-up), verify-each off, "
+                     f"{torch.get_num_threads()} threads")
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def format_sections(sections: Sequence[Section]) -> str:
+    out = []
+    for sec in sections:
+        desc = BENCHMARKS.get(sec.name, ("", None))[0]
+        out.append(f"== {sec.name}: {desc}")
+        if sec.skipped:
+            out.append(f"   skipped: {sec.skipped}")
+            continue
+        rows = [[r.what, f"{r.median:.4f}", f"{min(r.times):.4f}",
+                 "" if r.ratio is None else f"{r.ratio:.2f}"] for r in sec.rows]
+        out.append(tabulate(rows, headers=["measure", "median s", "min s", sec.ratio_label],
+                            disable_numparse=True, colalign=("left", "right", "right", "right")))
+        out += [f"   {n}" for n in sec.notes]
+    return "\n".join(out)
+
+
+def run(cfg: argparse.Namespace) -> list[Section]:
+    names = cfg.only or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
+    return [BENCHMARKS[n][1](cfg) for n in names]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description="qpasses benchmarks")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this section")
+    p.add_argument("--list", action="store_true", help="list the sections")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per measure (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    p.add_argument("--model", default="torchvision:resnet50")
+    p.add_argument("--input-shape", default="1,3,224,224")
+    p.add_argument("--pipeline", default=None, help=f"override (default {FOLD_PIPELINE})")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = make_parser().parse_args(argv)
+    if cfg.list:
+        for name, (desc, _) in BENCHMARKS.items():
+            print(f"{name}: {desc}")
+        return 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        sections = run(cfg)
+    except PassesError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    print(format_sections(sections))
+    if cfg.json:
+        data = {"env": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+                "sections": [{"name": s.name, "skipped": s.skipped, "notes": s.notes,
+                              "rows": [r.as_dict() for r in s.rows]} for s in sections]}
+        with open(cfg.json, "w") as f:
+            json.dump(data, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
