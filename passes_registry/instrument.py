@@ -5,7 +5,9 @@ in registration order, "after" hooks in reverse (MLIR).
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 import torch.fx
 
+from . import registry
 from .printing import fingerprint, print_graph
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,27 +144,67 @@ class Statistics(Instrument):
         return "\n".join(lines)
 
 
+def save_annotations(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """``{node name: {meta key: json}}`` for every registered, serializable annotation key."""
+    keys = {k: d for k, d in registry.annotation_keys().items() if d.to_json is not None}
+    out: dict[str, Any] = {}
+    for n in gm.graph.nodes:
+        entry = {k: d.to_json(n.meta[k]) for k, d in keys.items() if n.meta.get(k) is not None}
+        if entry:
+            out[n.name] = entry
+    return out
+
+
+def load_annotations(gm: torch.fx.GraphModule, data: dict[str, Any]) -> int:
+    """Restore annotations written by :func:`save_annotations`; returns how many nodes got some."""
+    keys = registry.annotation_keys()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    count = 0
+    for name, entry in data.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        for k, v in entry.items():
+            kdef = keys.get(k)
+            if kdef is not None and kdef.from_json is not None:
+                node.meta[k] = kdef.from_json(v)
+        count += 1
+    return count
+
+
 @dataclass
 class Reproducer:
-    """Writes what is needed to replay a failing pipeline: text, graph code, weights, command."""
+    """Writes what is needed to replay a failing pass: the graph just before it (code, weights,
+    annotations), the properties it held, the input shapes, and a qpass_opt command line that
+    runs only the failing pass on it (MLIR's local reproducer)."""
     directory: str
     written: list[str] = field(default_factory=list)
 
-    def write(self, pipeline: str, failing_pass: str, gm: torch.fx.GraphModule) -> str:
+    def write(self, pipeline: str, failing_pass: str, gm: torch.fx.GraphModule,
+              properties: frozenset[str] | set[str] = frozenset(),
+              input_shapes: list[tuple[int, ...]] | None = None) -> str:
         os.makedirs(self.directory, exist_ok=True)
-        with open(os.path.join(self.directory, "pipeline.txt"), "w") as f:
+        path = lambda name: os.path.join(self.directory, name)  # noqa: E731
+        with open(path("pipeline.txt"), "w") as f:
             f.write(pipeline + "\n")
-        with open(os.path.join(self.directory, "graph.py"), "w") as f:
+        with open(path("graph.py"), "w") as f:
             f.write(f"# graph before the failing pass '{failing_pass}'\n" + gm.code)
-        with open(os.path.join(self.directory, "graph.fxir"), "w") as f:
+        with open(path("graph.fxir"), "w") as f:
             f.write(print_graph(gm, header=pipeline) + "\n")
-        torch.save(gm.state_dict(), os.path.join(self.directory, "state_dict.pt"))
-        command = (f"python tools/qpass_opt.py --graph {self.directory}/graph.pt "
-                   f"--pass-pipeline='{pipeline}'")
-        with open(os.path.join(self.directory, "command.txt"), "w") as f:
-            f.write(command + "\n")
+        with open(path("annotations.json"), "w") as f:
+            json.dump({"annotations": save_annotations(gm), "properties": sorted(properties),
+                       "input_shapes": [list(s) for s in input_shapes or []]}, f, indent=1)
+        torch.save(gm.state_dict(), path("state_dict.pt"))
+        args = ["python", "tools/qpass_opt.py",
+                "--graph", path("graph.pt"), f"--pass-pipeline=graph({failing_pass})"]
+        if input_shapes:
+            args.append("--input-shape=" + ",".join(map(str, input_shapes[0])))
+        if properties:
+            args.append("--assume=" + ",".join(sorted(properties)))
+        with open(path("command.txt"), "w") as f:
+            f.write(" ".join(shlex.quote(a) for a in args) + "\n")
         try:  # the whole module, when picklable, so the command above replays it directly
-            torch.save(gm, os.path.join(self.directory, "graph.pt"))
+            torch.save(gm, path("graph.pt"))
         except Exception:  # noqa: BLE001 - a best-effort extra; the code and weights are written
             pass
         self.written.append(self.directory)

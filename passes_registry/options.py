@@ -161,7 +161,7 @@ def _convert(value: Any, tp: Any, from_text: bool) -> Any:
             return value
         if from_text and value in ("true", "false", "1", "0"):
             return value in ("true", "1")
-        raise _Invalid("expected true or false")
+        raise _Invalid(f"'{value}' is not a valid bool (true or false)")
     if tp is int:
         if isinstance(value, bool):
             raise _Invalid("expected an int, got a bool")

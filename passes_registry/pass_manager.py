@@ -341,7 +341,10 @@ class _Run:
             return exc
         repro = None
         if snapshot is not None:
-            repro = Reproducer(self.ctx.reproducer_dir).write(self.text, p.display_name, snapshot)
+            shapes = [tuple(t.shape) for t in self.ctx.example_inputs or ()
+                      if hasattr(t, "shape")]
+            repro = Reproducer(self.ctx.reproducer_dir).write(
+                self.text, p.to_text(), snapshot, self.properties, shapes)
         if isinstance(exc, PassFailure):
             if exc.pass_name is not None:  # raised by a nested pipeline: already has context
                 return exc

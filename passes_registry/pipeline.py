@@ -221,6 +221,8 @@ class _Parser:
             if self.peek() != ")":
                 if self.peek() == "":
                     raise self.error("unbalanced '(': missing ')'", el.body_pos)
+                if self.peek() == "}":
+                    raise self.error("unbalanced '}': no matching '{'")
                 raise self.error(f"expected ',' or ')', found '{self.peek()}'")
             self.pos += 1
         return el
@@ -377,6 +379,8 @@ def _resolve(raws: list[_RawElement], text: str, depth: int = 0) -> tuple[Elemen
             cls = registry.lookup_pass(raw.name)
         except RegistryError:
             known = registry.pass_names() + registry.pipeline_names() + sorted(COMBINATORS)
+            if not raw.name.startswith("test-"):  # test-only passes are not suggested to users
+                known = [k for k in known if not k.startswith("test-")]
             raise PipelineParseError(f"'{raw.name}' does not refer to a registered pass or "
                                      f"pipeline" + did_you_mean(raw.name, known),
                                      text, raw.pos) from None

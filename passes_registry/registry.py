@@ -5,6 +5,7 @@ One namespace for passes and pipelines (MLIR). Re-registering a name with the sa
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -45,10 +46,13 @@ class PropertyDef:
 
 @dataclass(frozen=True)
 class AnnotationKeyDef:
-    """A ``node.meta`` key holding typed annotations: how to validate and print its values."""
+    """A ``node.meta`` key holding typed annotations: how to validate, print and (de)serialize
+    its values (reproducers save annotations as JSON next to the graph)."""
     key: str
     validate: Callable[[Any], list[str]] | None
     format: Callable[[Any], str] | None
+    to_json: Callable[[Any], Any] | None = None
+    from_json: Callable[[Any], Any] | None = None
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -118,9 +122,12 @@ def register_property(name: str, checker: Callable[[Any], list[str]] | None = No
 
 
 def register_annotation_key(key: str, *, validate: Callable[[Any], list[str]] | None = None,
-                            format: Callable[[Any], str] | None = None) -> None:
-    """Declare a ``node.meta`` key that holds annotations (validated and printed by the infra)."""
-    _ANNOTATION_KEYS[key] = AnnotationKeyDef(key, validate, format)
+                            format: Callable[[Any], str] | None = None,
+                            to_json: Callable[[Any], Any] | None = None,
+                            from_json: Callable[[Any], Any] | None = None) -> None:
+    """Declare a ``node.meta`` key that holds annotations (validated, printed and serialized by
+    the infra)."""
+    _ANNOTATION_KEYS[key] = AnnotationKeyDef(key, validate, format, to_json, from_json)
 
 
 def lookup_pass(name: str) -> type[Pass]:
@@ -187,12 +194,12 @@ def list_passes() -> list[PassListing]:
         cls = _PASSES[name]
         rows.append(PassListing(name, "pass", cls.summary, tuple(option_infos(cls.Options)),
                                 tuple(sorted(cls.requires)), tuple(sorted(cls.establishes)),
-                                tuple(sorted(cls.invalidates)), (cls.__doc__ or "").strip()))
+                                tuple(sorted(cls.invalidates)), inspect.cleandoc(cls.__doc__ or "")))
     for name in sorted(_PIPELINES):
         p = _PIPELINES[name]
         rows.append(PassListing(name, "pipeline", p.summary, tuple(option_infos(p.Options)),
-                                doc=(p.builder.__doc__ or "").strip()))
+                                doc=inspect.cleandoc(p.builder.__doc__ or "")))
     for name in sorted(_ANALYSES):
         a = _ANALYSES[name]
-        rows.append(PassListing(name, "analysis", a.summary, (), doc=(a.__doc__ or "").strip()))
+        rows.append(PassListing(name, "analysis", a.summary, (), doc=inspect.cleandoc(a.__doc__ or "")))
     return rows

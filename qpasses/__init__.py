@@ -11,7 +11,8 @@ from .meta import QMETA_KEY, QMeta, QuantSpec, get_qmeta, update_qmeta, validate
 from .report import format_table, report
 from .trace import trace
 
-register_annotation_key(QMETA_KEY, validate=validate_qmeta_value, format=format_qmeta_value)
+register_annotation_key(QMETA_KEY, validate=validate_qmeta_value, format=format_qmeta_value,
+                        to_json=QMeta.to_dict, from_json=QMeta.from_dict)
 
 # Registration by explicit import, in a deterministic order.
 from . import properties  # noqa: E402,F401

@@ -6,7 +6,9 @@ line of Python that failed, example inputs that do not fit InputError naming the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import traceback
 from collections.abc import Iterable, Sequence
@@ -104,16 +106,18 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
         raise InputError(f"{len(inputs)} example inputs given but the model takes "
                          f"{len(placeholders)} ({', '.join(n.name for n in placeholders)})")
     prop = ShapeProp(gm)
+    # ShapeProp prints a traceback to stderr before re-raising; the typed error below says it all.
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             prop.propagate(*inputs)
     except Exception as e:  # noqa: BLE001 - user-input error, re-raised typed
         failing = _failing_node(gm, e)
+        cause = e.__cause__ if e.__cause__ is not None else e
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputError(
             f"running {gm.meta.get(MODEL_KEY, type(gm).__name__)} on example inputs of shape "
-            f"{shapes} failed at node '{failing}': {type(e).__name__}: {e}\n  hint: check the "
-            "example input shape (batch, channels, height, width) and dtype") from e
+            f"{shapes} failed at node '{failing}': {type(cause).__name__}: {cause}\n  hint: check "
+            "the example input shape (batch, channels, height, width) and dtype") from e
 
 
 def _failing_node(gm: torch.fx.GraphModule, e: BaseException) -> str:

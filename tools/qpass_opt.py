@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +48,9 @@ from tabulate import tabulate
 import qpasses
 from passes_registry import (PassContext, PassManager, list_passes, lookup_property,
                              print_graph, property_names)
+from passes_registry.instrument import load_annotations
 from passes_registry.options import format_value
+from passes_registry.pass_manager import HISTORY_KEY
 from qpasses.cli import (example_inputs_for, load_model, parse_input_shape, resolve_pipeline_text,
                          run_main, split_names, trace_quietly)
 from qpasses.errors import InputError
@@ -136,6 +139,14 @@ def load_graph(path: str, input_shape: str | None = None, seed: int = 0) -> torc
                          "(save one with torch.save(gm, path))")
     if input_shape is not None:
         propagate_shapes(gm, example_inputs_for(parse_input_shape(input_shape), seed=seed))
+    # A Reproducer writes annotations and properties beside graph.pt (pickling drops node.meta).
+    sidecar = os.path.join(os.path.dirname(path), "annotations.json")
+    if os.path.exists(sidecar):
+        with open(sidecar) as f:
+            data = json.load(f)
+        load_annotations(gm, data.get("annotations", {}))
+        gm.meta.setdefault(HISTORY_KEY, {"pipeline": [], "passes": [], "properties": []})
+        gm.meta[HISTORY_KEY]["properties"] = sorted(data.get("properties", []))
     return gm
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import os
 
 import pytest
@@ -117,6 +118,28 @@ def test_reproducer_dir_writes_files_and_replays(capsys, tmp_path):
     rc, out, _ = opt(capsys, "--graph", str(repro / "graph.pt"), "--input-shape", "1,3,8,8",
                      "--pass-pipeline", "graph(test-tools-noop)")
     assert rc == 0 and "sigmoid" in out and "f32[1,8,8,8]" in out
+    # the recorded command replays only the failing pass, and fails the same way
+    command = shlex.split((repro / "command.txt").read_text())
+    assert command[:2] == ["python", "tools/qpass_opt.py"]
+    assert "--pass-pipeline=graph(test-tools-fail)" in command
+    rc, _, err = opt(capsys, *command[2:])
+    assert rc == 2 and "pass 'test-tools-fail' (element 0 of the pipeline) failed" in err
+
+
+def test_reproducer_keeps_annotations_and_properties(capsys, tmp_path):
+    repro = tmp_path / "repro"
+    rc, _, err = opt(capsys, *TINY, "--pass-pipeline",
+                     "graph(annotate-bitwidths{weight-bits=4},test-tools-fail)",
+                     "--reproducer-dir", str(repro))
+    assert rc == 2
+    sidecar = json.loads((repro / "annotations.json").read_text())
+    assert "bits-annotated" in sidecar["properties"]
+    assert any(e["qpasses"]["weight"]["bits"] == 4 for e in sidecar["annotations"].values())
+    command = shlex.split((repro / "command.txt").read_text())
+    assert any(a.startswith("--assume=") and "bits-annotated" in a for a in command)
+    rc, out, _ = opt(capsys, "--graph", str(repro / "graph.pt"), "--pass-pipeline",
+                     "graph(test-tools-noop)", "--input-shape", "1,3,8,8")
+    assert rc == 0 and "w=i4" in out
 
 
 def test_load_plugin(capsys):

@@ -23,7 +23,7 @@
 # -----
 # CASE: bad-option-type-bool
 # RUN: graph(test-golden-options{flag=maybe})
-# EXPECT-ERROR: option 'flag' of pass 'test-golden-options': expected true or false
+# EXPECT-ERROR: option 'flag' of pass 'test-golden-options': 'maybe' is not a valid bool (true or false) (expected bool)
 # -----
 # CASE: bad-option-type-enum
 # RUN: graph(test-golden-options{mode=c})
