@@ -90,7 +90,9 @@ class Impure(nn.Module):
         torch.relu_(z)                 # in-place function, result unused
         w = z * 1
         F.relu(w, inplace=True)        # inplace=True, result unused
-        v = w * 1
+        u = w * 1
+        F.hardtanh(u, -0.5, 0.5, True)  # inplace=True, result unused
+        v = u * 1
         self.act(v)                    # in-place module, result unused
         return v
 
@@ -104,19 +106,20 @@ def test_impure_nodes_are_kept():
     compare(gm, m)
 
 
-def test_iadd_and_setitem_are_kept():
+def test_hand_built_mutations_are_kept():
     g = torch.fx.Graph()
     x = g.placeholder("x")
     y = g.call_function(operator.mul, (x, 2.0))
     g.call_function(operator.iadd, (y, 1.0))             # mutates y, result unused
     g.call_function(operator.setitem, (y, 0, 0.0))       # mutates y
+    g.call_function(F.relu, (y, True))                   # inplace=True by position
     g.call_function(operator.add, (y, 5.0))              # pure and dead
     g.output(y)
     gm = torch.fx.GraphModule(nn.Module(), g)
     gm, stats = run(gm)
     assert stats["num_nodes_removed"] == 1
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
-        operator.mul, operator.iadd, operator.setitem]
+        operator.mul, operator.iadd, operator.setitem, F.relu]
 
 
 def test_training_mode_bn_is_kept():

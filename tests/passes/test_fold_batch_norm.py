@@ -58,7 +58,7 @@ LAYERS = {
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(sorted(LAYERS)), groups=st.sampled_from([1, 2, 3]),
        cin_per_group=st.integers(1, 3), cout_per_group=st.integers(1, 3),
        kernel=st.integers(1, 3), bias=st.booleans(), affine=st.booleans(),

@@ -1,4 +1,4 @@
-"""Small torch.fx helpers shared by the canonicalize family (argument binding, attributes, shapes)."""
+"""torch.fx helpers of the canonicalize family: argument binding, attributes, shapes."""
 from __future__ import annotations
 
 from typing import Any
@@ -159,13 +159,6 @@ def tensor_use_counts(gm: torch.fx.GraphModule) -> dict[int, int]:
             for t in module_tensors(mod):
                 add(t)
     return counts
-
-
-def copy_tensor_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
-    """Give ``dst`` the shape metadata of ``src`` (used when one node replaces another)."""
-    for key in ("tensor_meta", "val", "type"):
-        if key in src.meta and key not in dst.meta:
-            dst.meta[key] = src.meta[key]
 
 
 def tensor_meta_for(t: torch.Tensor) -> Any:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import builtins
+import functools
+import inspect
 import operator
 from typing import Any
 
@@ -28,6 +30,33 @@ def _name_of(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a Python signature
+        return None
+
+
+def _inplace_arg(node: torch.fx.Node) -> bool:
+    """``inplace=True`` given by keyword or by position (``F.relu(x, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op != "call_function" or not node.args:
+        return False
+    try:
+        sig = _signature(node.target)
+    except TypeError:  # unhashable target
+        sig = None
+    if sig is None or "inplace" not in sig.parameters:
+        return False
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return False
+    return bound.arguments.get("inplace") is True
+
+
 def _is_inplace_name(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
 
@@ -42,7 +71,7 @@ def is_impure(node: torch.fx.Node) -> bool:
     """
     if node.is_impure():
         return True
-    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+    if _inplace_arg(node) or "out" in node.kwargs:
         return True
     if node.op == "call_method":
         return _is_inplace_name(str(node.target))
