@@ -22,3 +22,4 @@ __all__ = [
     "LayerInfo", "QMETA_KEY", "QMeta", "QuantSpec", "errors", "first_last_layers", "format_table",
     "get_qmeta", "quantizable_layers", "report", "to_networkx", "trace", "update_qmeta",
 ]
+from . import pipelines  # noqa: E402,F401

@@ -1,3 +1,6 @@
 """Every registered pass, imported explicitly so registration order is deterministic."""
 from .canonicalize import canonicalize, dce, fold_batch_norm  # noqa: F401
 from .quantize import annotate_bitwidths  # noqa: F401
+from .quantize import insert_fake_quant, calibrate  # noqa: F401,E402
+from .analysis import channel_groups  # noqa: F401,E402
+from .prune import prune_zero_bit_channels  # noqa: F401,E402

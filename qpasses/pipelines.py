@@ -1,0 +1,37 @@
+"""Named pipelines (usable wherever a pass name is: ``graph(ptq-int8{clip=percentile})``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from passes_registry import register_pipeline
+
+__all__ = ["PtqInt8Options", "ptq_int8"]
+
+
+@dataclass(frozen=True)
+class PtqInt8Options:
+    clip: Literal["minmax", "avg", "percentile", "mse", "aciq", "kl"] = field(
+        default="minmax", metadata={
+            "help": "activation clip mode (Distiller NONE=minmax, AVG=avg, ACIQ=aciq, plus "
+                    "percentile, MSE-optimal and KL/entropy); weights always use min/max"})
+
+
+def ptq_int8(opts: PtqInt8Options) -> str:
+    """Distiller-style range-linear W8A8 post-training quantization (reference §6).
+
+    canonicalize, fold BN into the preceding conv/linear, 8-bit weights and activations on every
+    layer (no first/last pinning), per-channel symmetric weights, asymmetric (zero-point)
+    activations observed with the clip mode, then calibration on ``PassContext.calibration_data``.
+    The logits are not quantized (activation quantizers sit on layer inputs), which is Distiller's
+    "do not clip the final FC output" advice.
+    """
+    return ("graph(canonicalize,fold-batch-norm,"
+            "annotate-bitwidths{weight-bits=8 act-bits=8 first-last-bits=none},"
+            "insert-fake-quant{weight-scheme=symmetric per-channel=true act-scheme=affine "
+            f"observer={opts.clip}}},calibrate{{method={opts.clip}}})")
+
+
+register_pipeline("ptq-int8", ptq_int8, options=PtqInt8Options,
+                  summary="Distiller range-linear W8A8 PTQ: fold BN, per-channel symmetric "
+                          "weights, asymmetric activations, calibrate with a clip mode")
