@@ -6,7 +6,7 @@ from typing import Literal
 
 from passes_registry import register_pipeline
 
-__all__ = ["PtqInt8Options", "ptq_int8"]
+__all__ = ["DefaultOptions", "PtqInt8Options", "default", "ptq_int8"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +35,29 @@ def ptq_int8(opts: PtqInt8Options) -> str:
 register_pipeline("ptq-int8", ptq_int8, options=PtqInt8Options,
                   summary="Distiller range-linear W8A8 PTQ: fold BN, per-channel symmetric "
                           "weights, asymmetric activations, calibrate with a clip mode")
+
+
+@dataclass(frozen=True)
+class DefaultOptions:
+    weight_bits: int = field(default=4, metadata={"help": "weight bit-width of inner layers"})
+    act_bits: int = field(default=8, metadata={"help": "activation bit-width of inner layers"})
+    first_last_bits: int = field(default=8, metadata={
+        "help": "bit-width of the first layer (weights and input) and the last layer's weights"})
+
+
+def default(opts: DefaultOptions) -> str:
+    """The default mixed-precision pipeline (what ``make demo`` runs).
+
+    Canonicalize, fold BN, clean up, then W4A8 with the first and last layers pinned at 8 bits
+    (FracBits' convention), per-channel symmetric fake-quant, and calibration on
+    ``PassContext.calibration_data``.
+    """
+    return ("graph(canonicalize,fold-batch-norm,dce,"
+            f"annotate-bitwidths{{weight-bits={opts.weight_bits} act-bits={opts.act_bits} "
+            f"first-last-bits={opts.first_last_bits}}},"
+            "insert-fake-quant{weight-scheme=symmetric per-channel=true},calibrate)")
+
+
+register_pipeline("default", default, options=DefaultOptions,
+                  summary="default mixed-precision pipeline: fold BN, W4A8 with 8-bit first/last "
+                          "layers, fake-quant, calibrate")

@@ -208,15 +208,28 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also write a bar chart of per-layer bit-widths")
     p.add_argument("--seed", type=int, default=0, help="seed for random init and inputs")
+    p.add_argument("--calibration-batches", type=int, default=2, metavar="N",
+                   help="random batches shaped like the example inputs fed to calibrate "
+                        "(synthetic data: the tool downloads nothing)")
     return p
+
+
+def synthetic_batches(inputs: tuple, count: int, seed: int) -> list[tuple]:
+    """``count`` random batches shaped like ``inputs`` (standard normal, seeded)."""
+    if count < 0:
+        raise InputError(f"--calibration-batches must be >= 0, got {count}")
+    g = torch.Generator().manual_seed(seed + 1)
+    return [tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point()
+                  else t.clone() for t in inputs) for _ in range(count)]
 
 
 def dump(model: str, input_shape: str | None = None, pipeline: str | None = None,
          fmt: str = "table", out: str | None = None, plot: str | None = None,
-         seed: int = 0) -> str:
+         seed: int = 0, calibration_batches: int = 2) -> str:
     """The whole tool as one function: returns the text it prints (and writes ``out``/``plot``)."""
     gm, inputs = build(model, input_shape, seed)
-    gm, text = run_pipeline(gm, inputs, pipeline, seed=seed)
+    gm, text = run_pipeline(gm, inputs, pipeline, seed=seed,
+                            calibration_data=synthetic_batches(inputs, calibration_batches, seed))
     result = render(gm, fmt, text)
     if out is not None:
         try:
@@ -237,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         text = dump(args.model, args.input_shape, args.pipeline, args.format, args.out,
-                    args.plot, args.seed)
+                    args.plot, args.seed, args.calibration_batches)
         if args.out is None:
             sys.stdout.write(text + "\n")
         return 0

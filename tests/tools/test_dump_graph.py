@@ -90,6 +90,17 @@ def test_seed_makes_random_init_deterministic():
     assert (a.conv1.weight == b.conv1.weight).all()
 
 
+def test_default_pipeline_quantizes_and_calibrates_on_synthetic_batches():
+    rep = json.loads(dump_graph.dump(TINY, pipeline="default", fmt="json", calibration_batches=3))
+    bits = [(r["w_bits"], r["a_bits"]) for r in rep["layers"]]
+    assert bits[0] == (8, 8) and bits[-1][0] == 8          # first/last pinned
+    assert all(w == 4 for w, _ in bits[1:-1])
+    assert rep["pipeline"].startswith("graph(canonicalize,fold-batch-norm")
+    assert "calibrate{" in rep["pipeline"]
+    with pytest.raises(InputError, match="--calibration-batches must be >= 0"):
+        dump_graph.dump(TINY, pipeline="default", calibration_batches=-1)
+
+
 def test_default_pipeline_resolution():
     from passes_registry import lookup_pipeline
     expected = "graph(default)" if lookup_pipeline("default") else FALLBACK_DEFAULT_PIPELINE
