@@ -1,0 +1,202 @@
+"""solve-bitwidths: budget met within 1% from below (layer- and kernel-wise), exact vs greedy,
+pluggable sensitivities, max-acc-bits, and typed errors for bad budgets and options."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from passes_registry import AnalysisManager, PassContext, PassManager, PropertyError
+from passes_registry.errors import OptionError, PassFailure
+from qpasses.errors import BudgetError
+from qpasses.meta import get_qmeta
+from qpasses.passes.search.solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths
+from qpasses.search.sensitivity import SensitivityError
+
+from .cost_helpers import annotate, small_net, traced
+
+
+def _uniform(gm, b, extra=""):
+    annotate(gm, f"annotate-bitwidths{{weight-bits={b} act-bits={b} first-last-bits=8{extra}}}")
+    return AnalysisManager().get("bitops", gm).total
+
+
+def _run(gm, options, ctx=None):
+    with ctx or PassContext(print_stream=io.StringIO()):
+        PassManager.parse(f"graph(solve-bitwidths{{{options}}})", assume=gm).run(gm)
+    return AnalysisManager().get("bitops", gm)
+
+
+@pytest.mark.parametrize("b", [3, 4, 5])
+def test_layerwise_budget_within_one_percent_from_below(b):
+    gm = traced("resnet18")
+    target = _uniform(gm, b)
+    res = _run(gm, f"target-bitops={target / 1e9!r}")
+    assert 0.99 * target <= res.total <= target, res.total / target
+    bits = {r.name: r.w_bits for r in res.rows}
+    assert bits["conv1"] == 8 and bits["fc"] == 8          # pinned first/last
+    assert len(set(bits.values())) >= 3                    # mixed precision happened
+
+
+def test_kernelwise_budget_and_exact_beats_greedy():
+    gm = traced("resnet18")
+    target = _uniform(gm, 3, " granularity=kernel")
+    exact = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target / 1e9,
+                                                      granularity="kernel"))
+    greedy = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target / 1e9,
+                                                       granularity="kernel", method="greedy"))
+    assert exact.allocation.optimal and exact.num_items == 4800 - 64   # conv1 pinned
+    assert 0.99 * target <= exact.total_cost <= target
+    assert exact.allocation.total_error <= greedy.allocation.total_error
+    layer = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target / 1e9))
+    greedy_layer = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target / 1e9,
+                                                             method="greedy"))
+    assert layer.allocation.total_error <= greedy_layer.allocation.total_error
+    # kernel-wise has more freedom: never worse than layer-wise on the same error model
+    assert exact.allocation.total_error <= layer.allocation.total_error * (1 + 1e-9)
+    # written per kernel; the bitops analysis of the written bits is the solver's total
+    from qpasses.passes.search.solve_bitwidths import write_bits
+    write_bits(gm, exact.bits, "test")
+    res = AnalysisManager().get("bitops", gm)
+    assert res.total == exact.total_cost
+    assert res["layer3.0.conv2"].w_bits_per_kernel is not None
+    assert len(set(res["layer3.0.conv2"].w_bits_per_kernel)) >= 2
+
+
+def test_size_target_weight_only():
+    gm = traced("mobilenet_v2", 32)
+    annotate(gm, "annotate-bitwidths{weight-bits=4 act-bits=8 first-last-bits=8}")
+    target = AnalysisManager().get("model-size", gm).mb
+    _run(gm, f"target-size={target!r}")
+    size = AnalysisManager().get("model-size", gm)
+    assert 0.99 * target <= size.mb <= target
+
+
+def test_infeasible_budgets_state_the_reachable_range():
+    gm = traced("resnet18", 32)
+    annotate(gm)
+    with pytest.raises(BudgetError, match="below the minimum") as e:
+        _run(gm, "target-bitops=0.001")
+    err = e.value
+    assert "reachable range is [" in str(err) and "target-bitops" in str(err)
+    assert err.unit == "GBitOPs" and 0 < err.minimum < err.maximum
+    # the minimum is what all-2-bit weights cost: reachable exactly
+    _run(gm, f"target-bitops={err.minimum!r}")
+    assert AnalysisManager().get("bitops", gm).total == pytest.approx(err.minimum * 1e9, rel=1e-9)
+    with pytest.raises(BudgetError, match="above the maximum"):
+        _run(gm, f"target-bitops={err.maximum * 1.5!r}")
+    with pytest.raises(BudgetError, match="MB"):
+        _run(gm, "target-size=1e-6")
+
+
+@pytest.mark.parametrize("options,match", [
+    ("", "exactly one budget"),
+    ("target-bitops=1.0 target-size=1.0", "exactly one budget"),
+    ("target-bitops=-3.0", "positive"),
+    ("target-bitops=0", "positive"),
+    ("target-size=inf", "positive"),
+    ("target-bitops=1.0 candidates=[2,33]", "out of range"),
+    ("target-bitops=1.0 candidates=[-1,4]", "out of range"),
+    ("target-bitops=1.0 candidates=[4,4]", "twice"),
+    ("target-bitops=1.0 candidates=[0,4]", "granularity=kernel"),
+    ("target-bitops=1.0 sensitivity=hesian", "did you mean 'hessian'"),
+    ("target-bitops=1.0 max-acc-bits=1", "max-acc-bits"),
+])
+def test_bad_options_are_typed_errors(options, match):
+    with pytest.raises(OptionError, match=match) as e:
+        PassManager.parse(f"graph(solve-bitwidths{{{options}}})", assume={"bits-annotated"})
+    assert "solve-bitwidths" in str(e.value)
+
+
+def test_requires_bit_annotations():
+    with pytest.raises(PropertyError, match="annotate-bitwidths"):
+        PassManager.parse("graph(solve-bitwidths{target-bitops=1.0})")
+
+
+def test_max_acc_bits_removes_candidates():
+    gm = traced("resnet18", 32)
+    target = _uniform(gm, 6)
+    with pytest.raises(PassFailure, match="layer 'conv1' keeps 8-bit weights"):
+        _run(gm, f"target-bitops={target / 1e9!r} max-acc-bits=20")
+    with pytest.raises(PassFailure, match=r"leaves layer 'conv1' \(fan-in 147, 8-bit input\)"):
+        _run(gm, f"target-bitops={target / 1e9!r} max-acc-bits=12 pin-first-last=false")
+    # at 20 bits no layer may keep its widest candidates; the result respects it
+    annotate(gm, "annotate-bitwidths{weight-bits=6 act-bits=4 first-last-bits=6}")
+    budget = AnalysisManager().get("bitops", gm).total * 0.5
+    _run(gm, f"target-bitops={budget / 1e9!r} max-acc-bits=20 pin-first-last=false")
+    acc = AnalysisManager().get("acc-width", gm)
+    assert max(r.acc_bits for r in acc.rows) <= 20
+    assert AnalysisManager().get("bitops", gm).total <= budget
+
+
+def test_hessian_and_lambda_sensitivities():
+    gm = small_net()
+    target = _uniform(gm, 4)
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(SensitivityError, match="needs data"):
+        _run(gm, f"target-bitops={target / 1e9!r} sensitivity=hessian")
+    ctx = PassContext(example_inputs=(x,), print_stream=io.StringIO())
+    res = _run(gm, f"target-bitops={target / 1e9!r} sensitivity=hessian probes=2", ctx)
+    assert 0.99 * target <= res.total <= target
+    # λ prior: λ = 4 everywhere at the uniform-4 budget gives exactly 4 bits everywhere
+    annotate(gm, "annotate-bitwidths{weight-bits=4 act-bits=4}")
+    names = [r.name for r in res.rows]
+    with pytest.raises(SensitivityError, match="fracbits_lambda"):
+        _run(gm, f"target-bitops={target / 1e9!r} sensitivity=lambda")
+    ctx = PassContext(config={"fracbits_lambda": {n: 4.2 for n in names}},
+                      print_stream=io.StringIO())
+    res = _run(gm, f"target-bitops={target / 1e9!r} sensitivity=lambda", ctx)
+    assert {r.w_bits for r in res.rows if r.name not in ("c1", "fc")} == {4}
+    ctx = PassContext(config={"fracbits_lambda": {"c1": 3.0}}, print_stream=io.StringIO())
+    with pytest.raises(SensitivityError, match="no λ for layer 'c2'"):
+        _run(gm, f"target-bitops={target / 1e9!r} sensitivity=lambda", ctx)
+
+
+def test_pipeline_text_round_trips_and_scales_are_dropped():
+    text = ("graph(solve-bitwidths{candidates={2,4,8} granularity=kernel max-acc-bits=24 "
+            "method=greedy target-bitops=1.5})")
+    pm = PassManager.parse(text, assume={"bits-annotated"})
+    assert PassManager.parse(str(pm), assume={"bits-annotated"}).pipeline == pm.pipeline
+    gm = traced("resnet18", 32)
+    annotate(gm, "annotate-bitwidths{weight-bits=8 act-bits=8}")
+    x = torch.randn(2, 3, 32, 32)
+    with PassContext(example_inputs=(x,), calibration_data=[x], print_stream=io.StringIO()):
+        PassManager.parse("graph(insert-fake-quant,calibrate)", assume=gm).run(gm)
+    target = AnalysisManager().get("bitops", gm).total * 0.5
+    _run(gm, f"target-bitops={target / 1e9!r}")
+    node = next(n for n in gm.graph.nodes if n.target == "layer2.0.conv2")
+    spec = get_qmeta(node).weight
+    assert spec.bits < 8 and spec.scale is None            # stale scale cleared: recalibrate
+
+
+class _Shared(torch.nn.Module):
+    """One conv module called twice (shared weights) at two resolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.body = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.body(torch.relu(self.stem(x))))
+        y = torch.relu(self.body(torch.nn.functional.max_pool2d(y, 2)))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_shared_module_is_one_decision_costed_over_all_calls():
+    import qpasses
+    gm = qpasses.trace(_Shared(), torch.randn(1, 3, 16, 16))
+    target = _uniform(gm, 4)
+    for gran in ("layer", "kernel"):
+        annotate(gm, f"annotate-bitwidths{{weight-bits=4 act-bits=4 granularity={gran}}}")
+        res = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target * 0.8 / 1e9,
+                                                        granularity=gran))
+        assert list(res.bits) == ["body"]
+        from qpasses.passes.search.solve_bitwidths import write_bits
+        write_bits(gm, res.bits, "test")
+        bitops = AnalysisManager().get("bitops", gm)
+        body = [r for r in bitops.rows if r.name == "body"]
+        assert len(body) == 2 and body[0].w_bits_per_kernel == body[1].w_bits_per_kernel
+        assert bitops.total == res.total_cost <= target * 0.8
