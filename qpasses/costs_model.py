@@ -49,7 +49,7 @@ from torch import nn
 from passes_registry.suggest import did_you_mean
 
 from .errors import NumericsError
-from .graph import LayerInfo, first_last_layers, quantizable_layers
+from .graph import LayerInfo, first_last_layers, node_shape, quantizable_layers
 from .meta import QMeta, get_qmeta
 from .numerics import costs
 
@@ -165,18 +165,8 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    if not isinstance(node, torch.fx.Node):
-        return None
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "shape"):
-        return tuple(tm.shape)
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _channels(node: Any) -> int | None:
-    s = _shape(node)
+    s = node_shape(node)
     return s[1] if s is not None and len(s) >= 2 else None
 
 
@@ -231,7 +221,7 @@ def dead_channel_masks(gm: torch.fx.GraphModule, layers: Sequence[LayerInfo] | N
             elif n.target in _CAT_FUNCTIONS:
                 tensors = n.args[0] if n.args else n.kwargs.get("tensors", ())
                 dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-                out_shape = _shape(n)
+                out_shape = node_shape(n)
                 if out_shape is not None and isinstance(tensors, (list, tuple)) and \
                         isinstance(dim, int) and dim in (1, 1 - len(out_shape)):
                     parts = []

@@ -110,7 +110,8 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return (int(v),) * n
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The tensor shape recorded on a node (fx ``tensor_meta`` or ``val``), or None."""
     if not isinstance(node, torch.fx.Node):
         return None
     tm = node.meta.get("tensor_meta")
@@ -131,8 +132,8 @@ def _arg(node: torch.fx.Node, names: tuple[str, ...], name: str, default: Any) -
 
 def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | None:
     """LayerInfo of a conv/linear node, or None when the node is not a quantizable layer."""
-    in_shape = _shape(node.args[0]) if node.args else None
-    out_shape = _shape(node)
+    in_shape = node_shape(node.args[0]) if node.args else None
+    out_shape = node_shape(node)
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         op = module_op(mod)
