@@ -365,6 +365,123 @@ def bench_search_mixquant(cfg: argparse.Namespace) -> Section:
 
 
 # ---------------------------------------------------------------------------------------------
+# Bit-split PTQ (issue 9): ptq-bitsplit of ResNet-18 at W4, 256 calibration images; target < 5 min
+
+
+@benchmark("ptq-bitsplit", "ResNet-18 (random weights): ptq-bitsplit{w-bits=4} with 256 random "
+                           "224x224 calibration images (rows=4096, iters=10); target < 300 s")
+def bench_ptq_bitsplit(cfg: argparse.Namespace) -> Section:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from ptq_compare import bench as bitsplit_bench  # tools/ptq_compare.py
+    sec = Section("ptq-bitsplit", ratio_label="")
+    args = argparse.Namespace(seed=cfg.seed, bench_size=224, bench_iters=10, bench_rows=4096)
+    res = bitsplit_bench(args)  # one run: minutes, not repeated
+    sec.rows.append(Row(sec.name, "resnet18 W4, 256 images 224x224: pass run", [res["seconds"]]))
+    sec.notes.append(f"mean per-layer relative output error: RTN best-MSE clip "
+                     f"{res['mean_rel_err_rtn_mse']:.4f} -> bit-split "
+                     f"{res['mean_rel_err_bitsplit']:.4f}; {torch.get_num_threads()} threads")
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer simulation (issue 5): int-sim reference / fast vs the fake-quant graph, fp32, fbgemm
+
+INT_SIM_PIPELINE = ("graph(canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=8 "
+                    "act-bits=8},insert-fake-quant,calibrate,lower-to-int-sim{backend=fast "
+                    "keep-fake-quant=false})")
+
+
+def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
+                      with_reference: bool) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+    import torchvision
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from qpasses.lower import kernel_table, set_backend
+    from qpasses.lower.int_sim import INT_SIM_META_KEY
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(*shape)
+    cal = [torch.randn(1, *shape[1:]) for _ in range(2)]
+    gm = qpasses.trace(model, (x,))
+    head = INT_SIM_PIPELINE.split(",lower-to-int-sim")[0] + ")"
+    with PassContext(example_inputs=(x,), calibration_data=cal, verify_each=False):
+        PassManager.parse(head).run(gm)
+    fq = copy.deepcopy(gm).eval()
+    t_lower, _ = timed(lambda: PassManager.parse(
+        "graph(lower-to-int-sim{backend=fast keep-fake-quant=false})", assume=gm).run(
+            gm, PassContext(example_inputs=(x,), calibration_data=cal, verify_each=False)))
+    variants: dict[str, Any] = {"fp32": model, "fake-quant graph (ours)": fq,
+                                "int-sim fast": gm}
+    if with_reference:
+        ref = copy.deepcopy(gm)
+        set_backend(ref, "reference")
+        variants["int-sim reference"] = ref
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        with torch.no_grad():
+            for c in cal:
+                prepared(c)
+        variants["torch.ao convert_fx (fbgemm int8)"] = convert_fx(prepared)
+    counts: dict[str, int] = {}
+    for r in kernel_table(gm):
+        counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1
+    stats = gm.meta[INT_SIM_META_KEY]["stats"]
+    notes = [f"{name} {'x'.join(map(str, shape))}, W8A8 (first/last 8 bits), rounding=gemmlowp; "
+             f"lowering took {t_lower:.2f} s; fast kernels per layer: "
+             + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+             + f"; {stats['num_float_islands']} float islands"]
+    return variants, x, notes
+
+
+def _time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
+                   cfg: argparse.Namespace, base: str, slow: set[str] = frozenset()) -> None:
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    with torch.no_grad():
+        for _ in range(max(cfg.warmup, 1)):       # first call prepares int8 weights
+            for m in variants.values():
+                m(x)
+        for i in range(cfg.repeat):              # interleaved: load changes hit all alike
+            for n, m in variants.items():
+                if n in slow and i >= 1:
+                    continue
+                times[n].append(timed(lambda m=m: m(x))[0])
+    b = statistics.median(times[base])
+    for n in variants:
+        sec.rows.append(Row(sec.name, n, times[n], ratio=statistics.median(times[n]) / b))
+
+
+@benchmark("int-sim", "ResNet-18 1x3x224x224 inference: int-sim reference and fast backends vs "
+                      "the fake-quant graph, fp32 and torch.ao fbgemm int8 (convert_fx)")
+def bench_int_sim(cfg: argparse.Namespace) -> Section:
+    sec = Section("int-sim", ratio_label="ratio vs fp32")
+    variants, x, notes = _int_sim_variants("resnet18", (1, 3, 224, 224), cfg.seed, True)
+    _time_variants(sec, variants, x, cfg, "fp32", slow={"int-sim reference"})
+    sec.notes += notes
+    fq_t = statistics.median(next(r for r in sec.rows if r.what.startswith("fake")).times)
+    fast_t = statistics.median(next(r for r in sec.rows if r.what == "int-sim fast").times)
+    ref_t = statistics.median(next(r for r in sec.rows if r.what == "int-sim reference").times)
+    sec.notes.append(f"int-sim fast / fake-quant = {fast_t / fq_t:.2f}; reference / fast = "
+                     f"{ref_t / fast_t:.1f} (reference timed once per repeat cycle at most); "
+                     f"{cfg.repeat} interleaved runs, torch {torch.__version__}, "
+                     f"{torch.get_num_threads()} threads")
+    return sec
+
+
+@benchmark("int-sim-resnet50", "ResNet-50 batch 8 at 224x224 inference: int-sim fast vs fp32 "
+                               "(issue 5 target: <= 1.0x) and torch.ao fbgemm int8")
+def bench_int_sim_resnet50(cfg: argparse.Namespace) -> Section:
+    sec = Section("int-sim-resnet50", ratio_label="ratio vs fp32")
+    variants, x, notes = _int_sim_variants("resnet50", (8, 3, 224, 224), cfg.seed, False)
+    del variants["fake-quant graph (ours)"]
+    _time_variants(sec, variants, x, cfg, "fp32")
+    sec.notes += notes + [f"{cfg.repeat} interleaved runs, {torch.get_num_threads()} threads"]
+    return sec
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 
 

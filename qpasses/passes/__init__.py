@@ -7,3 +7,4 @@ from .search import search_mixquant, solve_bitwidths  # noqa: F401,E402
 from .analysis import channel_groups  # noqa: F401,E402
 from .prune import prune_zero_bit_channels  # noqa: F401,E402
 from .search import insert_fracbits, freeze_fracbits  # noqa: F401,E402
+from .ptq import ptq_bitsplit  # noqa: F401,E402
