@@ -97,3 +97,15 @@ register_property("fake-quant-inserted", check_fake_quant_inserted,
                   summary="weight and activation fake quantizers are in the graph as annotated")
 register_property("calibrated", check_calibrated,
                   summary="every quantizer has finite positive scales, also recorded in QMeta")
+
+
+def check_int_sim(gm: torch.fx.GraphModule) -> list[str]:
+    """Integer-only between the input quantize and the output dequantize (or explicit float
+    islands); fast kernels only where their bound proves them exact."""
+    from .lower.check import check_int_sim as check
+    return check(gm)
+
+
+register_property("int-sim", check_int_sim,
+                  summary="integer-only graph between input quantize and output dequantize "
+                          "(float islands explicit); fast kernels only where proven exact")

@@ -70,7 +70,26 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
         "layers": rows,
         "totals": totals,
         "passes": [dict(p) for p in history["passes"]],
+        "float_islands": float_islands(gm),
     }
+
+
+def float_islands(gm: torch.fx.GraphModule) -> list[dict[str, str]]:
+    """Nodes left in float (``QMeta.float_island``): ``[{"node", "op", "reason"}]`` in graph
+    order (layers skipped by annotate-bitwidths, ops lower-to-int-sim could not lower)."""
+    out = []
+    for n in gm.graph.nodes:
+        reason = get_qmeta(n).float_island
+        if reason is None:
+            continue
+        if n.op == "call_module":
+            op = type(gm.get_submodule(str(n.target))).__name__
+        elif n.op == "call_method":
+            op = f"Tensor.{n.target}"
+        else:
+            op = getattr(n.target, "__name__", str(n.target))
+        out.append({"node": n.name, "op": op, "reason": reason})
+    return out
 
 
 def kernel_histograms(rep: dict[str, Any]) -> str:
@@ -120,4 +139,9 @@ def format_table(rep: dict[str, Any]) -> str:
                 f"size {t['size_bits'] / 8 / 1e6:.3f} MB")
     out = "\n".join(head) + "\n" + tabulate(body, headers=headers, intfmt=",", floatfmt=".4g")
     hist = kernel_histograms(rep)
+    islands = rep.get("float_islands") or []
+    if islands:
+        out += (f"\nfloat islands ({len(islands)}): "
+                + "; ".join(f"{i['node']} ({i['op']}): {i['reason']}" for i in islands[:8])
+                + (" ..." if len(islands) > 8 else ""))
     return out + ("\n\n" + hist if hist else "")

@@ -6,5 +6,6 @@ from .analysis import acc_width, bitops, check_acc_width, cost_layers, macs, mod
 from .search import search_mixquant, solve_bitwidths  # noqa: F401,E402
 from .analysis import channel_groups  # noqa: F401,E402
 from .prune import prune_zero_bit_channels  # noqa: F401,E402
+from .lower import int_sim_kernels, lower_to_int_sim, verify_int_sim  # noqa: F401,E402
 from .search import insert_fracbits, freeze_fracbits  # noqa: F401,E402
 from .ptq import ptq_bitsplit  # noqa: F401,E402

@@ -32,7 +32,8 @@ def test_schema_and_float_costs():
     gm = qpasses.trace(TwoLayer(), torch.randn(1, 3, 16, 16))
     rep = qpasses.report(gm)
     json.dumps(rep)
-    assert set(rep) == {"model", "pipeline", "layers", "totals", "passes"}
+    assert set(rep) == {"model", "pipeline", "layers", "totals", "passes", "float_islands"}
+    assert rep["float_islands"] == []
     assert rep["model"] == "TwoLayer" and rep["pipeline"] == ""
     layers = {r["name"]: r for r in rep["layers"]}
     assert list(layers) == ["conv", "dw", "fc"]

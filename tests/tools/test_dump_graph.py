@@ -24,7 +24,7 @@ def test_table_format():
 
 def test_json_format_follows_the_report_schema():
     rep = json.loads(dump_graph.dump(TINY, "1,3,8,8", fmt="json"))
-    assert set(rep) == {"model", "pipeline", "layers", "totals", "passes"}
+    assert set(rep) == {"model", "pipeline", "layers", "totals", "passes", "float_islands"}
     assert [r["name"] for r in rep["layers"]] == ["conv1", "conv2", "fc"]
     keys = {"name", "op", "w_bits", "w_bits_per_kernel", "a_bits", "macs", "params", "bitops",
             "size_bits", "acc_bits", "acc_bits_data", "pruned_channels"}
