@@ -49,15 +49,17 @@ def default(opts: DefaultOptions) -> str:
     """The default mixed-precision pipeline (what ``make demo`` runs).
 
     Canonicalize, fold BN, clean up, then W4A8 with the first and last layers pinned at 8 bits
-    (FracBits' convention), per-channel symmetric fake-quant, and calibration on
-    ``PassContext.calibration_data``.
+    (FracBits' convention), per-channel symmetric fake-quant, calibration on
+    ``PassContext.calibration_data``, lowering to the integer-only graph (fast exact kernels,
+    gemmlowp rounding) and a bit-exact check of that graph against the integer reference.
     """
     return ("graph(canonicalize,fold-batch-norm,dce,"
             f"annotate-bitwidths{{weight-bits={opts.weight_bits} act-bits={opts.act_bits} "
             f"first-last-bits={opts.first_last_bits}}},"
-            "insert-fake-quant{weight-scheme=symmetric per-channel=true},calibrate)")
+            "insert-fake-quant{weight-scheme=symmetric per-channel=true},calibrate,"
+            "lower-to-int-sim,verify-int-sim)")
 
 
 register_pipeline("default", default, options=DefaultOptions,
                   summary="default mixed-precision pipeline: fold BN, W4A8 with 8-bit first/last "
-                          "layers, fake-quant, calibrate")
+                          "layers, fake-quant, calibrate, lower to int-sim, verify bit-exactness")

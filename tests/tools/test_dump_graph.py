@@ -96,7 +96,9 @@ def test_default_pipeline_quantizes_and_calibrates_on_synthetic_batches():
     assert bits[0] == (8, 8) and bits[-1][0] == 8          # first/last pinned
     assert all(w == 4 for w, _ in bits[1:-1])
     assert rep["pipeline"].startswith("graph(canonicalize,fold-batch-norm")
-    assert "calibrate{" in rep["pipeline"]
+    assert "calibrate{" in rep["pipeline"] and "lower-to-int-sim{" in rep["pipeline"]
+    assert "verify-int-sim{" in rep["pipeline"]
+    assert all(island["reason"] for island in rep["float_islands"])  # islands say why
     with pytest.raises(InputError, match="--calibration-batches must be >= 0"):
         dump_graph.dump(TINY, pipeline="default", calibration_batches=-1)
 
