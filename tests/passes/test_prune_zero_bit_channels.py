@@ -698,6 +698,25 @@ def test_fake_quant_graph_exact_equivalence(name, scheme):
             assert q.bits.shape[0] == q.scale.shape[0] == mod.weight.shape[0] == q.num_channels
 
 
+@pytest.mark.xfail(strict=True, reason="known gap (issue 6): after lowering, the pruned and "
+                   "unpruned int-sim graphs differ by a few output LSB; not yet diagnosed "
+                   "(suspects: per-layer bias-frac-bits=auto and weight scales re-derived "
+                   "after pruning)")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_pruned_graph_is_bit_exact_after_lowering(name):
+    if "lower-to-int-sim" not in pass_names():
+        pytest.skip("lower-to-int-sim is not registered")
+    gm, x = _fake_quant(name)
+    pruned = PassManager.parse("graph(prune-zero-bit-channels)", assume=gm).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(x,)))
+    lowered = [PassManager.parse("graph(lower-to-int-sim{backend=reference})", assume=g).run(
+        g, PassContext(example_inputs=(x,))) for g in (gm, pruned)]
+    with torch.no_grad():
+        y_full, y_pruned = (g(x) for g in lowered)
+    assert sum(1 for n in lowered[1].graph.nodes if n.op == "call_module") > 0
+    assert torch.equal(y_full, y_pruned)   # dequantized integer outputs, bit for bit
+
+
 def test_resnet50_prunes_in_under_a_second():
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.resnet50().eval(), seed=1)
