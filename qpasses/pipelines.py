@@ -51,13 +51,14 @@ def default(opts: DefaultOptions) -> str:
     Canonicalize, fold BN, clean up, then W4A8 with the first and last layers pinned at 8 bits
     (FracBits' convention), per-channel symmetric fake-quant, calibration on
     ``PassContext.calibration_data``, lowering to the integer-only graph (fast exact kernels,
-    gemmlowp rounding) and a bit-exact check of that graph against the integer reference.
+    gemmlowp rounding) and a bit-exact check of that graph against the integer reference, which
+    prints the int-sim vs fake-quant agreement.
     """
     return ("graph(canonicalize,fold-batch-norm,dce,"
             f"annotate-bitwidths{{weight-bits={opts.weight_bits} act-bits={opts.act_bits} "
             f"first-last-bits={opts.first_last_bits}}},"
             "insert-fake-quant{weight-scheme=symmetric per-channel=true},calibrate,"
-            "lower-to-int-sim,verify-int-sim)")
+            "lower-to-int-sim,verify-int-sim{print})")
 
 
 register_pipeline("default", default, options=DefaultOptions,

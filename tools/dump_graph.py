@@ -228,7 +228,9 @@ def dump(model: str, input_shape: str | None = None, pipeline: str | None = None
          seed: int = 0, calibration_batches: int = 2) -> str:
     """The whole tool as one function: returns the text it prints (and writes ``out``/``plot``)."""
     gm, inputs = build(model, input_shape, seed)
-    gm, text = run_pipeline(gm, inputs, pipeline, seed=seed,
+    # Diagnostics printed by passes (print<...>, verify-int-sim{print}) go to stderr, so stdout
+    # holds only the requested format (a json dump stays parseable).
+    gm, text = run_pipeline(gm, inputs, pipeline, seed=seed, print_stream=sys.stderr,
                             calibration_data=synthetic_batches(inputs, calibration_batches, seed))
     result = render(gm, fmt, text)
     if out is not None:

@@ -154,3 +154,10 @@ def test_torchvision_resnet18_small_input():
     names = [r["name"] for r in rep["layers"]]
     assert len(names) == 21 and names[0] == "conv1" and names[-1] == "fc"
     assert rep["model"] == "ResNet"
+
+
+def test_pass_diagnostics_go_to_stderr_so_json_stays_parseable(capsys):
+    rc = dump_graph.main(["--model", TINY, "--pipeline", "default", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["layers"]
+    assert "verify-int-sim:" in err and "top-1 agreement" in err
