@@ -75,7 +75,7 @@ from ...fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant, is_fake_q
 from ...graph import LayerInfo, quantizable_layers
 from ...meta import get_qmeta, update_qmeta
 from ...ptq.bitsplit import bitsplit_solve, channel_error, rtn_mse_clip
-from ..quantize.calibrate import _FORMS, batch_inputs, write_qmeta
+from ..quantize.calibrate import batch_inputs, calibration_batches, write_qmeta
 from ..quantize.insert_fake_quant import layer_weight_quantizer
 
 __all__ = ["PtqBitsplit", "PtqBitsplitOptions"]
@@ -200,16 +200,7 @@ class PtqBitsplit(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: PtqBitsplitOptions = self.options
-        data = getattr(ctx, "calibration_data", None)
-        if data is None:
-            raise CalibrationError(
-                f"pass '{self.name}' needs calibration data: run the pipeline under "
-                "PassContext(calibration_data=...) with an iterable of batches (each batch "
-                f"{_FORMS})")
-        if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-            raise CalibrationError(
-                f"PassContext(calibration_data=...) must be an iterable of batches, got "
-                f"{type(data).__name__}")
+        data = calibration_batches(ctx, self.name)
         layers, skipped = self._layers(gm)
         if opts.w_bits is not None:
             nodes = {n.name: n for n in gm.graph.nodes}

@@ -103,6 +103,23 @@ def batch_inputs(batch: Any, index: int, num_inputs: int) -> tuple[torch.Tensor,
     return items[:num_inputs]
 
 
+def calibration_batches(ctx: Any, pass_name: str) -> Iterable:
+    """``ctx.calibration_data``, checked to be an iterable of batches; CalibrationError naming
+    ``pass_name`` and the PassContext field to set otherwise. Shared by every data-driven pass."""
+    data = getattr(ctx, "calibration_data", None)
+    if data is None:
+        raise CalibrationError(
+            f"pass '{pass_name}' needs calibration data: run the pipeline under "
+            "PassContext(calibration_data=...) with an iterable of batches (a DataLoader, a "
+            f"list of tensors...; each batch {_FORMS})")
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise CalibrationError(
+            f"PassContext(calibration_data=...) must be an iterable of batches, got "
+            f"{type(data).__name__}" + (" (wrap a single batch in a list: [x])"
+                                        if isinstance(data, torch.Tensor) else ""))
+    return data
+
+
 def _num_inputs(gm: torch.fx.GraphModule) -> int:
     return max(1, sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
 
@@ -134,17 +151,7 @@ class Calibrate(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: CalibrateOptions = self.options
-        data = getattr(ctx, "calibration_data", None)
-        if data is None:
-            raise CalibrationError(
-                f"pass '{self.name}' needs calibration data: run the pipeline under "
-                "PassContext(calibration_data=...) with an iterable of batches (a DataLoader, a "
-                f"list of tensors...; each batch {_FORMS})")
-        if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-            raise CalibrationError(
-                f"PassContext(calibration_data=...) must be an iterable of batches, got "
-                f"{type(data).__name__}" + (" (wrap a single batch in a list: [x])"
-                                            if isinstance(data, torch.Tensor) else ""))
+        data = calibration_batches(ctx, self.name)
         quantizers = {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
         acts = {n: m for n, m in quantizers.items() if isinstance(m, ActFakeQuant)}
         weights = {n: m for n, m in quantizers.items() if isinstance(m, WeightFakeQuant)}
