@@ -125,8 +125,10 @@ class PassManager:
             missing = sorted(e.requires - props)
             if missing:
                 prop = missing[0]
+                # A pass that itself requires the property cannot be what first provides it.
                 providers = [n for n in registry.pass_names()
-                             if prop in registry.lookup_pass(n).establishes]
+                             if prop in registry.lookup_pass(n).establishes
+                             and prop not in registry.lookup_pass(n).requires]
                 hint = (f"add {' or '.join(repr(p) for p in providers)} before it"
                         if providers else "no registered pass establishes it")
                 raise PropertyError(

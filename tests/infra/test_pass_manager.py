@@ -262,3 +262,18 @@ def test_passes_are_stateless():
     p = helpers.AllTypesPass()
     with pytest.raises(AttributeError, match="stateless"):
         p.cache = {}  # type: ignore[attr-defined]
+
+
+def test_property_hint_skips_passes_that_require_the_property_themselves():
+    from passes_registry import Pass, register_pass
+
+    @register_pass
+    class RefinesMark(Pass):
+        name = "test-infra-refines-mark"
+        requires = frozenset({"test-infra-marked"})
+        establishes = frozenset({"test-infra-marked"})
+
+    with pytest.raises(PropertyError) as info:
+        PassManager.parse("graph(test-infra-needs-mark)")
+    assert "test-infra-refines-mark" not in str(info.value)
+    assert "'test-infra-mark'" in str(info.value)
