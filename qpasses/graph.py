@@ -204,6 +204,31 @@ def layer_bias(gm: torch.fx.GraphModule, info: LayerInfo) -> torch.Tensor | None
     return _get_attr(gm, info.bias_attr) if info.bias_attr else None
 
 
+# prune-zero-bit-channels folds the constants of removed channels into consumer biases in
+# float32; these buffers on the consumer module keep the bias before folding and the folded sum
+# (float64), so integer lowering can round the bias as the unpruned graph did (bit-exact).
+PRUNED_BIAS_BASE = "pruned_bias_base"
+PRUNED_BIAS_FOLD = "pruned_bias_fold"
+
+
+def bias_parts(mod: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer module's bias as float64 ``(base, fold)``: the bias before pruning folds and the
+    folded constants, kept apart while they still agree with the float32 bias (not finetuned
+    since); ``(bias, 0)`` otherwise. Integer lowering rounds the two separately: a fold is an
+    integer number of accumulator units, so this rounds the bias as the unpruned graph did."""
+    bias = getattr(mod, "bias", None)
+    if bias is None:
+        return None
+    b = bias.detach().to(torch.float64)
+    base, fold = getattr(mod, PRUNED_BIAS_BASE, None), getattr(mod, PRUNED_BIAS_FOLD, None)
+    if isinstance(base, torch.Tensor) and isinstance(fold, torch.Tensor) and \
+            base.shape == bias.shape == fold.shape:
+        base, fold = base.detach().to(torch.float64), fold.detach().to(torch.float64)
+        if torch.equal((base + fold).to(bias.dtype), bias.detach()):
+            return base, fold
+    return b, torch.zeros_like(b)
+
+
 def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
     """DAG of node names; edges producer -> consumer; node attributes op/target."""
     g = nx.DiGraph()

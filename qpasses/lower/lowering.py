@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fake_quant import ActFakeQuant, WeightFakeQuant, is_fake_quant_layer
-from ..graph import layer_info
+from ..graph import bias_parts, layer_info
 from ..meta import QMETA_KEY, get_qmeta, update_qmeta
 from ..numerics.fixed_point import fbgemm_scale
 from ..numerics.int_ops import choose_kernel, exactness_bound, int_avg_pool_sum
@@ -543,6 +543,9 @@ class _Lowering:
         int_layer = make_int_layer(mod, **params["init"])
         int_layer.register_buffer("acc_scale", torch.tensor(params["qtype"].scale,
                                                             dtype=torch.float64))
+        parts = bias_parts(mod)
+        int_layer.register_buffer("bias_base", None if parts is None else parts[0])
+        int_layer.register_buffer("bias_fold", None if parts is None else parts[1])
         self.layer_swaps[str(n.target)] = int_layer
         self.modules[str(n.target)] = int_layer
         node = self._emit("call_module", str(n.target), (x.node,), name=n.name, like=n)
@@ -584,7 +587,7 @@ class _Lowering:
         bias_q = bias_f = None
         if bias is not None:
             sxw = s_x * s_eff                           # float64 of float32 scales
-            bq = torch.round(bias.detach().double() / sxw)
+            bq = _round_bias(bias_parts(mod), sxw)
             if bool((bq.abs() + bound > _INT32_MAX).any()):
                 raise _Island("bias / (s_x·s_w) does not fit the int32 accumulator (a kernel "
                               "with a tiny weight scale?)")
@@ -746,6 +749,13 @@ class _Lowering:
         src = self.env[n.args[0].name]
         qt = src.qt
         assert qt is not None
+        target = self._lookahead_target(n) if qt.per_channel else None
+        if target is not None:
+            # requantization is monotone, so it commutes with max: requantize the accumulator
+            # first (the requant then fuses into its layer, and the pool runs on narrow codes)
+            src = self.requantize_to(src, target, n, f"{n.name}_requant")
+            qt = src.qt
+            assert qt is not None
         if qt.per_channel and qt.axis not in (1,):
             raise _Island("max pool over a per-channel value whose channels are not dim 1")
         mod = IntMaxPool(k, s, p, d, ceil, qt.qmin, qt.qmax)
@@ -1122,8 +1132,9 @@ class _Lowering:
         if src.hi is not None:
             mn, mx = min(mn, src.hi), min(mx, src.hi)
         amax = min(max(abs(mn), abs(mx)), bound) if bound > 0 else max(abs(mn), abs(mx))
-        if not amax > 0:
-            amax = 1.0
+        # a power-of-two range (at most one bit of the grid) keeps the grid when a channel that
+        # did not set the range's leading bit goes away (prune-zero-bit-channels stays bit-exact)
+        amax = 2.0 ** math.ceil(math.log2(amax)) if amax > 0 else 1.0
         half = 2 ** (self.cfg.lut_bits - 1) - 1
         grid = QType((float(_f32(amax / half)),), 0, -half, half, kind="codes")
         rep = self.requantize_to(src, grid, n, name)
@@ -1135,26 +1146,179 @@ class _Lowering:
 # post-processing
 
 
-def _bias_frac_bits(layer: IntLayer, rq: Requantize, want: int | None) -> int:
-    """Fractional bits for the bias of a layer whose requantization is ``rq``: ``want``, or (None)
-    just enough that rounding the bias costs at most 1/64 output LSB (``M·2^-(k+1) <= 2^-6``),
-    capped so that ``(bound << k) + |b_q|`` stays in int32. 0 where there is no bias or the
-    contract is float-rne (fbgemm's float bias)."""
-    if layer.bias_q is None or rq.rounding == "float-rne" or getattr(layer, "bias", None) is None:
+def _bias_frac_bits(layer: IntLayer, real: Tensor, rounding: str, want: int | None,
+                    headroom: int = 1) -> int:
+    """Fractional bits for the bias of a layer whose accumulator reaches its requantization with
+    real multiplier ``real`` per accumulator unit: ``want``, or (None) just enough that rounding
+    the bias costs at most 1/64 output LSB (``M·2^-(k+1) <= 2^-6``), capped so that
+    ``((bound << k) + |b_q|) · headroom`` (pool sums) stays in int32. 0 where there is no bias or
+    the contract is float-rne (fbgemm's float bias)."""
+    if layer.bias_q is None or rounding == "float-rne" or getattr(layer, "bias", None) is None:
         return 0
-    m_max = float(rq.real.max())
+    if not bool(layer.bias_base.any()):
+        return 0       # only pruning folds (whole accumulator units), or a zero bias: nothing to keep
+    # all-zero (0-bit) kernels only output their bias, set exactly by
+    # _exact_zero_kernel_constants; leaving them out also keeps k the same when
+    # prune-zero-bit-channels removes them
+    real = real.reshape(-1).expand(layer.w_q.shape[0])[~_zero_kernels(layer)]
+    m_max = float(real.max()) if real.numel() else 0.0
     k = want if want is not None else (max(0, math.ceil(math.log2(m_max)) + 5) if m_max > 0
                                        else 0)
     while k > 0:
         b = _scaled_bias(layer, k)
-        if (layer.acc_bound << k) + int(b.abs().max()) <= _INT32_MAX:
+        if ((layer.acc_bound << k) + int(b.abs().max())) * headroom <= _INT32_MAX:
             break
         k -= 1
     return k
 
 
+def _round_bias(parts: tuple[Tensor, Tensor], acc_scale: Tensor) -> Tensor:
+    """``b / acc_scale`` rounded, with a pruning fold (an integer number of accumulator units up
+    to float error, see :func:`qpasses.graph.bias_parts`) rounded on its own."""
+    base, fold = parts
+    return torch.round(base / acc_scale) + torch.round(fold / acc_scale)
+
+
 def _scaled_bias(layer: IntLayer, k: int) -> Tensor:
-    return torch.round(layer.bias.detach().double() * (2.0 ** k) / layer.acc_scale).to(torch.int64)
+    return _round_bias((layer.bias_base, layer.bias_fold), layer.acc_scale / 2.0 ** k).to(
+        torch.int64)
+
+
+def _zero_kernels(layer: IntLayer) -> Tensor:
+    """Output channels whose integer kernel is all zero (``w_q == w_zp``): 0-bit kernels."""
+    wz = layer.w_zp.reshape(-1, *[1] * (layer.w_q.dim() - 1)) if layer.w_zp.numel() > 1 \
+        else layer.w_zp
+    return ((layer.w_q - wz) == 0).flatten(1).all(1)
+
+
+def _constant_chain(gm: torch.fx.GraphModule, node: Node, layer: IntLayer
+                    ) -> tuple[list[Node], Requantize] | None:
+    """The ops from a layer's output to the requantization that puts it on a grid, when every op
+    maps a per-channel constant to a constant (clamp, pools, shape ops): (ops, requantization).
+    A layer with a fused requantization is its own chain."""
+    if layer.requant is not None:
+        return [], layer.requant
+    chain, cur = [], node
+    while len(cur.users) == 1:
+        cur = next(iter(cur.users))
+        mod = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
+        if isinstance(mod, Requantize):
+            return chain, mod
+        if not (isinstance(mod, (IntClamp, IntMaxPool, IntAvgPoolSum))
+                or (cur.op == "call_function" and cur.target in PASSTHROUGH_FUNCTIONS)
+                or (cur.op == "call_method" and cur.target in PASSTHROUGH_METHODS)):
+            return None
+        chain.append(cur)
+    return None
+
+
+def _pool_lcm(gm: torch.fx.GraphModule, chain: list[Node]) -> int:
+    """Product of the average pools' ``L`` along ``chain`` (a pool sum is at scale ``s/L``)."""
+    mods = [gm.get_submodule(str(n.target)) for n in chain if n.op == "call_module"]
+    return math.prod(m.lcm for m in mods if isinstance(m, IntAvgPoolSum))
+
+
+def _shift_unfused_biases(gm: torch.fx.GraphModule, bias_frac_bits: int | None) -> None:
+    """Fractional bias bits (as :func:`_fuse_requant` gives fused layers) for a layer whose
+    accumulator reaches its requantization through clamps, pools and shape ops: the accumulator,
+    the clamp bounds and the declared ranges along the way scale by ``2^k`` and the requantization
+    divides by it. Without this a coarse accumulator grid (multiplier > 1) rounds the bias by up
+    to half an output LSB."""
+    for node in list(gm.graph.nodes):
+        layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(layer, IntLayer) or layer.requant is not None or layer.acc_shift:
+            continue
+        found = _constant_chain(gm, node, layer)
+        if found is None:
+            continue
+        chain, rq = found
+        lcm = _pool_lcm(gm, chain)
+        if rq.in_zero_point or rq.real.numel() not in (1, layer.w_q.shape[0]):
+            continue
+        k = _bias_frac_bits(layer, rq.real * lcm, rq.rounding, bias_frac_bits, headroom=lcm)
+        if not k:
+            continue
+        layer.set_acc_shift(k, _scaled_bias(layer, k))
+        for n in chain:
+            mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+            if isinstance(mod, IntClamp):
+                mod.lo.mul_(2 ** k)
+                mod.hi.mul_(2 ** k)
+            if isinstance(mod, (IntClamp, IntMaxPool, IntAvgPoolSum)):
+                mod.qmin, mod.qmax = mod.qmin << k, mod.qmax << k
+        new = Requantize(rq.real / 2.0 ** k, in_zero_point=0, out_zero_point=rq.out_zero_point,
+                         qmin=rq.qmin, qmax=rq.qmax, rounding=rq.rounding,
+                         multiplier_bits=rq.multiplier_bits, axis=rq.axis)
+        new.prove(layer.acc_max * lcm)
+        rq_node = next(iter((chain[-1] if chain else node).users))
+        gm.set_submodule(str(rq_node.target), new)
+
+
+def _run_chain(gm: torch.fx.GraphModule, chain: list[Node], rq: Requantize, x: Tensor) -> Tensor:
+    for n in chain:
+        if n.op == "call_module":
+            x = gm.get_submodule(str(n.target))(x)
+        elif n.op == "call_function":
+            x = n.target(x, *n.args[1:], **n.kwargs)
+        else:
+            x = getattr(x, n.target)(*n.args[1:], **n.kwargs)
+    return rq(x)
+
+
+def _exact_zero_kernel_constants(gm: torch.fx.GraphModule) -> int:
+    """Give every all-zero (0-bit) kernel the integer bias whose output, after the ops up to its
+    requantization, equals the fake-quant graph's constant: the float bias, clamped, through the
+    output quantizer (``clamp(rne(b · (1/s)) + z)`` in float32). Rounding the bias onto the
+    accumulator grid and requantizing it afterwards can land one LSB off that, and
+    ``prune-zero-bit-channels`` folds the fake-quant constant; with this, pruned and unpruned
+    graphs lower to the same integers. Only biases within the layer's current ``max |b_q|`` are
+    used, so every declared range stays valid. Returns the number of biases changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        layer = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(layer, IntLayer) or layer.bias_q is None or \
+                getattr(layer, "bias", None) is None or layer._float_bias_fused:
+            continue
+        zero = _zero_kernels(layer)
+        found = _constant_chain(gm, node, layer) if bool(zero.any()) else None
+        shape = _shape(node)
+        if found is None or shape is None or len(shape) < 2:
+            continue
+        chain, rq = found
+        c = layer.bias_q.numel()
+        if rq.rounding == "float-rne" or rq.real.numel() not in (1, c) or shape[1] != c:
+            continue
+        # real value of one code entering rq, per code leaving the layer (pool sums scale by L)
+        real = rq.real.reshape(-1).expand(c) * _pool_lcm(gm, chain)
+        acc_scale = layer.acc_scale.reshape(-1).expand(c) / 2.0 ** layer.acc_shift
+        b = layer.bias.detach().double().reshape(-1)
+        for n in chain:
+            mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+            if isinstance(mod, IntClamp):
+                b = torch.minimum(torch.maximum(b, mod.lo.expand(c) * acc_scale),
+                                  mod.hi.expand(c) * acc_scale)
+        s32 = (acc_scale / real).to(torch.float32)
+        z = rq.out_zero_point
+        want = (torch.round(b.to(torch.float32) * (1.0 / s32)).to(torch.int64) + z).clamp(
+            rq.qmin, rq.qmax)
+        b_q = layer.bias_q
+        # the integer inputs v with round(v·real) = want - z, nearest to the current bias
+        lo = torch.ceil((want - z - 0.5).double() / real)
+        hi = torch.floor((want - z + 0.5).double() / real)
+        v = torch.minimum(torch.maximum(b_q.double(), lo), hi).to(torch.int64)
+        cands = torch.cat([b_q.unsqueeze(0), v + torch.arange(-2, 3).unsqueeze(1)])
+        x = cands.reshape(*cands.shape, *[1] * (len(shape) - 2)).expand(
+            cands.shape[0], c, *shape[2:])
+        with torch.no_grad():
+            out = _run_chain(gm, chain, rq, x)     # a zero kernel's accumulator is its bias
+        hit = (out.reshape(cands.shape[0], c, -1) == want.view(1, c, 1)).all(-1)
+        hit &= cands.abs() <= int(b_q.abs().max())
+        dist = torch.where(hit, (cands - b_q).abs(), torch.iinfo(torch.int64).max)
+        best = cands.gather(0, dist.argmin(0, keepdim=True)).squeeze(0)
+        new = torch.where(zero & hit.any(0), best, b_q)
+        changed += int((new != b_q).sum())
+        layer.set_acc_shift(layer.acc_shift, new)
+    return changed
 
 
 def _fuse_requant(gm: torch.fx.GraphModule, bias_frac_bits: int | None = None) -> dict[str, str]:
@@ -1172,15 +1336,14 @@ def _fuse_requant(gm: torch.fx.GraphModule, bias_frac_bits: int | None = None) -
         if not isinstance(layer, IntLayer) or layer.requant is not None or len(src.users) != 1:
             continue
         rq = mods[str(node.target)]
-        k = _bias_frac_bits(layer, rq, bias_frac_bits)
+        k = _bias_frac_bits(layer, rq.real, rq.rounding, bias_frac_bits)
         if k:
             layer.set_acc_shift(k, _scaled_bias(layer, k))
-            new = Requantize(rq.real / 2.0 ** k, in_zero_point=0,
-                             out_zero_point=rq.out_zero_point, qmin=rq.qmin, qmax=rq.qmax,
-                             rounding=rq.rounding, multiplier_bits=rq.multiplier_bits,
-                             axis=rq.axis)
-            new.prove(layer.acc_max)
-            rq = new
+            rq = Requantize(rq.real / 2.0 ** k, in_zero_point=0,
+                            out_zero_point=rq.out_zero_point, qmin=rq.qmin, qmax=rq.qmax,
+                            rounding=rq.rounding, multiplier_bits=rq.multiplier_bits,
+                            axis=rq.axis)
+        rq.prove(layer.acc_max)
         layer.set_requant(rq)
         node.replace_all_uses_with(src)
         meta = src.meta
@@ -1264,6 +1427,8 @@ def lower_graph(gm: torch.fx.GraphModule, cfg: LoweringConfig,
         gm.add_module(INT_SIM_CONTAINER, box)
     gm.graph = b.new
     fused = _fuse_requant(gm, cfg.bias_frac_bits)
+    _shift_unfused_biases(gm, cfg.bias_frac_bits)
+    num_exact_constants = _exact_zero_kernel_constants(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -1279,6 +1444,7 @@ def lower_graph(gm: torch.fx.GraphModule, cfg: LoweringConfig,
     stats = dict(b.stats)
     stats["num_requantize"] -= len(fused)
     stats["num_fused_requant"] = len(fused)
+    stats["num_exact_zero_kernel_constants"] = num_exact_constants
     live = {n.name for n in gm.graph.nodes}
     fq_map = {}
     for k, v in b.fq_map.items():

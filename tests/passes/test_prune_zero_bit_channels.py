@@ -698,23 +698,37 @@ def test_fake_quant_graph_exact_equivalence(name, scheme):
             assert q.bits.shape[0] == q.scale.shape[0] == mod.weight.shape[0] == q.num_channels
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 6): after lowering, the pruned and "
-                   "unpruned int-sim graphs differ by a few output LSB; not yet diagnosed "
-                   "(suspects: per-layer bias-frac-bits=auto and weight scales re-derived "
-                   "after pruning)")
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_pruned_graph_is_bit_exact_after_lowering(name):
-    if "lower-to-int-sim" not in pass_names():
-        pytest.skip("lower-to-int-sim is not registered")
-    gm, x = _fake_quant(name)
+def _lowered_pair(name, seed):
+    gm, x = _fake_quant(name, seed=seed)
     pruned = PassManager.parse("graph(prune-zero-bit-channels)", assume=gm).run(
         copy.deepcopy(gm), PassContext(example_inputs=(x,)))
     lowered = [PassManager.parse("graph(lower-to-int-sim{backend=reference})", assume=g).run(
-        g, PassContext(example_inputs=(x,))) for g in (gm, pruned)]
+        copy.deepcopy(g), PassContext(example_inputs=(x,))) for g in (gm, pruned)]
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
     with torch.no_grad():
-        y_full, y_pruned = (g(x) for g in lowered)
-    assert sum(1 for n in lowered[1].graph.nodes if n.op == "call_module") > 0
+        return [g(x) for g in lowered]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,seed", [("resnet18", 0), ("resnet18", 1), ("mobilenet_v2", 0),
+                                       ("mobilenet_v2", 2), ("resnet50", 0),
+                                       ("shufflenet_v2", 0), ("densenet121", 0)])
+def test_pruned_graph_is_bit_exact_after_lowering(name, seed):
+    """Folded constants, 0-bit kernels' biases and intermediate grids all lower to the same
+    integers with and without the pruned channels (see lowering._exact_zero_kernel_constants,
+    qpasses.graph.bias_parts)."""
+    y_full, y_pruned = _lowered_pair(name, seed)
     assert torch.equal(y_full, y_pruned)   # dequantized integer outputs, bit for bit
+
+
+def test_pruned_mobilenet_v3_is_close_after_lowering():
+    """Known limit: a removed channel's constant that passes through the SE gate and hardswish
+    lookup tables is computed on int-sim grids, not as the fake-quant constant the pruner folds,
+    so pruned and unpruned int-sim graphs differ by a few LSB (not bit-exact)."""
+    y_full, y_pruned = _lowered_pair("mobilenet_v3", 0)
+    assert not torch.equal(y_full, y_pruned)       # flip when this becomes exact
+    assert (y_full - y_pruned).abs().max() <= 0.02 * y_full.abs().max()   # measured: 1.05%
+    assert torch.equal(y_full.argmax(1), y_pruned.argmax(1))
 
 
 def test_resnet50_prunes_in_under_a_second():

@@ -72,12 +72,12 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 
 from ...errors import AnnotationError, InputError
-from ...graph import LayerInfo, layer_info
+from ...graph import PRUNED_BIAS_BASE, PRUNED_BIAS_FOLD, LayerInfo, bias_parts, layer_info
 from ...meta import QuantSpec, get_qmeta, update_qmeta
 from ...trace import propagate_shapes
 from ..analysis.channel_groups import (INT_FUNCTIONS, ChannelGroups, TensorChannels, _Walker,
@@ -863,13 +863,24 @@ class _Pruner:
         if new_w is w or new_w._base is w or new_w.data_ptr() == w.data_ptr():
             new_w = new_w.clone()
         bias = _get(gm, info.bias_attr) if info.bias_attr else None
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         new_b = None
+        folds: tuple[Tensor, Tensor] | None = None      # (bias before folding, folded sum)
         if bias is not None or delta is not None:
             b = bias.detach().clone() if bias is not None else \
                 torch.zeros(old_out, dtype=w.dtype, device=w.device)
+            parts = bias_parts(mod) if mod is not None else None
+            if parts is not None and hasattr(mod, PRUNED_BIAS_FOLD):
+                folds = (parts[0].to(b.dtype), parts[1])
             if delta is not None:
-                b = (b.to(torch.float64) + torch.from_numpy(delta).to(b.device)).to(b.dtype)
+                d = torch.from_numpy(delta).to(b.device)
+                if mod is not None:
+                    folds = (folds[0], folds[1] + d) if folds is not None else \
+                        (b.clone(), d.clone())
+                b = (b.to(torch.float64) + d).to(b.dtype)
             new_b = _take(b, 0, out_keep) if out_keep is not None else b
+            if folds is not None and out_keep is not None:
+                folds = (_take(folds[0], 0, out_keep), _take(folds[1], 0, out_keep))
         new_groups = info.groups
         if grouped and out_keep is not None:
             ob = old_out // info.groups
@@ -877,13 +888,18 @@ class _Pruner:
             new_groups = kept_groups
         owner, wattr = _resolve(gm, info.weight_attr)
         _set_tensor(owner, wattr, new_w)
-        if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
+        if mod is not None:
             if new_b is not None:
                 if mod.bias is None:
                     mod.bias = nn.Parameter(new_b, requires_grad=mod.weight.requires_grad)
                 else:
                     _set_tensor(mod, "bias", new_b)
+            if folds is not None:
+                mod.register_buffer(PRUNED_BIAS_BASE, folds[0].detach().clone())
+                mod.register_buffer(PRUNED_BIAS_FOLD, folds[1].detach().clone())
+            elif out_keep is not None and hasattr(mod, PRUNED_BIAS_FOLD):
+                delattr(mod, PRUNED_BIAS_BASE)      # stale (the bias changed since): drop
+                delattr(mod, PRUNED_BIAS_FOLD)
             if info.op == "linear":
                 mod.out_features, mod.in_features = new_w.shape[0], new_w.shape[1]
             else:
