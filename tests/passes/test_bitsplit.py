@@ -3,6 +3,7 @@ pass. The digits figures (fp32 / round-to-nearest / bit-split at W3A8 and W2A8) 
 (``pytest -s``) and attached as junit properties."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -173,6 +174,15 @@ def test_pass_end_to_end_writes_codes_where_lowering_reads_them(source):
         assert torch.allclose(torch.tensor(spec.scale, dtype=torch.float32), wq.scale)
         if source == "fp":
             assert errs[name]["bitsplit"] <= errs[name]["rtn"] + 1e-9
+    # lower-to-int-sim takes the stitched codes as its integer weights, unchanged
+    low = PassManager.parse("graph(lower-to-int-sim{backend=reference})", assume=gm).run(
+        copy.deepcopy(gm), PassContext(example_inputs=(data[0][:2],)))
+    for name, wq in _weight_quantizers(gm).items():
+        w = gm.get_submodule(name).weight.detach()
+        codes = torch.round(w.reshape(w.shape[0], -1) / wq.scale[:, None]).to(torch.int64)
+        int_layer = low.get_submodule(name)
+        assert torch.equal(int_layer.w_q.reshape(w.shape[0], -1) - int_layer.w_zp.reshape(-1, 1),
+                           codes), name
 
 
 def test_pass_respects_per_kernel_bits():
