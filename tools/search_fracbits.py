@@ -15,7 +15,7 @@ stem, stride 1, no max-pool; ``--width`` 32 halves torchvision's stage widths). 
    layer-wise searched weights, α and λ as in the paper): ``insert-fracbits``, search
    with ``penalty(gm, target_bitops=T, kappa=kappa/T)`` (the L1 loss relative to the target; the
    penalty starts after one warm-up epoch), ``freeze-fracbits{rounding=solver target-bitops=T}``,
-   ``insert-fake-quant{weight-scheme=dorefa act-scheme=pact}`` (learned PACT α copied), finetune,
+   ``insert-fake-quant{weight-scheme=dorefa act-scheme=pact}`` (PACT clips start from the learned α), finetune,
    ``prune-zero-bit-channels``;
 4. every quantized model: ``calibrate`` + ``lower-to-int-sim`` where it succeeds (integer
    accuracy reported, or the reason it failed).
@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -46,8 +45,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.fake_quant import PACTActFakeQuant  # noqa: E402
-from qpasses.passes.search.freeze_fracbits import FROZEN_META  # noqa: E402
 from qpasses.search import fracbits as fb  # noqa: E402
 
 
@@ -147,21 +144,6 @@ def report(gm):
     rep = qpasses.report(gm)
     pruned = sum(r["pruned_channels"] for r in rep["layers"])
     return rep, rep["totals"]["bitops"] / 1e9, rep["totals"]["size_bits"] / 8e6, pruned
-
-
-def copy_alpha(gm, frozen):
-    """Learned PACT α of FracBits into the standard PACT modules (by consumer layer)."""
-    n = 0
-    for mod in gm.modules():
-        if isinstance(mod, PACTActFakeQuant):
-            for who in getattr(mod, "consumers", ()):
-                m = re.match(r"layer '(.+)'", who)
-                if m and frozen.get(m.group(1), {}).get("alpha"):
-                    with torch.no_grad():
-                        mod.alpha.fill_(frozen[m.group(1)]["alpha"])
-                    n += 1
-                    break
-    return n
 
 
 def int_sim(gm, xtr, xte, yte, example):
@@ -265,9 +247,7 @@ def main(argv=None):
         gm.eval()
         gm = run_pm(gm, f"graph(freeze-fracbits{{rounding=solver target-bitops={target!r}}})",
                     example=example)
-        frozen = gm.meta[FROZEN_META]
-        gm = run_pm(gm, f"graph({fq})", example=example)
-        copy_alpha(gm, frozen)
+        gm = run_pm(gm, f"graph({fq})", example=example)   # PACT starts from the learned α
         torch.manual_seed(args.seed)
         train(gm, xtr, ytr, args.finetune_epochs, args.lr * 0.2, args.seed + 2,
               f"FracBits {gran} finetune")

@@ -34,12 +34,13 @@ from ..costs_model import (FRACBITS, CostConventions, LayerCost, annotated_bits,
 from ..errors import AnnotationError, NumericsError
 from ..numerics.quantizers import dorefa_weight, pact
 
-__all__ = ["FracBitsWeightQuant", "FracBitsActQuant", "FRACBITS_META", "ACT_CONTAINER",
-           "penalty", "clamp_lambdas", "lambda_maps", "fracbits_lambdas", "fracbits_modules",
+__all__ = ["FracBitsWeightQuant", "FracBitsActQuant", "FRACBITS_META", "FROZEN_META",
+           "ACT_CONTAINER", "penalty", "clamp_lambdas", "lambda_maps", "fracbits_lambdas", "fracbits_modules",
            "has_fracbits", "model_cost", "lambda_parameters"]
 
 FRACBITS_META = "qpasses.fracbits"     # gm.meta key: {"layers": {...}, options}
 ACT_CONTAINER = "fracbits_act"         # ModuleDict holding the activation quantizers
+FROZEN_META = "qpasses.fracbits.frozen"  # gm.meta key written by freeze-fracbits: learned λ, α
 
 
 class FracBitsWeightQuant(nn.Module):

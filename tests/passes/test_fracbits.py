@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 import qpasses
 from passes_registry import PassManager, PassContext
@@ -11,6 +12,7 @@ from qpasses.costs_model import annotated_bits, model_bitops
 from qpasses.errors import AnnotationError, BudgetError, NumericsError
 from qpasses.numerics.quantizers import dorefa_normalize, fracbits_interp, unit_quantize
 from qpasses.search import fracbits as fb
+from qpasses.fake_quant import PACTActFakeQuant
 from qpasses.passes.search.freeze_fracbits import FROZEN_META, offset_bisection
 
 from ..conftest import DigitsCNN
@@ -174,6 +176,9 @@ def test_freeze_nearest_writes_rounded_bits_and_restores_float_layers():
     gm = _graph("granularity=layer")
     _set_lambdas(gm, seed=4)
     mods = fb.fracbits_modules(gm)
+    with torch.no_grad():                       # distinct "learned" clips, not the 8.0 init
+        for i, (_, aq) in enumerate(m for m in mods.values() if m[1] is not None):
+            aq.alpha.fill_(2.5 + i)
     lam = {n: (float(w.bits().detach()), None if a is None else float(a.bits().detach()))
            for n, (w, a) in mods.items()}
     out = _freeze(gm, "rounding=nearest")
@@ -184,12 +189,18 @@ def test_freeze_nearest_writes_rounded_bits_and_restores_float_layers():
             assert rep[n]["a_bits"] == round(la)
     assert type(out.get_submodule("conv2")) is torch.nn.Conv2d
     assert "fracbits_act" not in out._modules and FROZEN_META in out.meta
-    # the standard passes apply unchanged
+    # the standard passes apply unchanged; PACT clips start from the learned α
+    alphas = {n: rec["alpha"] for n, rec in out.meta[FROZEN_META].items() if rec["alpha"]}
+    assert alphas
     pm = PassManager.parse("graph(insert-fake-quant{weight-scheme=dorefa act-scheme=pact})",
                            assume=out)
     with PassContext(example_inputs=(X,)):
         q = pm.run(out)
     assert q(X).shape == (4, 10)
+    pacts = [m for m in q.modules() if isinstance(m, PACTActFakeQuant)]
+    for n, a in alphas.items():
+        mod = next(m for m in pacts if f"layer '{n}'" in m.consumers)
+        assert float(mod.alpha) == pytest.approx(a)
 
 
 @pytest.mark.parametrize("rounding", ["offset-bisection", "solver"])
@@ -202,7 +213,7 @@ def test_freeze_meets_target_from_below(rounding, granularity):
     out = _freeze(gm, f"rounding={rounding} target-bitops={target}")
     got = qpasses.report(out)["totals"]["bitops"] / 1e9
     assert got <= target * (1 + 1e-9)
-    if rounding == "solver" and granularity == "kernel":  # 2 searched layers: grid too coarse
+    if rounding == "solver":       # layer-wise: (w, a) pairs make the grid fine enough
         assert got >= 0.99 * target
 
 
@@ -269,3 +280,26 @@ def test_pipeline_text_round_trips():
          "offset-bisection target-size=0.5 tolerance=0.01})")
     once = str(PassManager.parse(t))
     assert str(PassManager.parse(once)) == once and "init-bits=1.5" in once
+
+
+@pytest.mark.parametrize("fraction,seed", [(0.6, 0), (0.8, 1), (0.95, 2)])
+def test_layerwise_solver_lands_within_one_percent_on_resnet18(fraction, seed):
+    """Residual blocks share activation quantizers (one width per scale-sharing group)."""
+    torch.manual_seed(seed)
+    x = torch.randn(1, 3, 32, 32)
+    gm = qpasses.trace(torchvision.models.resnet18().eval(), (x,))
+    pm = PassManager.parse("graph(fold-batch-norm,annotate-bitwidths{weight-bits=4 act-bits=4},"
+                           "insert-fracbits{granularity=layer})")
+    with PassContext(example_inputs=(x,)):
+        gm = pm.run(gm)
+    _set_lambdas(gm, seed=seed)
+    target = float(fb.model_cost(gm, detach=True)) * fraction
+    gm.eval()
+    with PassContext(example_inputs=(x,)):
+        out = PassManager.parse(f"graph(freeze-fracbits{{rounding=solver target-bitops={target}}})",
+                                assume=gm).run(gm)
+    got = qpasses.report(out)["totals"]["bitops"] / 1e9
+    assert 0.99 * target <= got <= target * (1 + 1e-9)
+    rep = {r["name"]: r for r in qpasses.report(out)["layers"]}
+    for block in ("layer2.0", "layer3.0", "layer4.0"):      # one input, one width
+        assert rep[f"{block}.conv1"]["a_bits"] == rep[f"{block}.downsample.0"]["a_bits"]

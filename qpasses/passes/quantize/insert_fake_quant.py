@@ -51,6 +51,7 @@ from ...fake_quant import (ActFakeQuant, AffineActFakeQuant, FakeQuantize, LSQAc
 from ...graph import LayerInfo, _get_attr, quantizable_layers
 from ...meta import QuantSpec, get_qmeta, update_qmeta
 from ...numerics.observers import ACIQ_LAPLACE, Observer, make_observer
+from ...search.fracbits import FROZEN_META
 from .annotate_bitwidths import is_join, join_inputs, layer_input
 
 __all__ = ["InsertFakeQuant", "InsertFakeQuantOptions", "ACT_CONTAINER", "WEIGHT_CONTAINER",
@@ -85,7 +86,8 @@ class InsertFakeQuantOptions:
         "help": "shared: one quantizer (one scale) per scale-sharing group, so add/cat are plain "
                 "integer ops; per-tensor: one quantizer per tensor"})
     pact_alpha: float | None = field(default=None, metadata={
-        "help": "initial PACT clip (default: FracBits' 8.0, or 10.0 for linear-layer inputs)"})
+        "help": "initial PACT clip (default: the clip freeze-fracbits learned for the readers, "
+                "else FracBits' 8.0, or 10.0 for linear-layer inputs)"})
     percentile: float = field(default=99.99, metadata={
         "help": "percentile of the percentile observer"})
 
@@ -267,7 +269,8 @@ class InsertFakeQuant(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: InsertFakeQuantOptions = self.options
-        stats = {"num_weight_fq": 0, "num_act_fq": 0, "num_act_nodes": 0, "num_float_islands": 0}
+        stats = {"num_weight_fq": 0, "num_act_fq": 0, "num_act_nodes": 0, "num_float_islands": 0,
+                 "num_learned_alpha": 0}
         layers = quantizable_layers(gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         modified = self._insert_weights(gm, layers, nodes, stats)
@@ -347,6 +350,8 @@ class InsertFakeQuant(Pass):
         order = {n.name: i for i, n in enumerate(graph.nodes)}
         # tensor name -> [(spec, consumer description)], and the rewiring to do
         demands: dict[str, list[tuple[QuantSpec, str]]] = {}
+        reader_layers: dict[str, list[str]] = {}       # tensor -> layers reading it
+        frozen = gm.meta.get(FROZEN_META) or {}
         layer_uses: list[tuple[torch.fx.Node, torch.fx.Node]] = []      # (layer node, tensor)
         join_uses: list[tuple[torch.fx.Node, torch.fx.Node]] = []       # (join, input tensor)
         join_outs: list[torch.fx.Node] = []
@@ -365,6 +370,7 @@ class InsertFakeQuant(Pass):
             if is_act_fq_node(gm, x):
                 continue  # already quantized (second run)
             demands.setdefault(x.name, []).append((q.act, f"layer '{info.name}'"))
+            reader_layers.setdefault(x.name, []).append(info.name)
             layer_uses.append((node, x))
             if info.op == "linear":
                 linear_readers.add(x.name)
@@ -419,6 +425,14 @@ class InsertFakeQuant(Pass):
             mod = _act_module(spec, opts, f"{box_name}.{key}",
                               linear_consumer=any(t in linear_readers for t in members))
             mod.consumers = tuple(dict.fromkeys(who for _, who in wanted))
+            if opts.act_scheme == "pact" and opts.pact_alpha is None:
+                # after freeze-fracbits: start from the clip FracBits learned for these readers
+                learned = [frozen[n]["alpha"] for t in members for n in reader_layers.get(t, ())
+                           if (frozen.get(n) or {}).get("alpha")]
+                if learned:
+                    with torch.no_grad():
+                        mod.alpha.fill_(max(learned))
+                    stats["num_learned_alpha"] += 1
             box[key] = mod.to(device)
             stats["num_act_fq"] += 1
             for t in members:

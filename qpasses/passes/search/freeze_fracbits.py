@@ -9,9 +9,12 @@ Rounding modes:
   ``tolerance`` is the accepted overshoot: 0 (default) meets the target from below; the official
   code accepts ±1% (``tolerance=0.01``). The search range extends below −1 if needed; a target
   that even the minimum candidates cannot meet is a ``BudgetError``.
-- ``solver``: activations ``rne(λ_a)``, then weights by ``solve-bitwidths`` (multiple-choice
-  knapsack) with the ``lambda`` sensitivity ``Σ (b − λ)²`` as the prior, so the budget is met from
-  below, within 1% where the candidate grid allows.
+- ``solver``: the budget is met from below, within 1% where the candidate grid allows, with
+  ``Σ (b − λ)²`` as the prior. Layer-wise: weight and activation widths together in one MILP
+  (HiGHS) over (w, a) pairs per layer, ``0.99·target <= cost <= target`` (pairs make the BitOPs
+  grid fine enough; layers reading one scale-sharing group share one width). Kernel-wise:
+  activations ``rne(λ_a)``, weights by ``solve-bitwidths`` (multiple-choice knapsack, ``lambda``
+  sensitivity).
 
 Targets (offset-bisection, solver): ``target-bitops`` (GBitOPs) or ``target-size`` (MB), the
 units of :func:`qpasses.search.fracbits.penalty`.
@@ -23,8 +26,9 @@ Parameters: the trained weights are kept) and the activation quantizer nodes are
 standard passes apply unchanged (``insert-fake-quant{weight-scheme=dorefa act-scheme=pact}`` to
 finetune, ``calibrate``, ``prune-zero-bit-channels``, ``lower-to-int-sim``). The learned values
 are kept in ``gm.meta["qpasses.fracbits.frozen"]``: ``{layer: {"lambda_w", "lambda_a",
-"w_bits", "a_bits", "alpha"}}`` (PACT α is not an annotation; copy it into the new PACT modules
-if you want to keep it). Establishes ``bits-annotated``.
+"w_bits", "a_bits", "alpha"}}``; PACT α is not an annotation, but
+``insert-fake-quant{act-scheme=pact}`` (without ``pact-alpha``) starts each PACT clip from it.
+Establishes ``bits-annotated``.
 
 Errors (typed): no FracBits quantizers in the graph (``AnnotationError``: run insert-fracbits);
 BatchNorm modules in training mode (``AnnotationError``: call ``gm.eval()``; freezing is the
@@ -46,18 +50,18 @@ from torch import nn
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError
 
-from ...costs_model import FRACBITS, annotated_bits, model_bitops, model_size_bits
+from ...costs_model import (FRACBITS, annotated_bits, cost_layers, layer_bitops,
+                            layer_size_bits, model_bitops, model_size_bits)
 from ...errors import AnnotationError, BudgetError
 from ...meta import get_qmeta, update_qmeta
-from ...search.fracbits import (FRACBITS_META, _cost_layers, fracbits_modules, has_fracbits,
-                                lambda_maps)
+from ...search.fracbits import (FRACBITS_META, FROZEN_META, _cost_layers, fracbits_modules,
+                                has_fracbits, lambda_maps)
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
            "round_lambdas"]
 
 PASS_NAME = "freeze-fracbits"
-FROZEN_META = "qpasses.fracbits.frozen"
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,9 @@ class FreezeFracBits(Pass):
 
     ``nearest``: ``rne(λ)``; ``offset-bisection``: ``rne(λ + δ)`` with one global δ <= 0 bisected
     so the rounded cost meets the target (``tolerance`` = accepted overshoot; δ = 0 when already
-    met); ``solver``: activations ``rne(λ_a)``, weights by solve-bitwidths with the ``lambda``
-    sensitivity (budget met from below, within 1% where the grid allows). Layers reading one
+    met); ``solver``: budget met from below, within 1% where the grid allows, closest to λ
+    (layer-wise: one MILP over (weight, activation) pairs; kernel-wise: activations ``rne(λ_a)``,
+    weights by solve-bitwidths with the ``lambda`` sensitivity). Layers reading one
     scale-sharing group get one input width (the max). Writes ``QMeta.weight`` (per kernel for
     kernel-wise search, 0 = pruned kernel) and ``QMeta.act`` / join ``output`` bits, restores the
     float layer classes (trained weights kept) and removes the activation quantizer nodes, so
@@ -280,20 +285,15 @@ class FreezeFracBits(Pass):
         gm.recompile()
 
         # activation bits (layers and their sharing joins), then weights
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for name, b in a_bits.items():
-            node = nodes[info["layers"][name]["node"]]
-            spec = get_qmeta(node).act
-            if spec is not None and spec.bits != b:
-                update_qmeta(node, origin=self.name, act=spec.replace(bits=b, scale=None,
-                                                                      zero_point=None))
-        for j, b in _group_widths(info, a_bits).items():
-            node = nodes.get(j)
-            spec = get_qmeta(node).output if node is not None else None
-            if spec is not None and spec.bits != b:
-                update_qmeta(node, origin=self.name, output=spec.replace(bits=b, scale=None,
-                                                                         zero_point=None))
-        if opts.rounding == "solver":
+        self._write_acts(gm, info, a_bits)
+        if opts.rounding == "solver" and info["granularity"] == "layer":
+            solved = self._solve_joint(gm, opts, info, mods, w_bits, a_bits, lam_w, lam_a)
+            if solved is not None:
+                w_bits, a_bits = solved
+                self._write_acts(gm, info, a_bits)
+            else:
+                w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
+        elif opts.rounding == "solver":
             w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
         self._write_weights(gm, w_bits, info)
 
@@ -309,6 +309,118 @@ class FreezeFracBits(Pass):
         if opts.target is not None:
             stats["cost_ppm"] = int(round(1e6 * _annotated_cost(gm, opts.metric) / opts.target))
         return PassResult(modified=True, stats=stats)
+
+    def _write_acts(self, gm: torch.fx.GraphModule, info: dict[str, Any],
+                    a_bits: dict[str, int]) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, b in a_bits.items():
+            node = nodes[info["layers"][name]["node"]]
+            spec = get_qmeta(node).act
+            if spec is not None and spec.bits != b:
+                update_qmeta(node, origin=self.name, act=spec.replace(bits=b, scale=None,
+                                                                      zero_point=None))
+        for j, b in _group_widths(info, a_bits).items():
+            node = nodes.get(j)
+            spec = get_qmeta(node).output if node is not None else None
+            if spec is not None and spec.bits != b:
+                update_qmeta(node, origin=self.name, output=spec.replace(bits=b, scale=None,
+                                                                         zero_point=None))
+
+    def _solve_joint(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions,
+                     info: dict[str, Any], mods: dict[str, Any], w_bits: dict[str, Any],
+                     a_bits: dict[str, int],
+                     lam_w: dict[str, Any], lam_a: dict[str, float | None]
+                     ) -> tuple[dict[str, Any], dict[str, int]] | None:
+        """Layer-wise ``solver``: weight AND activation widths in one MILP (HiGHS), minimizing
+        ``Σ (w − λ_w)² + Σ (a − λ_a)²`` subject to ``0.99·target <= cost <= target``. BitOPs
+        cost ``MACs·w·a`` per layer, so choosing (w, a) pairs gives a grid fine enough to land
+        within 1%, which weights alone (activations at ``rne(λ_a)``) often cannot. Layers
+        reading one scale-sharing group share one activation width. Falls back to the lower
+        bound's absence when the grid cannot reach 1%; None when even that is infeasible
+        (the caller then uses solve-bitwidths on weights, which raises the budget error)."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        layers = {c.name: c for c in cost_layers(gm, FRACBITS)}
+        w_now, a_now = annotated_bits(gm)
+        cands = tuple(c for c in sorted(info["candidates"]) if c > 0)
+        names = [n for n in mods if n in layers]
+        if not names:
+            return None
+        w_choices = {n: ((w_bits[n],) if info["layers"][n]["pinned"] else cands) for n in names}
+        a_choices = {n: ((a_bits.get(n, a_now.get(n)),) if lam_a.get(n) is None or n not in a_bits else
+                         tuple(c for c in cands if mods[n][1].min_bits <= c <= mods[n][1].max_bits))
+                     for n in names}
+        group_of = {}
+        for gi, g in enumerate(info.get("act_groups", ())):
+            for n in g["layers"]:
+                if n in a_choices and len(a_choices[n]) > 1:
+                    group_of[n] = gi
+        # columns: one per (layer, w, a) pair, then one per (act group, a)
+        cols, cost, err = [], [], []
+        for n in names:
+            for w in w_choices[n]:
+                for a in a_choices[n]:
+                    wm, am = dict(w_now), dict(a_now)
+                    wm[n] = w
+                    if a is not None:
+                        am[n] = a
+                    c = (layer_bitops(layers[n], wm, am, FRACBITS) if opts.metric == "bitops"
+                         else layer_size_bits(layers[n], wm, FRACBITS))
+                    cols.append((n, w, a))
+                    cost.append(float(c))
+                    ew = (w - float(lam_w[n])) ** 2 if not info["layers"][n]["pinned"] else 0.0
+                    ea = (a - lam_a[n]) ** 2 if len(a_choices[n]) > 1 else 0.0
+                    err.append(ew + ea)
+        gcols = sorted({(group_of[n], a) for n in group_of for a in a_choices[n]})
+        nz = len(cols) + len(gcols)
+        rows, lo, hi = [], [], []
+
+        def row() -> list[float]:
+            return [0.0] * nz
+
+        for n in names:                        # one pair per layer
+            r = row()
+            for j, (m, _, _) in enumerate(cols):
+                if m == n:
+                    r[j] = 1.0
+            rows.append(r), lo.append(1.0), hi.append(1.0)
+        for gi in sorted(set(group_of.values())):      # one width per group
+            r = row()
+            for j, (g, _) in enumerate(gcols):
+                if g == gi:
+                    r[len(cols) + j] = 1.0
+            rows.append(r), lo.append(1.0), hi.append(1.0)
+        for n, gi in group_of.items():                 # a layer's a = its group's a
+            for a in a_choices[n]:
+                r = row()
+                for j, (m, _, aa) in enumerate(cols):
+                    if m == n and aa == a:
+                        r[j] = 1.0
+                r[len(cols) + gcols.index((gi, a))] = -1.0
+                rows.append(r), lo.append(0.0), hi.append(0.0)
+        scale = 1e9 if opts.metric == "bitops" else 8e6
+        fixed = _annotated_cost(gm, opts.metric) * scale - sum(
+            float(layer_bitops(layers[n], w_now, a_now, FRACBITS) if opts.metric == "bitops"
+                  else layer_size_bits(layers[n], w_now, FRACBITS)) for n in names)
+        budget = opts.target * scale - fixed
+        constraints = [LinearConstraint(rows, lo, hi)]
+        best = None
+        for lower in (0.99 * opts.target * scale - fixed, -float("inf")):
+            res = milp(c=err + [0.0] * len(gcols), integrality=[1] * nz, bounds=Bounds(0, 1),
+                       constraints=constraints + [LinearConstraint([cost + [0.0] * len(gcols)],
+                                                                   [lower], [budget])])
+            if res.x is not None:
+                best = res.x
+                break
+        if best is None:
+            return None
+        w_new, a_new = dict(w_bits), dict(a_bits)
+        for j, (n, w, a) in enumerate(cols):
+            if best[j] > 0.5:
+                w_new[n] = w
+                if n in a_new:
+                    a_new[n] = a
+        return w_new, a_new
 
     def _solve(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions, info: dict[str, Any],
                w_bits: dict[str, Any], lam_w: dict[str, Any], ctx: Any) -> dict[str, Any]:
