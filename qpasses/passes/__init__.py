@@ -9,3 +9,4 @@ from .prune import prune_zero_bit_channels  # noqa: F401,E402
 from .lower import int_sim_kernels, lower_to_int_sim, verify_int_sim  # noqa: F401,E402
 from .search import insert_fracbits, freeze_fracbits  # noqa: F401,E402
 from .ptq import ptq_bitsplit  # noqa: F401,E402
+from .search import insert_gmpq_supernet, select_gmpq_policy  # noqa: F401,E402
