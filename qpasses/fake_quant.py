@@ -48,7 +48,7 @@ __all__ = [
     "FakeQuantize", "WeightFakeQuant", "ActFakeQuant", "AffineActFakeQuant", "PACTActFakeQuant",
     "LSQActFakeQuant", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
     "WEIGHT_SCHEMES", "ACT_SCHEMES", "check_bits", "fake_quant_modules", "is_fake_quant_layer",
-    "set_fake_quant", "set_observing", "wrap_layer",
+    "set_fake_quant", "set_observing", "unwrap_layer", "wrap_layer",
 ]
 
 MAX_BITS = 32
@@ -751,6 +751,21 @@ def wrap_layer(mod: nn.Module, weight_fake_quant: WeightFakeQuant) -> nn.Module:
         state[k] = v.copy() if isinstance(v, (dict, OrderedDict)) else v
     new.__dict__.update(state)
     new.weight_fake_quant = weight_fake_quant
+    return new
+
+
+def unwrap_layer(mod: nn.Module) -> nn.Module:
+    """The inverse of :func:`wrap_layer`: a copy of a fake-quant layer as its float class (same
+    parameters, buffers, hooks), without ``weight_fake_quant``; other modules as they are."""
+    base = getattr(type(mod), "_FLOAT_MODULE", None)
+    if base is None:
+        return mod
+    new = base.__new__(base)
+    state = {k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
+             for k, v in mod.__dict__.items()}
+    state["_modules"] = OrderedDict((k, v) for k, v in state["_modules"].items()
+                                    if k != "weight_fake_quant")
+    new.__dict__.update(state)
     return new
 
 

@@ -8,7 +8,7 @@ Model: torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])`` adapted to 1-channel 8
 stem, stride 1, no max-pool; ``--width`` 32 halves torchvision's stage widths). Steps, all with fixed seeds:
 
 1. fp32 pretraining;
-2. uniform 3-bit QAT baseline: ``annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8},
+2. uniform 3-bit QAT baseline (``--metric size``: weight-only, A8, size target): ``annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8},
    insert-fake-quant{weight-scheme=dorefa act-scheme=pact}`` for search+finetune epochs; its BitOPs
    are the target;
 3. FracBits layer-wise, then kernel-wise (0-bit candidate, allow-zero; initialized from the
@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
 from qpasses.search import fracbits as fb  # noqa: E402
+from qpasses.search.fracbits import FROZEN_META  # noqa: E402
 
 
 def data(seed: int):
@@ -169,6 +170,9 @@ def main(argv=None):
     ap.add_argument("--kernel-lambda-lr", type=float, default=1.0,
                     help="λ learning-rate multiplier in the kernel-wise search (a kernel's λ "
                          "gets ~1/C_out of a layer λ's gradient)")
+    ap.add_argument("--metric", choices=("bitops", "size"), default="bitops",
+                    help="bitops: W3A3 target, weights and activations searched; size: weight-only "
+                         "search (A8) at the W3A8 model size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--width", type=int, default=32, help="ResNet base width (torchvision: 64)")
     ap.add_argument("--threads", type=int, default=1)
@@ -191,7 +195,8 @@ def main(argv=None):
     fp_acc = accuracy(fp, xte, yte)
     print(f"fp32 test accuracy {fp_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
     fp_state = copy.deepcopy(fp.state_dict())
-    annotate = "annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8}"
+    act_bits = 3 if args.metric == "bitops" else 8
+    annotate = f"annotate-bitwidths{{weight-bits=3 act-bits={act_bits} first-last-bits=8}}"
     fq = "insert-fake-quant{weight-scheme=dorefa act-scheme=pact}"
     total_epochs = args.search_epochs + args.finetune_epochs
     rows, results = [], {"fp32_acc": fp_acc}
@@ -205,20 +210,22 @@ def main(argv=None):
     gm = run_pm(fresh(), f"graph({annotate},{fq})", example=example)
     torch.manual_seed(args.seed)
     train(gm, xtr, ytr, total_epochs, args.lr, args.seed + 1, "uniform-3bit QAT")
-    rep, target, size, pruned = report(gm)
+    rep, bitops, size, pruned = report(gm)
+    target, unit = (bitops, "GBitOPs") if args.metric == "bitops" else (size, "MB")
     acc = accuracy(gm, xte, yte)
     isim, why = int_sim(gm, xtr, xte, yte, example)
-    rows.append(("uniform 3-bit", acc, isim, target, 1.0, size, pruned, why))
+    rows.append((f"uniform W3A{act_bits}", acc, isim, bitops, size, 1.0, pruned, why))
     results["uniform"] = {"report": rep}
-    print(f"uniform 3-bit: acc {acc:.2f}%, target {target:.6f} GBitOPs "
+    print(f"uniform W3A{act_bits}: acc {acc:.2f}%, target {target:.6f} {unit} "
           f"({time.time() - t0:.0f}s)", flush=True)
+    target_opt = f"target-{'bitops' if args.metric == 'bitops' else 'size'}={target!r}"
+    search_acts = "" if args.metric == "bitops" else " act-scheme=none"
 
     for gran in ("layer", "kernel"):
         opts = ("granularity=layer init-bits=3.5 candidates=[1,2,3,4,5,6,7,8]" if gran == "layer"
                 else "granularity=kernel init-bits=3.5 candidates=[0,1,2,3,4,5,6,7,8] "
-                     "allow-zero=true")
-        gm = run_pm(fresh(), f"graph(annotate-bitwidths{{weight-bits=3 act-bits=3 "
-                             f"first-last-bits=8}},insert-fracbits{{{opts}}})", example=example)
+                     "allow-zero=true") + search_acts
+        gm = run_pm(fresh(), f"graph({annotate},insert-fracbits{{{opts}}})", example=example)
         if gran == "kernel" and "layer_searched" in results:
             # paper §3.4: start kernel-wise search from the layer-wise searched model, the
             # layer λ broadcast to every kernel
@@ -236,17 +243,18 @@ def main(argv=None):
                    "lr": args.lr * (args.kernel_lambda_lr if gran == "kernel" else 1.0)}]
         torch.manual_seed(args.seed)
         train(gm, xtr, ytr, args.search_epochs, args.lr, args.seed + 1, f"FracBits {gran} search",
-              extra_loss=lambda gm=gm: fb.penalty(gm, target_bitops=target,
+              extra_loss=lambda gm=gm: fb.penalty(gm, **{f"target_{args.metric}": target},
                                                   kappa=args.kappa / target),
               after_step=lambda gm=gm: fb.clamp_lambdas(gm), warmup_epochs=1,
               param_groups=groups)
-        searched_cost = float(fb.model_cost(gm, detach=True))
+        searched_cost = float(fb.model_cost(gm, args.metric, detach=True))
         if gran == "layer":
             results["layer_searched"] = copy.deepcopy(gm.state_dict())
         search_acc = accuracy(gm, xte, yte)
         gm.eval()
-        gm = run_pm(gm, f"graph(freeze-fracbits{{rounding=solver target-bitops={target!r}}})",
+        gm = run_pm(gm, f"graph(freeze-fracbits{{rounding=solver {target_opt}}})",
                     example=example)
+        frozen = gm.meta[FROZEN_META]
         gm = run_pm(gm, f"graph({fq})", example=example)   # PACT starts from the learned α
         torch.manual_seed(args.seed)
         train(gm, xtr, ytr, args.finetune_epochs, args.lr * 0.2, args.seed + 2,
@@ -255,14 +263,15 @@ def main(argv=None):
             warnings.simplefilter("ignore")
             gm = run_pm(gm, "graph(prune-zero-bit-channels)", example=example)
         rep, bitops, size, pruned = report(gm)
+        cost = bitops if args.metric == "bitops" else size
         acc = accuracy(gm, xte, yte)
         isim, why = int_sim(gm, xtr, xte, yte, example)
-        rows.append((f"FracBits {gran}", acc, isim, bitops, bitops / target, size, pruned, why))
+        rows.append((f"FracBits {gran}", acc, isim, bitops, size, cost / target, pruned, why))
         results[gran] = {"report": rep, "search_acc": search_acc,
                          "searched_cost": searched_cost,
                          "frozen": {k: {kk: vv for kk, vv in v.items()} for k, v in frozen.items()}}
         print(f"FracBits {gran}: search acc {search_acc:.2f}% (λ cost {searched_cost:.6f}), "
-              f"final acc {acc:.2f}%, {bitops:.6f} GBitOPs = {bitops / target:.4f}x target "
+              f"final acc {acc:.2f}%, {cost:.6f} {unit} = {cost / target:.4f}x target "
               f"({time.time() - t0:.0f}s)", flush=True)
         try:
             if rank != 0:
@@ -274,11 +283,11 @@ def main(argv=None):
 
     from tabulate import tabulate
     table = tabulate(
-        [(n, f"{a:.2f}", "-" if i is None else f"{i:.2f}", f"{b:.6f}", f"{r:.4f}", f"{s:.4f}", p)
-         for n, a, i, b, r, s, p, _ in rows],
-        headers=["model", "acc %", "int-sim acc %", "GBitOPs", "x target", "size MB",
+        [(n, f"{a:.2f}", "-" if i is None else f"{i:.2f}", f"{b:.6f}", f"{s:.4f}", f"{r:.4f}", p)
+         for n, a, i, b, s, r, p, _ in rows],
+        headers=["model", "acc %", "int-sim acc %", "GBitOPs", "size MB", f"x target ({unit})",
                  "pruned ch"])
-    print(f"\nfp32 accuracy {fp_acc:.2f}%; target = uniform 3-bit BitOPs {target:.6f} G; "
+    print(f"\nfp32 accuracy {fp_acc:.2f}%; target = uniform W3A{act_bits} {unit} {target:.6f}; "
           f"seed {args.seed}; {time.time() - t0:.0f}s total")
     print(table)
     for n, *_, why in rows:

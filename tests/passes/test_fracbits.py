@@ -303,3 +303,17 @@ def test_layerwise_solver_lands_within_one_percent_on_resnet18(fraction, seed):
     rep = {r["name"]: r for r in qpasses.report(out)["layers"]}
     for block in ("layer2.0", "layer3.0", "layer4.0"):      # one input, one width
         assert rep[f"{block}.conv1"]["a_bits"] == rep[f"{block}.downsample.0"]["a_bits"]
+
+
+def test_weight_only_search_meets_a_size_target():
+    gm = _graph("granularity=kernel act-scheme=none", annotate="weight-bits=3 act-bits=8")
+    assert not any(aq is not None for _, aq in fb.fracbits_modules(gm).values())
+    _set_lambdas(gm, seed=3)
+    full = float(fb.model_cost(gm, "size", detach=True))
+    fb.penalty(gm, target_size=full * 0.8, kappa=1.0).backward()     # differentiable in λ_w
+    target = full * 0.8
+    out = _freeze(gm, f"rounding=solver target-size={target}")
+    rep = qpasses.report(out)
+    got = rep["totals"]["size_bits"] / 8e6
+    assert 0.99 * target <= got <= target * (1 + 1e-9)
+    assert {r["a_bits"] for r in rep["layers"] if r["a_bits"] is not None} <= {8}

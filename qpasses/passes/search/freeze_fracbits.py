@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import types
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,13 +52,14 @@ from passes_registry.errors import OptionError
 from ...costs_model import (FRACBITS, annotated_bits, cost_layers, layer_bitops,
                             layer_size_bits, model_bitops, model_size_bits)
 from ...errors import AnnotationError, BudgetError
+from ...fake_quant import unwrap_layer
 from ...meta import get_qmeta, update_qmeta
 from ...search.fracbits import (FRACBITS_META, FROZEN_META, _cost_layers, fracbits_modules,
                                 has_fracbits, lambda_maps)
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
-           "round_lambdas"]
+           "remove_search_modules", "round_lambdas"]
 
 PASS_NAME = "freeze-fracbits"
 
@@ -207,18 +207,23 @@ def _check_bn_eval(gm: torch.fx.GraphModule) -> None:
                                   "eval-mode graph)")
 
 
-def _unwrap(gm: torch.fx.GraphModule, target: str) -> None:
-    mod = gm.get_submodule(target)
-    base = getattr(type(mod), "_FLOAT_MODULE", None)
-    if base is None:
-        return
-    new = base.__new__(base)
-    state = {k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
-             for k, v in mod.__dict__.items()}
-    state["_modules"] = OrderedDict((k, v) for k, v in state["_modules"].items()
-                                    if k != "weight_fake_quant")
-    new.__dict__.update(state)
-    gm.set_submodule(target, new)
+def remove_search_modules(gm: torch.fx.GraphModule, layer_modules: Any,
+                          node_modules: Any) -> None:
+    """Undo a search pass's surgery: the layers at ``layer_modules`` back to their float classes
+    (same Parameters: trained weights kept), the nodes calling ``node_modules`` (activation
+    quantizers, taps) bypassed and erased, and their top-level containers deleted."""
+    for target in layer_modules:
+        gm.set_submodule(target, unwrap_layer(gm.get_submodule(target)))
+    node_modules = set(node_modules)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target) in node_modules:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+    for top in {t.split(".")[0] for t in node_modules}:
+        if top in gm._modules:
+            delattr(gm, top)
+    gm.graph.lint()
+    gm.recompile()
 
 
 @register_pass
@@ -271,18 +276,8 @@ class FreezeFracBits(Pass):
 
         # remove the FracBits modules first (float layers back, activation nodes out), so the
         # cost model sees the graph the standard passes will see
-        for name, rec in info["layers"].items():
-            _unwrap(gm, rec["module"])
-        act_targets = {rec["act"] for rec in info["layers"].values() if rec["act"]}
-        for n in list(gm.graph.nodes):
-            if n.op == "call_module" and str(n.target) in act_targets:
-                n.replace_all_uses_with(n.args[0])
-                gm.graph.erase_node(n)
-        for c in {t.split(".")[0] for t in act_targets}:
-            if c in gm._modules:
-                delattr(gm, c)
-        gm.graph.lint()
-        gm.recompile()
+        remove_search_modules(gm, [rec["module"] for rec in info["layers"].values()],
+                              [rec["act"] for rec in info["layers"].values() if rec["act"]])
 
         # activation bits (layers and their sharing joins), then weights
         self._write_acts(gm, info, a_bits)

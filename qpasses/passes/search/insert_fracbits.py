@@ -17,7 +17,9 @@ Graph surgery (the same conventions as ``insert-fake-quant``):
 - **Activations.** Each searched layer's input gets its own PACT quantizer node
   (``fracbits_act.<layer path with _>``, a :class:`~qpasses.search.fracbits.FracBitsActQuant`
   with learnable λ_a and α) inserted right before the layer, as in the official code (one PACT per
-  conv input; joins are not quantized). Signed inputs use double-sided PACT.
+  conv input; joins are not quantized). Signed inputs use double-sided PACT. ``act-scheme=none``:
+  no activation quantizers (weight-only search, e.g. under a size target); inputs keep their
+  annotated bits.
 - **Pinning** (§1.1.11, ``pin-first-last=B``; ``none`` disables it): first layers get B-bit
   weights and no input quantizer (the image stays float, counted as 8-bit by the cost model);
   last layers get B-bit weights and a searched input. Pinned λ are fixed (not trainable).
@@ -31,7 +33,6 @@ After the pass the GraphModule trains with any loop; add
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,11 +42,12 @@ import torch.fx
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass, register_property
 from passes_registry.errors import OptionError
 
-from ...fake_quant import is_fake_quant_layer, wrap_layer, wrapper_class
+from ...fake_quant import wrap_layer
 from ...graph import first_last_layers, quantizable_layers
 from ...meta import get_qmeta
 from ...search.fracbits import (ACT_CONTAINER, FRACBITS_META, FracBitsActQuant,
                                 FracBitsWeightQuant, has_fracbits)
+from ._search_layers import searchable_layers
 from ..quantize.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
 from ..quantize.insert_fake_quant import _container, _copy_meta, _unique_key
 
@@ -109,8 +111,9 @@ class InsertFracBitsOptions:
         "help": "initial λ_w and λ_a (FracBits: b_t + 0.5 for a uniform b_t-bit target)"})
     weight_scheme: Literal["dorefa"] = field(default="dorefa", metadata={
         "help": "weight quantizer (DoReFa tanh normalisation, as FracBits)"})
-    act_scheme: Literal["pact"] = field(default="pact", metadata={
-        "help": "activation quantizer (PACT with FracBits' alpha gradient)"})
+    act_scheme: Literal["pact", "none"] = field(default="pact", metadata={
+        "help": "activation quantizer (PACT with FracBits' alpha gradient); none: weight-only "
+                "search, activations stay float while searching and keep their annotated bits"})
     allow_zero: bool = field(default=False, metadata={
         "help": "add the 0-bit weight candidate (Eq. 8): 0-bit kernels are exactly zero and can "
                 "be removed by prune-zero-bit-channels after freeze-fracbits"})
@@ -192,29 +195,7 @@ class InsertFracBits(Pass):
                 act_groups.append({"layers": names, "joins": joins})
         records: dict[str, dict[str, Any]] = {}
         box_name, box = None, None
-        seen_modules: set[str] = set()
-        for info in layers:
-            node = nodes[info.node]
-            q = get_qmeta(node)
-            if q.float_island is not None or q.weight is None:
-                continue
-            if node.op != "call_module" or str(node.target) in seen_modules:
-                warnings.warn(f"{self.name}: layer '{info.name}' is functional or shared; it "
-                              "keeps its annotated bits (not searched)", UserWarning, stacklevel=2)
-                stats["num_skipped"] += 1
-                continue
-            mod = gm.get_submodule(str(node.target))
-            if is_fake_quant_layer(mod):
-                raise AnnotationError(f"{self.name}: layer '{info.name}' already has a weight "
-                                      "fake-quantizer (insert-fake-quant ran); insert-fracbits "
-                                      "works on an annotated float graph")
-            if wrapper_class(type(mod)) is None:
-                warnings.warn(f"{self.name}: layer '{info.name}' ({type(mod).__qualname__}) "
-                              "cannot be wrapped; it keeps its annotated bits", UserWarning,
-                              stacklevel=2)
-                stats["num_skipped"] += 1
-                continue
-            seen_modules.add(str(node.target))
+        for info, node, mod, q in searchable_layers(gm, self.name, layers, stats):
             pin = opts.pin_first_last
             is_first, is_last = info.name in first, info.name in last
             pinned_w = pin is not None and (is_first or is_last)
@@ -233,7 +214,7 @@ class InsertFracBits(Pass):
             stats["num_layers"] += 1
             x = layer_input(node)
             quantize_input = q.act is not None and x is not None and \
-                not (pin is not None and is_first)
+                not (pin is not None and is_first) and opts.act_scheme != "none"
             if quantize_input:
                 if box is None:
                     box_name, box = _container(gm, ACT_CONTAINER)

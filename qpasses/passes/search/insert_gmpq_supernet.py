@@ -34,7 +34,6 @@ optimizer), then run ``select-gmpq-policy``.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +45,11 @@ from passes_registry.errors import OptionError
 
 from ...costs_model import GMPQ
 from ...errors import AnnotationError
-from ...fake_quant import wrap_layer, wrapper_class
+from ...fake_quant import wrap_layer
 from ...graph import first_last_layers, node_shape, quantizable_layers
-from ...meta import get_qmeta
 from ...search.gmpq import (ACT_CONTAINER, GMPQ_META, GMPQActMixer, GMPQWeightMixer,
                             find_feature_node, has_supernet, install_tap)
+from ._search_layers import searchable_layers
 from ..quantize.annotate_bitwidths import layer_input
 from ..quantize.insert_fake_quant import _container, _copy_meta, _unique_key
 
@@ -164,33 +163,11 @@ class InsertGMPQSupernet(Pass):
                  "num_skipped": 0}
         records: dict[str, dict[str, Any]] = {}
         box_name, box = None, None
-        seen: set[str] = set()
-        for info in layers:
-            node = nodes[info.node]
-            q = get_qmeta(node)
-            if q.float_island is not None or q.weight is None:
-                stats["num_skipped"] += 1
-                continue
-            if opts.pin_first_last and (info.name in first or info.name in last):
-                stats["num_pinned"] += 1
-                continue
-            if node.op != "call_module" or str(node.target) in seen:
-                warnings.warn(f"{self.name}: layer '{info.name}' is functional or shared; it "
-                              "keeps its annotated bits (not searched)", UserWarning, stacklevel=2)
-                stats["num_skipped"] += 1
-                continue
-            mod = gm.get_submodule(str(node.target))
-            if hasattr(mod, "weight_fake_quant"):
-                raise AnnotationError(f"{self.name}: layer '{info.name}' already has a weight "
-                                      "quantizer (insert-fake-quant or insert-fracbits ran); the "
-                                      "supernet is built on an annotated float graph")
-            if wrapper_class(type(mod)) is None:
-                warnings.warn(f"{self.name}: layer '{info.name}' ({type(mod).__qualname__}) "
-                              "cannot be wrapped; it keeps its annotated bits", UserWarning,
-                              stacklevel=2)
-                stats["num_skipped"] += 1
-                continue
-            seen.add(str(node.target))
+        pinned = {i.name for i in layers
+                  if opts.pin_first_last and (i.name in first or i.name in last)}
+        stats["num_pinned"] = len(pinned)
+        for info, node, mod, q in searchable_layers(
+                gm, self.name, [i for i in layers if i.name not in pinned], stats):
             wm = GMPQWeightMixer(opts.w_candidates, logit_init=opts.logit_init, name=info.name)
             gm.set_submodule(str(node.target), wrap_layer(mod, wm.to(mod.weight.device)))
             rec: dict[str, Any] = {"module": str(node.target), "node": node.name, "act": None}

@@ -43,7 +43,7 @@ from ...graph import quantizable_layers
 from ...meta import get_qmeta, update_qmeta
 from ...search.gmpq import GMPQ_META, SELECTED_META, supernet_modules
 from ..quantize.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
-from .freeze_fracbits import _unwrap
+from .freeze_fracbits import remove_search_modules
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["SelectGMPQPolicy", "SelectGMPQPolicyOptions"]
@@ -76,20 +76,9 @@ def _uniform(logits: torch.Tensor) -> bool:
 
 def _remove_supernet(gm: torch.fx.GraphModule, info: dict[str, Any]) -> None:
     """Float layer classes back; act mixer and tap nodes out; their modules deleted."""
-    for rec in info["layers"].values():
-        _unwrap(gm, rec["module"])
-    targets = {rec["act"] for rec in info["layers"].values() if rec["act"]}
-    if info.get("tap"):
-        targets.add(info["tap"])
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and str(n.target) in targets:
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-    for top in {t.split(".")[0] for t in targets}:
-        if top in gm._modules:
-            delattr(gm, top)
-    gm.graph.lint()
-    gm.recompile()
+    targets = [rec["act"] for rec in info["layers"].values() if rec["act"]]
+    remove_search_modules(gm, [rec["module"] for rec in info["layers"].values()],
+                          targets + ([info["tap"]] if info.get("tap") else []))
 
 
 def _write_acts(gm: torch.fx.GraphModule, a_bits: dict[str, int], origin: str) -> int:
