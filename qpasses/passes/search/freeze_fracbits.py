@@ -403,7 +403,8 @@ class FreezeFracBits(Pass):
         for lower in (0.99 * opts.target * scale - fixed, -float("inf")):
             res = milp(c=err + [0.0] * len(gcols), integrality=[1] * nz, bounds=Bounds(0, 1),
                        constraints=constraints + [LinearConstraint([cost + [0.0] * len(gcols)],
-                                                                   [lower], [budget])])
+                                                                   [lower], [budget])],
+                       options={"time_limit": 20.0})
             if res.x is not None:
                 best = res.x
                 break
@@ -441,7 +442,7 @@ class FreezeFracBits(Pass):
                 target_bitops=budget if opts.metric == "bitops" else None,
                 target_size=budget if opts.metric == "size" else None,
                 candidates=cands, granularity=gran, sensitivity="lambda",
-                pin_first_last=bool(pinned))
+                pin_first_last=bool(pinned), time_limit=20.0)
             try:
                 res = solve_bitwidths(gm, sopts, sctx)
             except BudgetError:

@@ -101,6 +101,10 @@ class SolveBitwidthsOptions:
         "help": "keep the first and last layers' annotated weight bits (FracBits pins them to 8)"})
     probes: int = field(default=8, metadata={
         "help": "Rademacher probes of the Hutchinson estimate (sensitivity=hessian)"})
+    time_limit: float | None = field(default=60.0, metadata={
+        "help": "seconds the MILP may take to prove optimality; then the best allocation found "
+                "is used (stats: optimal=0). Many kernels with equal costs make proofs slow; "
+                "none: no limit"})
 
     def __post_init__(self) -> None:
         if (self.target_bitops is None) == (self.target_size is None):
@@ -119,6 +123,9 @@ class SolveBitwidthsOptions:
                                                          "accumulator widths are 2..64 bits")
         if self.probes < 1:
             raise OptionError(PASS_NAME, "probes", f"{self.probes} must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise OptionError(PASS_NAME, "time-limit", f"{self.time_limit} must be > 0 seconds "
+                                                       "(or none)")
 
     @property
     def metric(self) -> str:
@@ -308,7 +315,7 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
             maximum=hi / (1e9 if metric == "bitops" else 8e6),
             unit="GBitOPs" if metric == "bitops" else "MB")
     alloc = solver.solve(item_costs, item_errors, budget - fixed, bits=item_bits,
-                         method=opts.method)
+                         method=opts.method, time_limit=opts.time_limit)
     chosen: dict[str, int | tuple[int, ...]] = {}
     for name, (s, e) in zip(searchable, spans):
         vals = alloc.bits[s:e]
