@@ -152,7 +152,8 @@ def int_sim(gm, xtr, xte, yte, example):
         lowered = copy.deepcopy(gm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lowered = run_pm(lowered, "graph(calibrate,lower-to-int-sim)",
+            # the trained ranges (PACT clips), not re-observed ones: the model QAT produced
+            lowered = run_pm(lowered, "graph(calibrate{method=trained},lower-to-int-sim)",
                              calib=[xtr[i:i + 64] for i in range(0, 512, 64)], example=example)
         return accuracy(lowered, xte, yte), ""
     except Exception as e:  # reported, not hidden

@@ -169,6 +169,35 @@ def test_pact_and_lsq_are_initialized_from_the_observer():
     assert all(m._init for m in gm.modules() if isinstance(m, ActFakeQuant))
 
 
+def test_trained_keeps_learned_pact_clips_and_needs_no_data():
+    _, gm = prepared(text=PREP + "{act-scheme=pact}")
+    pacts = {n: m for n, m in gm.named_modules() if isinstance(m, ActFakeQuant)}
+    with torch.no_grad():                  # what QAT left: clips the observers would not give
+        for i, m in enumerate(pacts.values()):
+            m.alpha.fill_(3.0 + i)
+    y_trained = gm(data()[0])
+    with PassContext():                    # no calibration data needed
+        PassManager.parse("graph(calibrate{method=trained})", assume=gm).run(gm)
+    assert check_calibrated(gm) == [] and "calibrated" in graph_properties(gm)
+    for i, m in enumerate(pacts.values()):
+        assert m.alpha.item() == 3.0 + i and not m.observing
+    assert torch.equal(gm(data()[0]), y_trained)          # the trained model, unchanged
+    # QMeta carries the trained grids: 8-bit PACT, alpha/255 on [0, alpha] or alpha/127 signed
+    scales = {get_qmeta(n).act.scale[0] for n in layer_nodes(gm).values()
+              if get_qmeta(n).act is not None and get_qmeta(n).act.scale is not None}
+    want = [(3.0 + i) / levels for i in range(len(pacts)) for levels in (255, 127)]
+    assert scales and all(any(abs(s - w) < 1e-6 for w in want) for s in scales)
+    # re-observing would have replaced the clips by the float model's ranges
+    calibrate(gm)
+    assert any(m.alpha.item() != 3.0 + i for i, m in enumerate(pacts.values()))
+
+
+def test_trained_refuses_a_quantizer_that_never_saw_data():
+    _, gm = prepared()                     # affine observers, never run
+    with PassContext(), pytest.raises(CalibrationError, match=r"method=trained.*method=inserted"):
+        PassManager.parse("graph(calibrate{method=trained})", assume=gm).run(gm)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 

@@ -26,6 +26,12 @@ statistics are those of the float model, as in Distiller and torch.ao PTQ) and f
 The graph's train/eval mode is restored afterwards. :func:`write_qmeta` re-exports the current
 quantizer state into QMeta (e.g. after QAT has moved the scales).
 
+After QAT use ``calibrate{method=trained}``: no data is fed; the activation quantizers keep the
+ranges training gave them (PACT clips, LSQ steps, observer state) and stop observing, weight
+scales follow the trained weights, and QMeta gets the scales, so ``lower-to-int-sim`` implements
+the trained model. Re-observing instead would replace learned clips by the float model's ranges:
+a different model (a clip learned at 8.0 becomes ~1.1, a 7x finer grid the network never saw).
+
 Errors (:class:`qpasses.errors.CalibrationError`): no calibration data (names
 ``PassContext(calibration_data=...)``), an empty iterable, a batch that is not one of the forms
 above, a batch with NaN/inf (names the batch and input index), a quantizer that no batch reached
@@ -65,9 +71,10 @@ _FORMS = ("a tensor, a tuple/list whose first items are the inputs (e.g. (x, y))
 @dataclass(frozen=True)
 class CalibrateOptions:
     method: Literal["inserted", "minmax", "moving-average", "avg", "percentile", "mse", "aciq",
-                    "kl"] = field(default="inserted", metadata={
+                    "kl", "trained"] = field(default="inserted", metadata={
                         "help": "activation range method; 'inserted' keeps the observers chosen "
-                                "by insert-fake-quant"})
+                                "by insert-fake-quant; 'trained' keeps the ranges QAT learned "
+                                "(PACT clips, LSQ steps, observer state) and needs no data"})
     num_batches: int | None = field(default=None, metadata={
         "help": "use at most this many batches (none: the whole iterable)"})
     percentile: float = field(default=99.99, metadata={
@@ -151,10 +158,12 @@ class Calibrate(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: CalibrateOptions = self.options
-        data = calibration_batches(ctx, self.name)
         quantizers = {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
         acts = {n: m for n, m in quantizers.items() if isinstance(m, ActFakeQuant)}
         weights = {n: m for n, m in quantizers.items() if isinstance(m, WeightFakeQuant)}
+        if opts.method == "trained":
+            return self._keep_trained(gm, acts, weights)
+        data = calibration_batches(ctx, self.name)
         if opts.method != "inserted":
             for n, q in acts.items():
                 q.observer = make_act_observer(opts.method, q.signed, percentile=opts.percentile,
@@ -192,6 +201,17 @@ class Calibrate(Pass):
         write_qmeta(gm, origin=self.name)
         return PassResult(modified=True, stats={"num_batches": seen,
                                                 "num_quantizers": len(quantizers),
+                                                "num_weight_quantizers": len(weights)})
+
+    def _keep_trained(self, gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant],
+                      weights: dict[str, WeightFakeQuant]) -> PassResult:
+        _keep_trained_ranges(gm, acts)
+        self._observe_weights(gm)
+        for q in list(acts.values()) + list(weights.values()):
+            q.enable_fake_quant(True)
+        write_qmeta(gm, origin=self.name)
+        return PassResult(modified=True, stats={"num_batches": 0,
+                                                "num_quantizers": len(acts) + len(weights),
                                                 "num_weight_quantizers": len(weights)})
 
     def _feed(self, gm: torch.fx.GraphModule, ctx: Any, data: Iterable) -> int:
@@ -266,6 +286,23 @@ def _with_qparams(spec: QuantSpec, scale: torch.Tensor, zp: torch.Tensor | None)
     if spec.axis is None and len(set(s)) <= 1 and (z is None or len(set(z)) <= 1):
         s, z = s[:1], (z[:1] if z is not None else None)
     return spec.replace(scale=s, zero_point=z)
+
+
+def _keep_trained_ranges(gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant]) -> None:
+    """Freeze the activation quantizers as training left them; CalibrationError naming the first
+    one without a usable range (never trained or observed)."""
+    for n, q in acts.items():
+        try:
+            scale, _ = q.qparams()
+        except CalibrationError as e:
+            raise CalibrationError(f"{PASS_NAME}{{method=trained}}: quantizer '{n}' "
+                                   f"({_serves(q)}) has no trained range ({e}); calibrate it with "
+                                   "data (method=inserted) instead") from None
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise CalibrationError(f"{PASS_NAME}{{method=trained}}: quantizer '{n}' "
+                                   f"({_serves(q)}) has scale {scale.flatten()[:4].tolist()}; "
+                                   "calibrate it with data (method=inserted) instead")
+        q.enable_observer(False)
 
 
 def write_qmeta(gm: torch.fx.GraphModule, origin: str = PASS_NAME) -> int:
