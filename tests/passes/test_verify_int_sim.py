@@ -115,3 +115,27 @@ def test_verify_needs_inputs_and_a_lowered_graph(lowered):
             PassManager.parse("graph(verify-int-sim)", assume=gm).run(gm)
     with pytest.raises(PropertyError, match="lower-to-int-sim"):
         PassManager.parse("graph(verify-int-sim)", assume={"calibrated"})
+
+
+def test_recorded_values_survive_later_in_place_ops():
+    from qpasses.passes.lower.verify_int_sim import record_run
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 1)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.conv(x))
+
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 1, 4, 4)
+    values = record_run(gm, (x,))
+    with torch.no_grad():
+        conv_out = model.conv(x)
+    assert (conv_out < 0).any()
+    assert torch.equal(values["conv"], conv_out)      # not the ReLU'd tensor
+    assert torch.equal(values["relu"], conv_out.clamp(min=0))

@@ -102,7 +102,10 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         v = super().run_node(n)
-        self.values[n.name] = v
+        # a copy: a later in-place op (ReLU(inplace=True), the fast backend's owned buffers)
+        # would otherwise rewrite the recorded value
+        self.values[n.name] = torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
         return v
 
 
