@@ -438,7 +438,11 @@ def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
 
 def _time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
                    cfg: argparse.Namespace, base: str, slow: set[str] = frozenset()) -> None:
+    """Interleaved wall-clock runs (rows) and, in a note, the medians of the process CPU time of
+    the same runs: on a shared machine wall time also counts other processes' load, CPU time
+    mostly does not (it still counts threads spinning while they wait for a preempted peer)."""
     times: dict[str, list[float]] = {n: [] for n in variants}
+    cpu: dict[str, list[float]] = {n: [] for n in variants}
     with torch.no_grad():
         for _ in range(max(cfg.warmup, 1)):       # first call prepares int8 weights
             for m in variants.values():
@@ -447,10 +451,16 @@ def _time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
             for n, m in variants.items():
                 if n in slow and i >= 1:
                     continue
+                c0 = time.process_time()
                 times[n].append(timed(lambda m=m: m(x))[0])
+                cpu[n].append(time.process_time() - c0)
     b = statistics.median(times[base])
     for n in variants:
         sec.rows.append(Row(sec.name, n, times[n], ratio=statistics.median(times[n]) / b))
+    cb = statistics.median(cpu[base])
+    sec.notes.append("process CPU time, median s (ratio vs " + base + "): " + "; ".join(
+        f"{n} {statistics.median(v):.4f} ({statistics.median(v) / cb:.2f})"
+        for n, v in cpu.items()))
 
 
 @benchmark("int-sim", "ResNet-18 1x3x224x224 inference: int-sim reference and fast backends vs "
@@ -474,10 +484,13 @@ def bench_int_sim(cfg: argparse.Namespace) -> Section:
                                "(issue 5 target: <= 1.0x) and torch.ao fbgemm int8")
 def bench_int_sim_resnet50(cfg: argparse.Namespace) -> Section:
     sec = Section("int-sim-resnet50", ratio_label="ratio vs fp32")
+    import os
     variants, x, notes = _int_sim_variants("resnet50", (8, 3, 224, 224), cfg.seed, False)
     del variants["fake-quant graph (ours)"]
     _time_variants(sec, variants, x, cfg, "fp32")
-    sec.notes += notes + [f"{cfg.repeat} interleaved runs, {torch.get_num_threads()} threads"]
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    sec.notes += notes + [f"{cfg.repeat} interleaved runs, {torch.get_num_threads()} threads, "
+                          f"{os.cpu_count()} CPUs, load average {load} (after the runs)"]
     return sec
 
 

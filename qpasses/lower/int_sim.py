@@ -1,9 +1,12 @@
 """Runtime modules of the integer simulation (the node vocabulary after ``lower-to-int-sim``).
 
-Every tensor between a :class:`Quantize` and a :class:`Dequantize` is an ``int64`` tensor of integer
-codes inside the module's declared range ``[qmin, qmax]`` (checked by ``verify-int-sim``). The
+Every tensor between a :class:`Quantize` and a :class:`Dequantize` is an integer tensor of codes
+inside the module's declared range ``[qmin, qmax]`` (checked by ``verify-int-sim``): ``int64`` on
+the ``reference`` backend, the narrowest dtype holding the declared range on the ``fast`` one
+(uint8 / int8 codes, int32 accumulators; conv outputs channels-last in memory). The values are the
+same. The
 arithmetic comes from :mod:`qpasses.numerics` (``fixed_point`` requantization contracts, ``int_ops``
-kernels, ``int_sim_math``); these modules only hold parameters and call it.
+and ``int_conv_fast`` kernels, ``int_sim_math``); these modules only hold parameters and call it.
 
 =================  ===========================================================================
 module             computes
@@ -32,9 +35,12 @@ Ops that cannot be lowered run in float between a Dequantize and a Quantize ("fl
 ``QMeta.float_island`` says why).
 
 Backends: every :class:`IntLayer` holds ``kernel`` (what runs) and ``fast_kernel`` (the fastest
-kernel proven exact for it at lowering). :func:`set_backend` switches a lowered graph between
-``reference`` (int64 only) and ``fast``; all other modules are backend independent, so the two
-backends agree bit for bit whenever the fast kernels are exact, which their bounds prove.
+kernel proven exact for it at lowering); every module holds ``backend``. :func:`set_backend`
+switches a lowered graph between ``reference`` (int64, the checked ``fixed_point`` functions) and
+``fast``: fused requantization by :class:`~qpasses.numerics.int_sim_math.RequantPlan` (exact float
+passes on a proven window), requantizations of narrow codes by a float32 map checked on every code
+(or a table), adds by exact int16 sums or tables, narrow dtypes throughout. Both agree bit for bit:
+the fast kernels are exact under the bounds the lowering proved.
 """
 from __future__ import annotations
 
@@ -47,13 +53,16 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..errors import NumericsError
-from ..numerics.fixed_point import (ROUNDING_CONTRACTS,
+from ..numerics.fixed_point import (ROUNDING_CONTRACTS, channel_view,
                                     multiply_by_quantized_multiplier, quantize_multiplier,
                                     requantize, requantize_float)
-from ..numerics.int_conv_fast import fast_conv, fast_linear, prepare_conv, prepare_linear
+from ..numerics.int_conv_fast import (RowBlocks, conv_blocks, fast_conv, fast_linear,
+                                      linear_blocks, prepare_conv, prepare_linear,
+                                      rows_to_output)
 from ..numerics.int_ops import int_avg_pool_sum, int_conv, int_linear, int_max_pool
-from ..numerics.int_sim_math import (PreparedRequant, adaptive_avg_pool_sum, quantize_codes,
-                                     requantize_fast, requantize_float_fast, requantize_prepared)
+from ..numerics.int_sim_math import (AffineFloor, RequantPlan, adaptive_avg_pool_sum, code_dtype,
+                                     lut_gather, lut_gather2, max_pool_codes, quantize_codes,
+                                     requantize_fast, requantize_float_fast, scratch_like)
 
 __all__ = [
     "BACKENDS", "INT_SIM_META_KEY", "Dequantize", "IntAdd", "IntAvgPoolSum", "IntCat", "IntClamp",
@@ -65,6 +74,8 @@ __all__ = [
 BACKENDS = ("reference", "fast")
 INT_SIM_META_KEY = "qpasses.int_sim"   # gm.meta record written by lower-to-int-sim
 _I64 = torch.int64
+# Largest table the fast backend builds for a requantization or a two-input add (entries).
+_MAX_TABLE = 2 ** 16
 
 
 def _scalar_or_vector(values: Sequence[float] | float, dtype: torch.dtype) -> Tensor:
@@ -72,30 +83,50 @@ def _scalar_or_vector(values: Sequence[float] | float, dtype: torch.dtype) -> Te
     return t.reshape(-1) if t.dim() else t.reshape(1)
 
 
-def _channel_view(t: Tensor, like: Tensor, axis: int | None) -> Tensor:
-    """A 1-element or per-channel 1-D tensor shaped to broadcast along ``axis`` of ``like``."""
-    if t.numel() == 1:
-        return t.reshape(())
-    if axis is None:
-        raise NumericsError(f"{t.numel()} per-channel values need an axis")
-    ax = axis % like.dim()
-    if like.shape[ax] != t.numel():
-        raise NumericsError(f"{t.numel()} per-channel values for dim {ax} of size "
-                            f"{like.shape[ax]} (shape {tuple(like.shape)})")
-    shape = [1] * like.dim()
-    shape[ax] = t.numel()
-    return t.reshape(shape)
+def _versions(*ts: Tensor | None) -> tuple:
+    """Identity and version of tensors a cached derived value depends on (in-place edits of a
+    buffer, e.g. by a test or a user, invalidate the cache)."""
+    return tuple((id(t), t._version) if t is not None else None for t in ts)
+
+
+def _holds(dtype: torch.dtype, lo: int, hi: int) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= lo and hi <= info.max
 
 
 class IntSimModule(nn.Module):
-    """Base of the integer-simulation modules: ``qmin``/``qmax`` declare the output range."""
+    """Base of the integer-simulation modules: ``qmin``/``qmax`` declare the output range;
+    ``backend`` is set by :func:`set_backend`."""
 
     qmin: int
     qmax: int
     produces_float: bool = False
+    backend: str = "reference"
 
     def declared_range(self) -> tuple[int, int]:
         return int(self.qmin), int(self.qmax)
+
+    @property
+    def fast(self) -> bool:
+        return self.backend == "fast"
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """int64 on the reference backend, the narrowest dtype of the declared range on fast."""
+        return code_dtype(int(self.qmin), int(self.qmax)) if self.fast else _I64
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_cache", None)          # derived constants, rebuilt on first use
+        return state
+
+    def _cached(self, name: str, key: tuple, build: Any) -> Any:
+        """``build()``, kept until ``key`` changes."""
+        cache = self.__dict__.setdefault("_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = cache[name] = (key, build())
+        return hit[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +144,7 @@ class Quantize(IntSimModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax, self.rounding,
-                              where=f"int-sim quantize '{self.where}'")
+                              where=f"int-sim quantize '{self.where}'", dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale:.6g}, zero_point={self.zero_point}, "
@@ -134,7 +165,7 @@ class Dequantize(IntSimModule):
         self.qmin, self.qmax = -(2 ** 63), 2 ** 63 - 1
 
     def forward(self, q: Tensor) -> Tensor:
-        s = _channel_view(self.scale, q, self.axis)
+        s = channel_view(self.scale, q, self.axis, "scale")
         return ((q.to(torch.float64) - self.zero_point) * s).to(torch.float32)
 
     def extra_repr(self) -> str:
@@ -175,21 +206,27 @@ class Requantize(IntSimModule):
         self.rounding, self.multiplier_bits, self.axis = rounding, int(multiplier_bits), axis
         self.backend = "reference"
         self.proven = False
-        self._fast: tuple[Any, PreparedRequant] | None = None
+        self.in_max_abs: int | None = None     # proven max |q − z_in| (see prove)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_fast"] = None              # derived constants, rebuilt on first use
-        return state
+    def _key(self) -> tuple:
+        return _versions(self.multiplier, self.shift, self.scale_f32) + (
+            self.in_zero_point, self.out_zero_point, self.qmin, self.qmax, self.in_max_abs)
 
-    def _prepared(self, x: Tensor) -> PreparedRequant:
-        key = (x.dim(), self.multiplier._version, self.shift._version, id(self.multiplier))
-        if self._fast is None or self._fast[0] != key:
-            self._fast = (key, PreparedRequant(_channel_view(self.multiplier, x, self.axis),
-                                               _channel_view(self.shift, x, self.axis),
-                                               self.out_zero_point, self.rounding,
-                                               self.multiplier_bits))
-        return self._fast[1]
+    def plan(self, bound: int, *, bias_f: Tensor | None = None, pre_shift: int = 0,
+             pre_add: Tensor | int | None = None) -> RequantPlan:
+        """The fast backend's exact form of this requantization for accumulators ``A = acc·2^
+        pre_shift + pre_add`` with ``|A| <= bound`` (see :class:`RequantPlan`)."""
+        return RequantPlan(self.rounding, multiplier=self.multiplier, shift=self.shift,
+                           zero_point=self.out_zero_point, qmin=self.qmin, qmax=self.qmax,
+                           bound=bound, multiplier_bits=self.multiplier_bits,
+                           scale_f32=self.scale_f32 if self.rounding == "float-rne" else None,
+                           bias_f=bias_f, pre_shift=pre_shift, pre_add=pre_add)
+
+    def _table(self) -> Tensor:
+        """The output code of every input code ``z_in ± in_max_abs`` (reference arithmetic)."""
+        b = int(self.in_max_abs or 0)
+        codes = torch.arange(self.in_zero_point - b, self.in_zero_point + b + 1)
+        return self._reference(codes, None).to(self.out_dtype)
 
     def prove(self, in_max_abs: int) -> bool:
         """Record that every input satisfies ``|q − z_in| <= in_max_abs``; the fast backend then
@@ -199,19 +236,37 @@ class Requantize(IntSimModule):
         left = int(self.shift.clamp(min=0).max()) if self.shift.numel() else 0
         self.proven = in_max_abs <= limit and (self.rounding != "gemmlowp"
                                                or (in_max_abs << left) <= limit)
+        self.in_max_abs = int(in_max_abs) if self.proven else None
         return self.proven
 
     def forward(self, q: Tensor, bias_f: Tensor | None = None, owned: bool = False) -> Tensor:
         """``owned``: the caller hands over ``q`` (a fresh accumulator) for in-place work."""
-        x = q - self.in_zero_point if self.in_zero_point else q
-        if self.backend == "fast" and self.proven:
-            if self.rounding == "float-rne":
-                return requantize_float_fast(
-                    x, _channel_view(self.scale_f32, x, self.axis), self.out_zero_point,
-                    self.qmin, self.qmax,
-                    None if bias_f is None else _channel_view(bias_f, x, self.axis))
-            return requantize_prepared(x, self._prepared(x), self.qmin, self.qmax,
-                                       inplace=owned or bool(self.in_zero_point))
+        if self.fast and self.proven:
+            b = int(self.in_max_abs or 0)
+            if bias_f is None and self.multiplier.numel() == 1 and 2 * b + 1 <= _MAX_TABLE:
+                # narrow input codes: a float32 affine map checked on every code, else a table
+                table = self._cached("table", self._key(), self._table)
+                affine = self._cached("affine", self._key(), lambda: AffineFloor.fit(
+                    torch.arange(self.in_zero_point - b, self.in_zero_point + b + 1),
+                    table.to(_I64), float(self.real[0]), self.qmin, self.qmax, self.out_dtype))
+                if affine is not None:
+                    return affine.apply(q, torch.empty_like(q, dtype=self.out_dtype))
+                return lut_gather(table, q, self.in_zero_point - b)
+            if bias_f is None:
+                plan = self._cached("plan", self._key(),
+                                    lambda: self.plan(b, pre_add=-self.in_zero_point))
+                out = torch.empty_like(q, dtype=self.out_dtype)
+                return plan.apply(q, out, axis=-1 if self.axis is None else self.axis,
+                                  owned=owned)
+            x = q.to(_I64) - self.in_zero_point
+            return requantize_float_fast(
+                x, channel_view(self.scale_f32, x, self.axis, "scale"), self.out_zero_point,
+                self.qmin, self.qmax, channel_view(bias_f, x, self.axis, "bias")
+            ).to(self.out_dtype)
+        return self._reference(q, bias_f)
+
+    def _reference(self, q: Tensor, bias_f: Tensor | None) -> Tensor:
+        x = q.to(_I64) - self.in_zero_point
         if self.rounding == "float-rne":
             return requantize_float(x, self.scale_f32, self.out_zero_point, self.qmin, self.qmax,
                                     axis=self.axis, bias=bias_f)
@@ -309,7 +364,7 @@ class IntLayer(IntSimModule):
         if self.acc_shift:
             acc = acc << self.acc_shift
         if bias is not None:
-            acc = acc + _channel_view(bias, acc, self.channel_axis)
+            acc = acc + channel_view(bias, acc, self.channel_axis, "bias")
         return acc
 
     def _prepare(self, kernel: str) -> Any:
@@ -328,16 +383,70 @@ class IntLayer(IntSimModule):
         raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state["_prepared"] = None          # derived, rebuilt on first use
         return state
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if self.kernel != "reference":
+            return self._fast_forward(x)
         if self.requant is None:
             return self.accumulate(x)
         if self._float_bias_fused:
             return self.requant(self.accumulate(x, with_bias=False), bias_f=self.bias_f)
         return self.requant(self.accumulate(x), owned=True)
+
+    def _fast_forward(self, x: Tensor) -> Tensor:
+        """Accumulator rows from the fast kernel, then one fused pass per chunk: the kernel's
+        offset, the bias and its fractional bits, and the requantization (:class:`RequantPlan`)
+        straight into narrow output codes."""
+        p = self._prepare(self.kernel)
+        run, rebuild = self._blocks(x, p)
+        plan, add = self._epilogue(p)
+        rq = self.requant
+        # no plan: the accumulator itself (e.g. logits), or a requantization whose int32
+        # preconditions the lowering could not prove for every accumulator (checked per value)
+        dt = self.out_dtype if plan is not None or rq is None else _I64
+        out = torch.empty((run.rows, int(self.w_q.shape[0])), dtype=dt)
+        for r0, r1, acc in run.blocks:
+            if plan is not None:
+                plan.apply(acc, out[r0:r1], owned=True)
+                continue
+            a = acc.round().to(_I64) if acc.is_floating_point() else acc.to(_I64)
+            if self.acc_shift:
+                a <<= self.acc_shift
+            out[r0:r1] = a if add is None else a.add_(add)
+        if plan is None and rq is not None:
+            return rq._reference(rebuild(out), self.bias_f if self._float_bias_fused
+                                 else None).to(self.out_dtype)
+        return rebuild(out)
+
+    def _epilogue(self, p: Any) -> tuple[RequantPlan | None, Tensor | None]:
+        """(plan, A − acc·2^k per channel): the int8 kernel's offset and the integer bias folded
+        into one int64 vector; cached until the weights or the requantization change."""
+        rq = self.requant
+        key = (self.kernel, self.x_zero_point) + _versions(
+            self.w_q, self.w_zp, self.bias_q, self.bias_f) + (self.acc_shift, id(rq)) + (
+            rq._key() if rq is not None else ())
+
+        def build() -> tuple[RequantPlan | None, Tensor | None]:
+            k = self.acc_shift
+            offset = (p.x_offset - self.x_zero_point) * p.w_colsum \
+                if p.kernel == "int8-mm" and p.x_offset != self.x_zero_point else None
+            add = None if offset is None else offset << k
+            float_bias = self._float_bias_fused
+            if self.bias_q is not None and not float_bias:
+                add = self.bias_q.clone() if add is None else add + self.bias_q
+            if rq is None or not rq.proven:
+                return None, add
+            return rq.plan(self.acc_max, bias_f=self.bias_f if float_bias else None,
+                           pre_shift=k, pre_add=add), add
+        return self._cached("epilogue", key, build)
+
+    def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
+        """(the fast kernel's accumulator as blocks of rows (pixels, out channels), the function
+        from the (rows, out channels) result to the output tensor)."""
+        raise NotImplementedError
 
     def _int_repr(self) -> str:
         out = f"kernel={self.kernel} (fast={self.fast_kernel}), acc_bits={self.acc_bits}"
@@ -365,6 +474,11 @@ class _IntConv(IntLayer):
 
     def _fast_acc(self, x: Tensor, prepared: Any, add: Tensor | None = None) -> Tensor:
         return fast_conv(x, prepared, self.x_zero_point, add)
+
+    def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
+        run = conv_blocks(x, p, self.x_zero_point)
+        n = x.shape[0]
+        return run, lambda rows: rows_to_output(rows, n, run.out_sizes)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + ", " + self._int_repr()  # type: ignore[arg-type]
@@ -399,6 +513,11 @@ class IntLinear(IntLayer, nn.Linear):
 
     def _fast_acc(self, x: Tensor, prepared: Any, add: Tensor | None = None) -> Tensor:
         return fast_linear(x, prepared, self.x_zero_point, add)
+
+    def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
+        lead = x.shape[:-1]
+        return (linear_blocks(x, p, self.x_zero_point),
+                lambda rows: rows.reshape(*lead, rows.shape[-1]))
 
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + ", " + self._int_repr()
@@ -468,9 +587,49 @@ class IntAdd(IntSimModule):
             self.register_buffer("out_multiplier", mo)
             self.register_buffer("out_shift", so)
 
+    def _grid(self, i: int) -> tuple[int, int]:
+        """(lowest code, number of codes) of input ``i`` (``z_i ± max |q_i − z_i|``)."""
+        z, m = self.in_zero_points[i], self.in_max_abs[i]
+        return z - m, 2 * m + 1
+
+    def _table(self) -> Tensor:
+        """The output code of every pair of input codes (this module's reference arithmetic)."""
+        (a0, na), (b0, nb) = self._grid(0), self._grid(1)
+        a = torch.arange(a0, a0 + na).repeat_interleave(nb)
+        b = torch.arange(b0, b0 + nb).repeat(na)
+        return self._reference(a, b).to(self.out_dtype)
+
     def forward(self, *qs: Tensor) -> Tensor:
         if len(qs) != len(self.in_scales):
             raise NumericsError(f"IntAdd expects {len(self.in_scales)} inputs, got {len(qs)}")
+        if not self.fast:
+            return self._reference(*qs)
+        if self.mode == "exact":
+            # exact sum in the narrowest dtype that holds it, then the output clamp
+            lo = sum(z - m for z, m in zip(self.in_zero_points, self.in_max_abs))
+            hi = sum(z + m for z, m in zip(self.in_zero_points, self.in_max_abs))
+            c = self.out_zero_point - sum(self.in_zero_points)
+            dt = code_dtype(min(lo, lo + c, -1), max(hi, hi + c, 1))
+            y = scratch_like("add-sum", qs[0], dt).copy_(qs[0])
+            for q in qs[1:]:       # same-dtype adds: mixed-dtype in-place adds are slow
+                y += scratch_like("add-term", q, dt).copy_(q)
+            if c:
+                y += c
+            y.clamp_(self.qmin, self.qmax)
+            return torch.empty_like(qs[0], dtype=self.out_dtype).copy_(y)
+        if len(qs) == 2 and self._grid(0)[1] * self._grid(1)[1] <= _MAX_TABLE:
+            # two narrow inputs: one exact table lookup per value
+            key = (tuple(self.in_scales), tuple(self.in_zero_points), tuple(self.in_max_abs),
+                   self.out_scale, self.out_zero_point, self.qmin, self.qmax) + _versions(
+                *(getattr(self, n, None) for n in ("in_multiplier", "in_shift", "out_multiplier",
+                                                   "out_shift")))
+            table = self._cached("table", key, self._table)
+            (a0, _), (b0, nb) = self._grid(0), self._grid(1)
+            return lut_gather2(table, qs[0], a0, qs[1], b0, nb)
+        return self._reference(*qs).to(self.out_dtype)
+
+    def _reference(self, *qs: Tensor) -> Tensor:
+        qs = tuple(q.to(_I64) for q in qs)
         if self.mode == "exact":
             y = qs[0] + qs[1] if len(qs) > 1 else qs[0].clone()
             for q in qs[2:]:
@@ -488,7 +647,7 @@ class IntAdd(IntSimModule):
             y = torch.round(v * inv).to(_I64) + self.out_zero_point
             return y.clamp(self.qmin, self.qmax)
         acc = None
-        fast = self.backend == "fast"   # inputs are proven inside their declared ranges
+        fast = self.fast                # inputs are proven inside their declared ranges
         for i, (q, z) in enumerate(zip(qs, self.in_zero_points)):
             x = (q - z) * (1 << self.left_shift)
             if fast:
@@ -531,6 +690,7 @@ class IntMul(IntSimModule):
                              multiplier_bits=multiplier_bits)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a, b = a.to(_I64), b.to(_I64)
         if self.rounding == "float-rne":
             xa = (a - self.a_zero_point).to(torch.float32) * torch.tensor(self.a_scale,
                                                                           dtype=torch.float32)
@@ -538,8 +698,8 @@ class IntMul(IntSimModule):
                                                                           dtype=torch.float32)
             inv = 1.0 / torch.tensor(self.out_scale, dtype=torch.float32)
             y = torch.round((xa * xb) * inv).to(_I64) + self.out_zero_point
-            return y.clamp(self.qmin, self.qmax)
-        return self.rq((a - self.a_zero_point) * (b - self.b_zero_point))
+            return y.clamp(self.qmin, self.qmax).to(self.out_dtype)
+        return self.rq((a - self.a_zero_point) * (b - self.b_zero_point), owned=True)
 
     def extra_repr(self) -> str:
         return (f"M={self.a_scale * self.b_scale / self.out_scale:.6g}, z_a={self.a_zero_point}, "
@@ -557,7 +717,7 @@ class IntCat(IntSimModule):
         self.requants = nn.ModuleList([r if r is not None else nn.Identity() for r in requants])
 
     def forward(self, *qs: Tensor) -> Tensor:
-        return torch.cat([r(q) for r, q in zip(self.requants, qs)], self.dim)
+        return torch.cat([r(q).to(self.out_dtype) for r, q in zip(self.requants, qs)], self.dim)
 
     def extra_repr(self) -> str:
         n = sum(not isinstance(r, nn.Identity) for r in self.requants)
@@ -579,8 +739,11 @@ class IntMaxPool(IntSimModule):
         self.qmin, self.qmax = int(qmin), int(qmax)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast:      # on the narrow codes themselves, channels-last
+            return max_pool_codes(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                  self.ceil_mode)
         return int_max_pool(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                            self.ceil_mode)
+                            self.ceil_mode).to(x.dtype if self.fast else _I64)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -594,7 +757,8 @@ class IntAvgPoolSum(IntSimModule):
     (no rounding); the next requantization applies the fixed-point reciprocal. ``mode``: ``avg``
     (kernel/stride/padding, ``count_include_pad``, ``divisor_override``) or ``adaptive``
     (``output_size``). The counts depend on the spatial size the graph was lowered for; another
-    size raises :class:`NumericsError`.
+    size raises :class:`NumericsError`. ``zero_point`` is the input's: padding is the real value 0,
+    i.e. the code ``z``, wherever the divisor counts padded positions.
     """
 
     factor: Tensor
@@ -602,8 +766,9 @@ class IntAvgPoolSum(IntSimModule):
     def __init__(self, mode: str, *, lcm: int, factor: Tensor, qmin: int, qmax: int,
                  kernel_size: Any = None, stride: Any = None, padding: Any = 0,
                  count_include_pad: bool = True, divisor_override: int | None = None,
-                 output_size: Any = None) -> None:
+                 output_size: Any = None, zero_point: int = 0) -> None:
         super().__init__()
+        self.zero_point = int(zero_point)
         self.mode, self.lcm = mode, int(lcm)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
@@ -614,13 +779,18 @@ class IntAvgPoolSum(IntSimModule):
     def window_sums(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.mode == "adaptive":
             return adaptive_avg_pool_sum(x, self.output_size)
-        sums, counts = int_avg_pool_sum(x, self.kernel_size, self.stride, self.padding)
+        sums, present = int_avg_pool_sum(x, self.kernel_size, self.stride, self.padding)
+        counts = present
         if self.divisor_override:
-            counts = torch.full_like(counts, int(self.divisor_override))
+            counts = torch.full_like(present, int(self.divisor_override))
         elif self.count_include_pad:
             k = self.kernel_size
-            counts = torch.full_like(counts, math.prod(k) if isinstance(k, (tuple, list)) else
+            counts = torch.full_like(present, math.prod(k) if isinstance(k, (tuple, list)) else
                                      int(k) ** (x.dim() - 2))
+        if self.zero_point:
+            # int_avg_pool_sum pads with code 0; the float pool pads with 0.0, whose code is z:
+            # Σ(q − z)/D = (Σ q + (D − present)·z)/D − z
+            sums = sums + (counts - present) * self.zero_point
         return sums, counts
 
     def forward(self, x: Tensor) -> Tensor:
@@ -632,12 +802,13 @@ class IntAvgPoolSum(IntSimModule):
                 f"int-sim average pool: the window counts for input {tuple(x.shape)} differ from "
                 "those the graph was lowered for (the output scale depends on them); lower the "
                 "graph again with example inputs of this spatial size")
-        return sums * self.factor
+        return (sums * self.factor).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         what = (f"output_size={self.output_size}" if self.mode == "adaptive" else
                 f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}")
-        return f"mode={self.mode}, {what}, L={self.lcm}"
+        return f"mode={self.mode}, {what}, L={self.lcm}" + (
+            f", z_in={self.zero_point}" if self.zero_point else "")
 
 
 class IntClamp(IntSimModule):
@@ -654,8 +825,14 @@ class IntClamp(IntSimModule):
         self.qmin, self.qmax = int(self.lo.min()), int(self.hi.max())
 
     def forward(self, q: Tensor) -> Tensor:
-        return torch.minimum(torch.maximum(q, _channel_view(self.lo, q, self.axis)),
-                             _channel_view(self.hi, q, self.axis))
+        if not self.fast:
+            q = q.to(_I64)
+        elif not _holds(q.dtype, int(self.lo.min()), int(self.hi.max())):
+            q = q.to(torch.promote_types(q.dtype, code_dtype(int(self.lo.min()),
+                                                             int(self.hi.max()))))
+        lo = channel_view(self.lo, q, self.axis, "lo").to(q.dtype)
+        hi = channel_view(self.hi, q, self.axis, "hi").to(q.dtype)
+        return torch.minimum(torch.maximum(q, lo), hi).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         if self.lo.numel() == 1 and self.hi.numel() == 1:
@@ -683,7 +860,7 @@ class IntLUT(IntSimModule):
         self.qmin, self.qmax = int(qmin), int(qmax)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         fn = state.get("fn")
         if fn is not None:      # a lambda cannot be pickled (torch.save): keep the table only
             import pickle
@@ -694,7 +871,11 @@ class IntLUT(IntSimModule):
         return state
 
     def forward(self, q: Tensor) -> Tensor:
-        idx = q - self.in_qmin
+        if self.fast:
+            table = self._cached("table", _versions(self.table),
+                                 lambda: self.table.to(self.out_dtype))
+            return lut_gather(table, q, self.in_qmin)
+        idx = q.to(_I64) - self.in_qmin
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.table.numel()):
             raise NumericsError(f"int-sim lookup table '{self.fn_name}': input code outside "
                                 f"[{self.in_qmin}, {self.in_qmin + self.table.numel() - 1}]")
@@ -730,7 +911,7 @@ def set_backend(gm: torch.fx.GraphModule, backend: str) -> bool:
             k = "reference" if backend == "reference" else m.fast_kernel
             changed |= m.kernel != k
             m.kernel = k
-        if isinstance(m, (Requantize, IntAdd)):
+        if isinstance(m, IntSimModule):
             changed |= m.backend != backend
             m.backend = backend
     rec = gm.meta.get(INT_SIM_META_KEY)

@@ -208,10 +208,13 @@ def avgpool_sums_ref(x: np.ndarray, mod: IntAvgPoolSum) -> tuple[np.ndarray, np.
         idx = tuple(slice(off[i], off[i] + s[i] * (out[i] - 1) + 1, s[i]) for i in range(nd))
         sums += xp[(slice(None), slice(None)) + idx]
         counts += ones[idx]
+    present = counts
     if mod.divisor_override:
         counts = np.full_like(counts, int(mod.divisor_override))
     elif mod.count_include_pad:
         counts = np.full_like(counts, math.prod(k))
+    # padding is the real value 0: the code z at every padded position the divisor counts
+    sums = sums + (counts - present) * getattr(mod, "zero_point", 0)
     return sums, counts.reshape((1, 1) + tuple(out))
 
 
@@ -385,8 +388,11 @@ def _avgpool(mod: IntAvgPoolSum, x: np.ndarray) -> np.ndarray:
     lcm = 1
     for c in np.unique(counts):
         lcm = lcm * int(c) // math.gcd(lcm, int(c))
-    assert lcm == mod.lcm, f"window counts give L={lcm}, the module uses {mod.lcm}"
-    return sums * (lcm // counts)
+    # the module may keep k fractional bits of the mean, L·2^k (lowering._pool_frac_bits)
+    ratio = mod.lcm // lcm if mod.lcm % lcm == 0 else 0
+    assert ratio > 0 and ratio & (ratio - 1) == 0, \
+        f"window counts give L={lcm}, the module uses {mod.lcm} (not L·2^k)"
+    return sums * (mod.lcm // counts)
 
 
 def _clamp(mod: IntClamp, q: np.ndarray) -> np.ndarray:

@@ -42,7 +42,8 @@ from qpasses.errors import NumericsError
 
 __all__ = [
     "INT32_MAX", "INT32_MIN", "INTEGER_CONTRACTS", "MAX_SHIFT", "MIN_SHIFT", "ROUNDING_CONTRACTS",
-    "ROUND_SHIFT_MODES", "check_rounding_contract", "dyadic_multiplier", "fbgemm_scale",
+    "ROUND_SHIFT_MODES", "channel_view", "check_rounding_contract", "dyadic_multiplier",
+    "fbgemm_scale",
     "fixed_point_reciprocal", "multiply_by_quantized_multiplier",
     "quantize_multiplier", "requantize", "requantize_float", "requantize_from_scale", "round_shift",
     "rounding_divide_by_pot", "saturating_rounding_doubling_high_mul",
@@ -123,8 +124,9 @@ def _as_acc(acc: IntLike) -> Tensor:
     return t
 
 
-def _channel(param: Tensor, acc: Tensor, axis: int | None, name: str) -> Tensor:
-    """Place a per-channel 1-D parameter along ``axis`` of ``acc`` so that it broadcasts."""
+def channel_view(param: Tensor, acc: Tensor, axis: int | None, name: str = "parameter") -> Tensor:
+    """Place a per-channel 1-D parameter along ``axis`` of ``acc`` so that it broadcasts (a
+    1-element parameter becomes a scalar; NumericsError for a missing axis or a size mismatch)."""
     if param.numel() == 1:
         return param.reshape(())
     if param.dim() == 1:
@@ -315,8 +317,8 @@ def multiply_by_quantized_multiplier(acc: IntLike, multiplier: IntLike, shift: I
     _check_range(m, 0, m_hi, "multiplier",
                  f"{bits}-bit fixed-point multiplier, contract {rounding!r}")
     _check_range(s, MIN_SHIFT, MAX_SHIFT, "shift", "keeps int64 intermediates exact")
-    m = _channel(m, x, axis, "multiplier")
-    s = _channel(s, x, axis, "shift")
+    m = channel_view(m, x, axis, "multiplier")
+    s = channel_view(s, x, axis, "shift")
     if rounding == "gemmlowp":
         left = s.clamp(min=0)
         xl = torch.bitwise_left_shift(x, left)
@@ -343,7 +345,7 @@ def _finish(y: Tensor, zero_point: IntLike, qmin: int, qmax: int, axis: int | No
         raise NumericsError(f"qmin ({qmin}) must be <= qmax ({qmax})")
     z = _as_int64(zero_point, "zero_point")
     _check_range(z, INT32_MIN, INT32_MAX, "zero_point", "int32 zero point")
-    return (y + _channel(z, y, axis, "zero_point")).clamp(qmin, qmax)
+    return (y + channel_view(z, y, axis, "zero_point")).clamp(qmin, qmax)
 
 
 def requantize(acc: IntLike, multiplier: IntLike, shift: IntLike, zero_point: IntLike = 0,
@@ -372,13 +374,13 @@ def requantize_float(acc: IntLike, scale: ScaleLike, zero_point: IntLike = 0, qm
     accumulator units (``b / (s_x * s_w)`` computed in float32), per channel along ``axis``.
     """
     x = _as_acc(acc)
-    sc = _channel(_as_scale(scale).to(torch.float32), x, axis, "scale")
+    sc = channel_view(_as_scale(scale).to(torch.float32), x, axis, "scale")
     xf = x.to(torch.float32)
     if bias is not None:
         b = torch.as_tensor(bias)
         if not b.is_floating_point():
             raise NumericsError(f"bias must be a float tensor, got dtype {b.dtype}")
-        xf = xf + _channel(b.to(torch.float32), x, axis, "bias")
+        xf = xf + channel_view(b.to(torch.float32), x, axis, "bias")
     y = torch.round(xf * sc)
     # Clip before the int64 cast (huge scales); 2**40 is far outside any int32 qmin/qmax + zp range.
     y = y.clamp(-2.0 ** 40, 2.0 ** 40).to(torch.int64)

@@ -87,9 +87,12 @@ def assert_backends_bit_exact(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict
     for name, v in ref.items():
         if isinstance(v, torch.Tensor):
             w = fast[name]
-            assert v.dtype == w.dtype and v.shape == w.shape, name
-            assert torch.equal(v, w), (f"node {name}: fast and reference differ in "
-                                       f"{int((v != w).sum())} values")
+            assert v.shape == w.shape, name
+            # the fast backend keeps integer codes in the narrowest dtype of their declared range
+            assert v.dtype == w.dtype or (v.dtype == torch.int64 and not w.dtype.is_floating_point
+                                          and w.dtype != torch.bool), (name, v.dtype, w.dtype)
+            assert torch.equal(v, w.to(v.dtype)), (f"node {name}: fast and reference differ in "
+                                                   f"{int((v != w.to(v.dtype)).sum())} values")
             compared += 1
     assert compared > 0
     return fast

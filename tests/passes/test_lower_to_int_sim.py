@@ -186,10 +186,23 @@ def _hand_layer(fq_gm, gm, x, rounding, act):
             k = k_rows.get(o)
             if k is None:   # the bias's fractional bits, as the lowering chose them
                 k = k_rows[o] = gm.get_submodule("layer").acc_shift
-            a = acc * 2 ** k + (round(bias[o] * 2 ** k / sxw) if bias is not None else 0)
+            lowered = gm.get_submodule("layer")
+            if bias is None:
+                b_q = 0
+            elif _zero_kernel(w_q[o], int(z_w[o])):
+                # a 0-bit kernel outputs its bias only; the lowering picks the integer bias whose
+                # output equals the fake-quant constant (lowering._exact_zero_kernel_constants)
+                b_q = int(lowered.bias_q[o])
+            else:
+                b_q = round(bias[o] * 2 ** k / sxw)
+            a = acc * 2 ** k + b_q
             y = _contract(a, sxw / s_y / 2 ** k, rounding)
         out[pos] = min(max(y + z_y, lo), hi)
     return out, torch.round(fv[out_name].double() / s_y).long() + z_y
+
+
+def _zero_kernel(w, z) -> bool:
+    return bool((np.asarray(w) == z).all())
 
 
 def _target(gm, name):
@@ -302,6 +315,30 @@ def test_pools_joins_tables_and_mixed_bits(joins, rounding):
     assert (requantized == 0) if joins == "shared" else (requantized >= 1)
     # 0-bit kernels produce no contribution: their weights are exactly 0
     assert int(gm.get_submodule("dw").w_q[7].abs().sum()) == 0
+
+
+class PaddedPool(nn.Module):
+    """An average pool that counts its zero padding, on a grid whose zero point is not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)
+
+    def forward(self, x):
+        return self.b(self.pool(F.relu(self.a(x) + self.c(x))))
+
+
+def test_counted_padding_of_an_average_pool_is_the_zero_point():
+    """The float pool pads with 0.0, whose code is z: a sum over codes padded with 0 was off by up
+    to z·(padded)/count codes at the border (132 LSB here before the fix)."""
+    torch.manual_seed(0)
+    gm, x, cal = calibrated(PaddedPool().eval(), (2, 3, 6, 6), fq="act-scheme=affine")
+    fq, gm = lower(gm, x, cal, "rounding=gemmlowp", verify="samples=2")
+    assert gm.get_submodule("int_sim.pool").zero_point != 0
+    assert max(int((a - b).abs().max()) for _, a, b in codes_at(fq, gm, x)) <= 1
+    assert_backends_bit_exact(gm, x)
 
 
 def test_lookup_tables_equal_the_fake_quant_nonlinearity():
