@@ -383,6 +383,44 @@ def bench_ptq_bitsplit(cfg: argparse.Namespace) -> Section:
     return sec
 
 
+def _search_step_section(name: str, cfg: argparse.Namespace, runs: dict[str, Callable[[], dict]],
+                         note: str) -> Section:
+    """A section of search-step times: each run returns {variant: step times}, the fixed-bit
+    QAT step ("qat") of the same run is the ratio's base."""
+    sec = Section(name, ratio_label="ratio vs QAT step")
+    for label, run in runs.items():
+        times = run()
+        base = statistics.median(times["qat"])
+        for variant, ts in times.items():
+            sec.rows.append(Row(sec.name, f"{label}: {variant}", ts,
+                                ratio=statistics.median(ts) / base))
+    sec.notes.append(f"{note}; ResNet-18 batch 8 at 224x224, forward + backward + SGD step, "
+                     f"{cfg.repeat} interleaved steps (+1 warm-up), "
+                     f"{torch.get_num_threads()} threads")
+    return sec
+
+
+@benchmark("fracbits-step", "FracBits search step vs fixed-bit fake-quant QAT step "
+                            "(issue 7 target: <= 1.3x)")
+def bench_fracbits_step(cfg: argparse.Namespace) -> Section:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from bench_fracbits import measure  # tools/bench_fracbits.py
+    return _search_step_section(
+        "fracbits-step", cfg,
+        {g: (lambda g=g: measure(steps=cfg.repeat, granularity=g)) for g in ("layer", "kernel")},
+        "W3A3 DoReFa/PACT QAT vs insert-fracbits (+ BitOPs penalty and λ clamp)")
+
+
+@benchmark("gmpq-step", "GMPQ search step (attribution loss, double backprop) and EdMIPS-style "
+                        "step vs fixed-bit QAT step (issue 8 target: <= 3x)")
+def bench_gmpq_step(cfg: argparse.Namespace) -> Section:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from bench_gmpq import measure  # tools/bench_gmpq.py
+    return _search_step_section(
+        "gmpq-step", cfg, {"candidates {2,3,4}": lambda: measure(steps=cfg.repeat)},
+        "W4A4 PACT QAT vs insert-gmpq-supernet with search_loss (official-code form)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Integer simulation (issue 5): int-sim reference / fast vs the fake-quant graph, fp32, fbgemm
 

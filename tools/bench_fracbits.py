@@ -25,6 +25,51 @@ from passes_registry import PassContext, PassManager  # noqa: E402
 from qpasses.search import fracbits as fb  # noqa: E402
 
 
+def measure(batch: int = 8, size: int = 224, steps: int = 5,
+            granularity: str = "layer") -> dict[str, list[float]]:
+    """Step times (s) of a fixed-bit QAT graph and a FracBits graph, interleaved."""
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    ann = "annotate-bitwidths{weight-bits=3 act-bits=3}"
+    graphs = {}
+    for name, tail in (("qat", "insert-fake-quant{weight-scheme=dorefa act-scheme=pact}"),
+                       ("fracbits", f"insert-fracbits{{granularity={granularity}}}")):
+        gm = qpasses.trace(resnet18().eval(), (x[:1],))
+        with PassContext(example_inputs=(x[:1],)):
+            gm = PassManager.parse(f"graph({ann},{tail})").run(gm)
+        gm.train()
+        graphs[name] = (gm, torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9))
+    target = float(fb.model_cost(graphs["fracbits"][0], detach=True)) * 0.9
+
+    def step(name):
+        gm, opt = graphs[name]
+        loss = F.cross_entropy(gm(x), y)
+        if name == "fracbits":
+            loss = loss + fb.penalty(gm, target_bitops=target, kappa=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if name == "fracbits":
+            fb.clamp_lambdas(gm)
+
+    return interleaved_steps({n: (lambda n=n: step(n)) for n in graphs}, steps)
+
+
+def interleaved_steps(steps_by_name, steps: int) -> dict[str, list[float]]:
+    """One warm-up call each, then ``steps`` rounds calling every variant once (shared noise)."""
+    times = {name: [] for name in steps_by_name}
+    for fn in steps_by_name.values():
+        fn()
+    for _ in range(steps):
+        for name, fn in steps_by_name.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -35,40 +80,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from torchvision.models import resnet18
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
-    ann = "annotate-bitwidths{weight-bits=3 act-bits=3}"
-    graphs = {}
-    for name, tail in (("qat", "insert-fake-quant{weight-scheme=dorefa act-scheme=pact}"),
-                       ("fracbits", f"insert-fracbits{{granularity={args.granularity}}}")):
-        gm = qpasses.trace(resnet18().eval(), (x[:1],))
-        with PassContext(example_inputs=(x[:1],)):
-            gm = PassManager.parse(f"graph({ann},{tail})").run(gm)
-        gm.train()
-        graphs[name] = (gm, torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9))
-    target = float(fb.model_cost(graphs["fracbits"][0], detach=True)) * 0.9
-
-    def step(name):
-        gm, opt = graphs[name]
-        t = time.perf_counter()
-        loss = F.cross_entropy(gm(x), y)
-        if name == "fracbits":
-            loss = loss + fb.penalty(gm, target_bitops=target, kappa=0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if name == "fracbits":
-            fb.clamp_lambdas(gm)
-        return time.perf_counter() - t
-
-    times = {"qat": [], "fracbits": []}
-    for name in times:
-        step(name)  # warm-up
-    for _ in range(args.steps):
-        for name in times:
-            times[name].append(step(name))
+    times = measure(args.batch, args.size, args.steps, args.granularity)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"ResNet-18 batch {args.batch} {args.size}x{args.size}, {torch.get_num_threads()} "
           f"threads: QAT step {med['qat']:.3f}s, FracBits ({args.granularity}) step "

@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,23 +29,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
 from qpasses.search import gmpq  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_fracbits import interleaved_steps  # noqa: E402  (tools/)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--zeta", type=float, default=3e-4)
-    ap.add_argument("--eta", type=float, default=20.0)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def measure(batch: int = 8, size: int = 224, steps: int = 5, zeta: float = 3e-4,
+            eta: float = 20.0) -> dict[str, list[float]]:
+    """Step times (s) of a fixed-bit QAT graph, an EdMIPS-style supernet (no attribution) and a
+    GMPQ supernet (attribution loss, double backprop), interleaved."""
     from torchvision.models import resnet18
     torch.manual_seed(0)
     model = resnet18().eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
     ann = "annotate-bitwidths{weight-bits=4 act-bits=4}"
     tails = {"qat": "insert-fake-quant{weight-scheme=symmetric per-channel=false act-scheme=pact}",
              "edmips": "insert-gmpq-supernet{w-candidates=[2,3,4] a-candidates=[2,3,4]}",
@@ -69,26 +64,32 @@ def main(argv=None):
 
     def step(name):
         gm, opts = graphs[name]
-        t = time.perf_counter()
         if name == "qat":
             loss = F.cross_entropy(gm(x), y)
         else:
             loss = gmpq.search_loss(gm, x, y, teacher=teacher if name == "gmpq" else None,
-                                    zeta=args.zeta, eta=args.eta if name == "gmpq" else 0.0,
+                                    zeta=zeta, eta=eta if name == "gmpq" else 0.0,
                                     options=gmpq.OFFICIAL_CODE).total
         for o in opts:
             o.zero_grad()
         loss.backward()
         for o in opts:
             o.step()
-        return time.perf_counter() - t
 
-    times = {name: [] for name in graphs}
-    for name in times:
-        step(name)  # warm-up
-    for _ in range(args.steps):
-        for name in times:
-            times[name].append(step(name))
+    return interleaved_steps({n: (lambda n=n: step(n)) for n in graphs}, steps)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--zeta", type=float, default=3e-4)
+    ap.add_argument("--eta", type=float, default=20.0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    times = measure(args.batch, args.size, args.steps, args.zeta, args.eta)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"ResNet-18 batch {args.batch} {args.size}x{args.size}, {torch.get_num_threads()} "
           f"thread(s), median of {args.steps} steps: QAT {med['qat']:.3f}s, EdMIPS-style "
