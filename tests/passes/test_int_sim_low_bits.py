@@ -22,6 +22,7 @@ import qpasses
 from passes_registry import PassContext, PassManager
 from qpasses.lower import IntLayer
 from qpasses.lower.int_sim import INT_SIM_META_KEY, IntAvgPoolSum
+from qpasses.passes.lower.verify_int_sim import record_run
 
 from .int_sim_helpers import assert_backends_bit_exact, lower
 
@@ -43,19 +44,6 @@ def _fake_quant(digits: Any, bits: int, wscheme: str, ascheme: str
             f"act-bits={bits} first-last-bits=8}},insert-fake-quant{{weight-scheme={wscheme} "
             f"act-scheme={ascheme}}},calibrate)").run(gm)
     return gm, x, cal
-
-
-class _Values(torch.fx.Interpreter):
-    """Every node's value (cloned: later in-place ops cannot change it)."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        v = super().run_node(n)
-        self.values[n.name] = v.clone() if isinstance(v, torch.Tensor) else v
-        return v
 
 
 class _Forced(torch.fx.Interpreter):
@@ -83,10 +71,9 @@ class _Forced(torch.fx.Interpreter):
 def _local(fq: torch.fx.GraphModule, gm: torch.fx.GraphModule, x: torch.Tensor
            ) -> dict[str, torch.Tensor]:
     rec = gm.meta[INT_SIM_META_KEY]
-    iv = _Values(gm)
+    values = record_run(gm, (x,))
     with torch.no_grad():
-        iv.run(x)
-        f = _Forced(fq, rec["fq_map"], iv.values)
+        f = _Forced(fq, rec["fq_map"], values)
         f.run(x)
     assert len(f.diff) == len(rec["fq_map"]) >= 5
     return f.diff
