@@ -200,3 +200,18 @@ def test_shared_module_is_one_decision_costed_over_all_calls():
         body = [r for r in bitops.rows if r.name == "body"]
         assert len(body) == 2 and body[0].w_bits_per_kernel == body[1].w_bits_per_kernel
         assert bitops.total == res.total_cost <= target * 0.8
+
+
+def test_kernelwise_zero_bits_never_remove_a_whole_layer():
+    gm = traced("resnet18")
+    target = _uniform(gm, 3, " granularity=kernel") * 0.4 / 1e9
+    cands = (0, 2, 3, 4, 5, 6, 7, 8)
+
+    def dead_layers(keep):
+        res = solve_bitwidths(gm, SolveBitwidthsOptions(
+            target_bitops=target, granularity="kernel", candidates=cands, keep_one_kernel=keep))
+        assert res.total_cost <= target * 1e9
+        return [n for n, b in res.bits.items() if max(b) == 0]
+
+    assert dead_layers(True) == []
+    assert len(dead_layers(False)) >= 5     # what the per-kernel errors alone would choose

@@ -101,6 +101,10 @@ class SolveBitwidthsOptions:
         "help": "keep the first and last layers' annotated weight bits (FracBits pins them to 8)"})
     probes: int = field(default=8, metadata={
         "help": "Rademacher probes of the Hutchinson estimate (sensitivity=hessian)"})
+    keep_one_kernel: bool = field(default=True, metadata={
+        "help": "kernel-wise with 0 among the candidates: in every layer the kernel that 0 bits "
+                "would hurt most keeps a non-zero width, so no layer is pruned away (it would "
+                "compute a constant); false: whole layers may reach 0 bits"})
     time_limit: float | None = field(default=60.0, metadata={
         "help": "seconds the MILP may take to prove optimality; then the best allocation found "
                 "is used (stats: optimal=0). Many kernels with equal costs make proofs slow; "
@@ -295,10 +299,22 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
         c_rows = per_cand[:, keep].tolist()
         e_rows = err[:, keep].tolist()
         b_row = [cands[j] for j in keep]
+        b_rows = [b_row] * n_items
+        if opts.granularity == "kernel" and opts.keep_one_kernel and 0 in b_row and \
+                len(b_row) > 1:
+            # the kernel whose 0-bit error exceeds its best non-zero error the most
+            j0 = b_row.index(0)
+            e = err[:, keep]
+            others = torch.cat([e[:, :j0], e[:, j0 + 1:]], dim=1).min(dim=1).values
+            c = int(torch.argmax(e[:, j0] - others))
+            c_rows[c] = c_rows[c][:j0] + c_rows[c][j0 + 1:]
+            e_rows[c] = e_rows[c][:j0] + e_rows[c][j0 + 1:]
+            b_rows = list(b_rows)
+            b_rows[c] = b_row[:j0] + b_row[j0 + 1:]
         spans.append((len(item_costs), len(item_costs) + n_items))
         item_costs.extend(c_rows)
         item_errors.extend(e_rows)
-        item_bits.extend([b_row] * n_items)
+        item_bits.extend(b_rows)
 
     lo = fixed + sum(min(c) for c in item_costs)
     hi = fixed + sum(max(c) for c in item_costs)
