@@ -55,6 +55,9 @@ def test_verify_passes_and_reports_the_deviation(lowered):
     assert v["num_nodes_checked"] >= 8 and v["num_int_nodes"] >= 6
     assert v["fq_points"] >= 4 and v["codes_total"] > 0
     assert v["local_max_lsb_diff"] <= 1 and v["max_lsb_diff"] <= 3
+    # every quantization point is measured locally, also those reached through op chains
+    # (mean -> squeeze -> requantize before fc)
+    assert v["local_points"] == v["fq_points"]
     assert 0 < v["max_acc_bits_seen"] <= 32
     v2 = _verify(gm, x, "oracle=reference-backend backend=reference")
     assert v2["oracle"] == "reference-backend"

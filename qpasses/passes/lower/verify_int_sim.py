@@ -14,8 +14,9 @@ On ``samples`` inputs from ``PassContext.example_inputs`` / ``calibration_data``
    with the count and max |diff|;
 4. when ``lower-to-int-sim`` kept the fake-quant graph, measures the int-sim vs fake-quant
    deviation at every activation quantizer (codes, in LSB of that quantizer), per op without the
-   cascade (each op fed the fake-quant codes), and on the outputs (max |diff|, top-1 agreement
-   for 2-D logits).
+   cascade (the ops up to each quantization point, single or a chain such as pool → flatten →
+   requantize, fed the fake-quant codes of the previous points), and on the outputs (max |diff|,
+   top-1 agreement for 2-D logits).
 
 Stats (also stored in ``gm.meta["qpasses.int_sim"]["verify"]``): ``num_samples``,
 ``num_nodes_checked``, ``num_int_nodes``, ``max_acc_bits_seen``, ``fq_points``,
@@ -106,6 +107,30 @@ class _Recorder(torch.fx.Interpreter):
         # would otherwise rewrite the recorded value
         self.values[n.name] = torch.utils._pytree.tree_map(
             lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
+        return v
+
+
+class _LocalDeviation(torch.fx.Interpreter):
+    """Runs the integer graph with every quantization point's value replaced by the fake-quant
+    graph's codes, so each point's ops (the op itself, or a chain such as pool → flatten →
+    requantize) see the fake-quant inputs: the deviation each contributes, without the cascade."""
+
+    def __init__(self, gm: torch.fx.GraphModule, fq_codes: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.fq_codes = fq_codes
+        self.points = self.off = self.max_lsb = 0
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        v = super().run_node(n)
+        want = self.fq_codes.get(n.name)
+        if want is None or n.op == "placeholder":
+            return v
+        if isinstance(v, torch.Tensor) and v.shape == want.shape:
+            d = (v.to(torch.int64) - want).abs()
+            self.points += 1
+            self.off += int((d != 0).sum())
+            self.max_lsb = max(self.max_lsb, int(d.max()) if d.numel() else 0)
+            return want.to(v.dtype)
         return v
 
 
@@ -294,24 +319,10 @@ class VerifyIntSim(Pass):
             if isinstance(fv, torch.Tensor):
                 fq_codes[m["node"]] = torch.round(fv.double() / m["scale"]).to(torch.int64) \
                     + m["zero_point"]
-        mods = dict(gm.named_modules())
-        lpoints = loff = lmax = 0
-        for n in gm.graph.nodes:
-            mod = mods.get(str(n.target)) if n.op == "call_module" else None
-            if not isinstance(mod, IntSimModule) or n.name not in fq_codes or not n.args:
-                continue
-            args = n.args
-            if not all(isinstance(a, torch.fx.Node) and a.name in fq_codes for a in args):
-                continue
-            with torch.no_grad():
-                out = mod(*[fq_codes[a.name] for a in args])
-            want = fq_codes[n.name]
-            if out.shape != want.shape:
-                continue
-            d = (out - want).abs()
-            lpoints += 1
-            loff += int((d != 0).sum())
-            lmax = max(lmax, int(d.max()) if d.numel() else 0)
+        local = _LocalDeviation(gm, fq_codes)
+        with torch.no_grad():
+            local.run(*inputs)
+        lpoints, loff, lmax = local.points, local.off, local.max_lsb
         # final outputs: compare the graphs' outputs directly
         with torch.no_grad():
             yf = source(*inputs)
