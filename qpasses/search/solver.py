@@ -425,3 +425,56 @@ def solve(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], bud
         if _dp_cells(rc, cap)[1] <= dp_max_cells:
             return _dp(p, bits, t0, dp_max_cells)
     return _milp(p, bits, t0, time_limit, 0.0)
+
+
+def solve_pairs(items: Sequence[Sequence[tuple[int, int, float, float]]],
+                groups: Sequence[Sequence[int]], budget: float, lower: float | None = None,
+                time_limit: float | None = 20.0) -> list[tuple[int, int]] | None:
+    """Choose one (weight, activation) width pair per layer: ``items[i]`` lists layer i's
+    candidates as ``(w, a, cost, error)``; the layers of each ``groups`` entry read one tensor and
+    must share ``a``. Minimizes ``Σ error`` subject to ``lower <= Σ cost <= budget`` (HiGHS
+    MILP, with ``time_limit`` seconds to prove optimality). BitOPs cost ``w·a`` per MAC, so pairs
+    give a far finer cost grid than weights alone. Returns the pairs, or None when infeasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
+
+    cols = [(i, w, a) for i, cands in enumerate(items) for w, a, _, _ in cands]
+    cost = [c for cands in items for _, _, c, _ in cands]
+    err = [e for cands in items for _, _, _, e in cands]
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    gcols = sorted({(group_of[i], a) for i, _, a in cols if i in group_of})
+    gindex = {k: len(cols) + j for j, k in enumerate(gcols)}
+    nz = len(cols) + len(gcols)
+    entries: list[tuple[int, int, float]] = []        # (row, column, value)
+    lo: list[float] = []
+    hi: list[float] = []
+
+    def row(cells: list[tuple[int, float]], bound: float) -> None:
+        entries.extend((len(lo), j, v) for j, v in cells)
+        lo.append(bound)
+        hi.append(bound)
+
+    for i in range(len(items)):                       # one pair per layer
+        row([(j, 1.0) for j, (m, _, _) in enumerate(cols) if m == i], 1.0)
+    for g in range(len(groups)):                      # one width per group
+        row([(j, 1.0) for (gg, _), j in gindex.items() if gg == g], 1.0)
+    for i, g in group_of.items():                     # a layer's a = its group's a
+        for a in sorted({a for m, _, a in cols if m == i}):
+            row([(j, 1.0) for j, (m, _, aa) in enumerate(cols) if m == i and aa == a]
+                + [(gindex[(g, a)], -1.0)], 0.0)
+    r, c, v = zip(*entries)
+    rows = csr_array((v, (r, c)), shape=(len(lo), nz))
+    constraints = [LinearConstraint(rows, lo, hi)]
+    options = {"time_limit": time_limit} if time_limit is not None else {}
+    for low in ((lower,) if lower is not None else ()) + (-np.inf,):
+        res = milp(c=err + [0.0] * len(gcols), integrality=np.ones(nz), bounds=Bounds(0, 1),
+                   constraints=constraints + [LinearConstraint([cost + [0.0] * len(gcols)],
+                                                               [low], [budget])],
+                   options=options)
+        if res.x is not None:
+            chosen: list[tuple[int, int]] = [(0, 0)] * len(items)
+            for j, (i, w, a) in enumerate(cols):
+                if res.x[j] > 0.5:
+                    chosen[i] = (w, a)
+            return chosen
+    return None

@@ -183,3 +183,41 @@ def test_dp_and_milp_agree_on_medium_instance():
     assert dp.total_error == pytest.approx(milp.total_error, rel=1e-9, abs=1e-12)
     assert dp.total_cost <= budget and milp.total_cost <= budget
     assert solve(costs, errors, budget).method == "dp"
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), frac=st.floats(0.3, 0.95))
+def test_solve_pairs_matches_brute_force_with_shared_widths(seed, frac):
+    """3 layers, layers 0 and 1 share one activation width; BitOPs-like costs w·a·macs."""
+    from qpasses.search.solver import solve_pairs
+    rng = np.random.default_rng(seed)
+    macs = rng.integers(1, 50, size=3)
+    lam = rng.uniform(2, 8, size=(3, 2))
+    ws, As = (2, 4, 8), (4, 8)
+    items = [[(w, a, float(macs[i] * w * a), (w - lam[i, 0]) ** 2 + (a - lam[i, 1]) ** 2)
+              for w in ws for a in As] for i in range(3)]
+    top = sum(float(m) * 8 * 8 for m in macs)
+    budget = frac * top
+    best = None
+    for choice in itertools.product(*items):
+        if choice[0][1] != choice[1][1]:
+            continue
+        cost = sum(c for _, _, c, _ in choice)
+        err = sum(e for _, _, _, e in choice)
+        if cost <= budget and (best is None or err < best[0] - 1e-12):
+            best = (err, cost)
+    got = solve_pairs(items, [[0, 1]], budget)
+    if best is None:
+        assert got is None
+        return
+    assert got is not None and got[0][1] == got[1][1]
+    pick = [next(c for c in items[i] if (c[0], c[1]) == got[i]) for i in range(3)]
+    assert sum(c for _, _, c, _ in pick) <= budget
+    assert sum(e for _, _, _, e in pick) == pytest.approx(best[0], abs=1e-6)
+    # a lower bound is honoured whenever some allocation meets it
+    reachable = any(choice[0][1] == choice[1][1]
+                    and 0.9 * budget <= sum(c for _, _, c, _ in choice) <= budget
+                    for choice in itertools.product(*items))
+    low = solve_pairs(items, [[0, 1]], budget, lower=budget * 0.9)
+    cost = sum(next(c for c in items[i] if (c[0], c[1]) == low[i])[2] for i in range(3))
+    assert cost <= budget and (cost >= 0.9 * budget - 1e-6 or not reachable)

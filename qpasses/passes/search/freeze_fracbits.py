@@ -56,10 +56,11 @@ from ...fake_quant import unwrap_layer
 from ...meta import get_qmeta, update_qmeta
 from ...search.fracbits import (FRACBITS_META, FROZEN_META, _cost_layers, fracbits_modules,
                                 has_fracbits, lambda_maps)
+from ...search.solver import solve_pairs
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
-           "remove_search_modules", "round_lambdas"]
+           "layer_pair_costs", "remove_search_modules", "round_lambdas"]
 
 PASS_NAME = "freeze-fracbits"
 
@@ -207,6 +208,31 @@ def _check_bn_eval(gm: torch.fx.GraphModule) -> None:
                                   "eval-mode graph)")
 
 
+def layer_pair_costs(gm: torch.fx.GraphModule, w_choices: dict[str, tuple],
+                     a_choices: dict[str, tuple], metric: str
+                     ) -> tuple[dict[str, dict[tuple, float]], float]:
+    """``({layer: {(w, a): cost}}, cost of everything else)`` of the annotated graph, in BitOPs
+    (``metric="bitops"``) or size bits, through the shared cost model; ``a`` may be None (a
+    layer whose input width is not chosen). For :func:`~qpasses.search.solver.solve_pairs`."""
+    layers = {c.name: c for c in cost_layers(gm, FRACBITS)}
+    w_now, a_now = annotated_bits(gm)
+
+    def cost(n: str, w: Any, a: Any) -> float:
+        wm, am = dict(w_now), dict(a_now)
+        wm[n] = w
+        if a is not None:
+            am[n] = a
+        return float(layer_bitops(layers[n], wm, am, FRACBITS) if metric == "bitops"
+                     else layer_size_bits(layers[n], wm, FRACBITS))
+
+    costs = {n: {(w, a): cost(n, w, a) for w in w_choices[n] for a in a_choices[n]}
+             for n in w_choices}
+    total = (float(model_bitops(gm, w_now, a_now)) if metric == "bitops"
+             else float(model_size_bits(gm, w_now)))
+    fixed = total - sum(cost(n, w_now.get(n), a_now.get(n)) for n in w_choices)
+    return costs, fixed
+
+
 def remove_search_modules(gm: torch.fx.GraphModule, layer_modules: Any,
                           node_modules: Any) -> None:
     """Undo a search pass's surgery: the layers at ``layer_modules`` back to their float classes
@@ -323,99 +349,46 @@ class FreezeFracBits(Pass):
 
     def _solve_joint(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions,
                      info: dict[str, Any], mods: dict[str, Any], w_bits: dict[str, Any],
-                     a_bits: dict[str, int],
-                     lam_w: dict[str, Any], lam_a: dict[str, float | None]
+                     a_bits: dict[str, int], lam_w: dict[str, Any],
+                     lam_a: dict[str, float | None]
                      ) -> tuple[dict[str, Any], dict[str, int]] | None:
-        """Layer-wise ``solver``: weight AND activation widths in one MILP (HiGHS), minimizing
-        ``Σ (w − λ_w)² + Σ (a − λ_a)²`` subject to ``0.99·target <= cost <= target``. BitOPs
-        cost ``MACs·w·a`` per layer, so choosing (w, a) pairs gives a grid fine enough to land
-        within 1%, which weights alone (activations at ``rne(λ_a)``) often cannot. Layers
-        reading one scale-sharing group share one activation width. Falls back to the lower
-        bound's absence when the grid cannot reach 1%; None when even that is infeasible
-        (the caller then uses solve-bitwidths on weights, which raises the budget error)."""
-        from scipy.optimize import Bounds, LinearConstraint, milp
-
-        layers = {c.name: c for c in cost_layers(gm, FRACBITS)}
-        w_now, a_now = annotated_bits(gm)
+        """Layer-wise ``solver``: weight AND activation widths in one MILP
+        (:func:`~qpasses.search.solver.solve_pairs`), minimizing ``Σ (w − λ_w)² + Σ (a − λ_a)²``
+        with ``0.99·target <= cost <= target`` (else the best under the target). BitOPs cost
+        ``MACs·w·a`` per layer, so (w, a) pairs land within 1% where weights alone (activations
+        at ``rne(λ_a)``) often cannot. Layers reading one scale-sharing group share one
+        activation width. None when infeasible (the caller falls back to solve-bitwidths on
+        weights, which raises the budget error)."""
         cands = tuple(c for c in sorted(info["candidates"]) if c > 0)
-        names = [n for n in mods if n in layers]
+        names = [n for n in mods if n in {c.name for c in cost_layers(gm, FRACBITS)}]
         if not names:
             return None
-        w_choices = {n: ((w_bits[n],) if info["layers"][n]["pinned"] else cands) for n in names}
-        a_choices = {n: ((a_bits.get(n, a_now.get(n)),) if lam_a.get(n) is None or n not in a_bits else
-                         tuple(c for c in cands if mods[n][1].min_bits <= c <= mods[n][1].max_bits))
-                     for n in names}
-        group_of = {}
-        for gi, g in enumerate(info.get("act_groups", ())):
-            for n in g["layers"]:
-                if n in a_choices and len(a_choices[n]) > 1:
-                    group_of[n] = gi
-        # columns: one per (layer, w, a) pair, then one per (act group, a)
-        cols, cost, err = [], [], []
+        pinned = {n for n in names if info["layers"][n]["pinned"]}
+        w_choices = {n: ((w_bits[n],) if n in pinned else cands) for n in names}
+        a_choices = {}
         for n in names:
-            for w in w_choices[n]:
-                for a in a_choices[n]:
-                    wm, am = dict(w_now), dict(a_now)
-                    wm[n] = w
-                    if a is not None:
-                        am[n] = a
-                    c = (layer_bitops(layers[n], wm, am, FRACBITS) if opts.metric == "bitops"
-                         else layer_size_bits(layers[n], wm, FRACBITS))
-                    cols.append((n, w, a))
-                    cost.append(float(c))
-                    ew = (w - float(lam_w[n])) ** 2 if not info["layers"][n]["pinned"] else 0.0
-                    ea = (a - lam_a[n]) ** 2 if len(a_choices[n]) > 1 else 0.0
-                    err.append(ew + ea)
-        gcols = sorted({(group_of[n], a) for n in group_of for a in a_choices[n]})
-        nz = len(cols) + len(gcols)
-        rows, lo, hi = [], [], []
-
-        def row() -> list[float]:
-            return [0.0] * nz
-
-        for n in names:                        # one pair per layer
-            r = row()
-            for j, (m, _, _) in enumerate(cols):
-                if m == n:
-                    r[j] = 1.0
-            rows.append(r), lo.append(1.0), hi.append(1.0)
-        for gi in sorted(set(group_of.values())):      # one width per group
-            r = row()
-            for j, (g, _) in enumerate(gcols):
-                if g == gi:
-                    r[len(cols) + j] = 1.0
-            rows.append(r), lo.append(1.0), hi.append(1.0)
-        for n, gi in group_of.items():                 # a layer's a = its group's a
-            for a in a_choices[n]:
-                r = row()
-                for j, (m, _, aa) in enumerate(cols):
-                    if m == n and aa == a:
-                        r[j] = 1.0
-                r[len(cols) + gcols.index((gi, a))] = -1.0
-                rows.append(r), lo.append(0.0), hi.append(0.0)
+            aq = mods[n][1]
+            a_choices[n] = ((a_bits.get(n),) if lam_a.get(n) is None or n not in a_bits else
+                            tuple(c for c in cands if aq.min_bits <= c <= aq.max_bits))
+        costs, fixed = layer_pair_costs(gm, w_choices, a_choices, opts.metric)
+        items = [[(w, a, costs[n][(w, a)],
+                   (0.0 if n in pinned else (w - float(lam_w[n])) ** 2)
+                   + ((a - lam_a[n]) ** 2 if len(a_choices[n]) > 1 else 0.0))
+                  for w in w_choices[n] for a in a_choices[n]] for n in names]
+        index = {n: i for i, n in enumerate(names)}
+        groups = [[index[n] for n in g["layers"] if n in index and len(a_choices[n]) > 1]
+                  for g in info.get("act_groups", ())]
         scale = 1e9 if opts.metric == "bitops" else 8e6
-        fixed = _annotated_cost(gm, opts.metric) * scale - sum(
-            float(layer_bitops(layers[n], w_now, a_now, FRACBITS) if opts.metric == "bitops"
-                  else layer_size_bits(layers[n], w_now, FRACBITS)) for n in names)
-        budget = opts.target * scale - fixed
-        constraints = [LinearConstraint(rows, lo, hi)]
-        best = None
-        for lower in (0.99 * opts.target * scale - fixed, -float("inf")):
-            res = milp(c=err + [0.0] * len(gcols), integrality=[1] * nz, bounds=Bounds(0, 1),
-                       constraints=constraints + [LinearConstraint([cost + [0.0] * len(gcols)],
-                                                                   [lower], [budget])],
-                       options={"time_limit": 20.0})
-            if res.x is not None:
-                best = res.x
-                break
-        if best is None:
+        chosen = solve_pairs(items, [g for g in groups if len(g) > 1],
+                             opts.target * scale - fixed,
+                             lower=0.99 * opts.target * scale - fixed)
+        if chosen is None:
             return None
         w_new, a_new = dict(w_bits), dict(a_bits)
-        for j, (n, w, a) in enumerate(cols):
-            if best[j] > 0.5:
-                w_new[n] = w
-                if n in a_new:
-                    a_new[n] = a
+        for n, (w, a) in zip(names, chosen):
+            w_new[n] = w
+            if n in a_new:
+                a_new[n] = a
         return w_new, a_new
 
     def _solve(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions, info: dict[str, Any],
