@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -432,8 +433,9 @@ def solve_pairs(items: Sequence[Sequence[tuple[int, int, float, float]]],
                 time_limit: float | None = 20.0) -> list[tuple[int, int]] | None:
     """Choose one (weight, activation) width pair per layer: ``items[i]`` lists layer i's
     candidates as ``(w, a, cost, error)``; the layers of each ``groups`` entry read one tensor and
-    must share ``a``. Minimizes ``Σ error`` subject to ``lower <= Σ cost <= budget`` (HiGHS
-    MILP, with ``time_limit`` seconds to prove optimality). BitOPs cost ``w·a`` per MAC, so pairs
+    must share ``a``. Minimizes ``Σ error`` subject to ``lower <= Σ cost <= budget``; when no
+    allocation reaches ``lower``, the least error among those closest below the budget (HiGHS
+    MILP, ``time_limit`` seconds per solve to prove optimality). BitOPs cost ``w·a`` per MAC, so pairs
     give a far finer cost grid than weights alone. Returns the pairs, or None when infeasible."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
@@ -465,16 +467,30 @@ def solve_pairs(items: Sequence[Sequence[tuple[int, int, float, float]]],
     r, c, v = zip(*entries)
     rows = csr_array((v, (r, c)), shape=(len(lo), nz))
     constraints = [LinearConstraint(rows, lo, hi)]
-    options = {"time_limit": time_limit} if time_limit is not None else {}
-    for low in ((lower,) if lower is not None else ()) + (-np.inf,):
-        res = milp(c=err + [0.0] * len(gcols), integrality=np.ones(nz), bounds=Bounds(0, 1),
-                   constraints=constraints + [LinearConstraint([cost + [0.0] * len(gcols)],
-                                                               [low], [budget])],
-                   options=options)
-        if res.x is not None:
-            chosen: list[tuple[int, int]] = [(0, 0)] * len(items)
-            for j, (i, w, a) in enumerate(cols):
-                if res.x[j] > 0.5:
-                    chosen[i] = (w, a)
-            return chosen
-    return None
+    options: dict[str, float] = {"mip_rel_gap": 0.0}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
+    zeros = [0.0] * len(gcols)
+
+    def run(objective: list[float], low: float) -> Any:
+        return milp(c=objective + zeros, integrality=np.ones(nz), bounds=Bounds(0, 1),
+                    constraints=constraints + [LinearConstraint([cost + zeros], [low], [budget])],
+                    options=options)
+
+    res = run(err, lower if lower is not None else -np.inf)
+    if res.x is None and lower is not None:
+        # no allocation in [lower, budget]: the closest below the budget, then the best error
+        top = run([-c for c in cost], -np.inf)
+        if top.x is None:
+            return None
+        reach = float(np.dot(cost, top.x[:len(cols)]))
+        res = run(err, reach - 1e-9 * max(abs(reach), 1.0))
+        if res.x is None:
+            res = top
+    if res.x is None:
+        return None
+    chosen: list[tuple[int, int]] = [(0, 0)] * len(items)
+    for j, (i, w, a) in enumerate(cols):
+        if res.x[j] > 0.5:
+            chosen[i] = (w, a)
+    return chosen
