@@ -1,5 +1,6 @@
-"""The layers a search pass (insert-fracbits, insert-gmpq-supernet) can take over, shared so both
-skip, warn and refuse the same way."""
+"""What the search passes share: the layers insert-fracbits / insert-gmpq-supernet can take over
+(so both skip, warn and refuse the same way), and how freeze-fracbits / select-gmpq-policy write
+the chosen input widths."""
 from __future__ import annotations
 
 import warnings
@@ -12,8 +13,9 @@ from torch import nn
 
 from ...errors import AnnotationError
 from ...fake_quant import wrapper_class
-from ...graph import LayerInfo
-from ...meta import QMeta, get_qmeta
+from ...graph import LayerInfo, quantizable_layers
+from ...meta import QMeta, get_qmeta, update_qmeta
+from ..quantize.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
 
 
 def searchable_layers(gm: torch.fx.GraphModule, pass_name: str, layers: Sequence[LayerInfo],
@@ -50,3 +52,35 @@ def searchable_layers(gm: torch.fx.GraphModule, pass_name: str, layers: Sequence
             continue
         seen.add(str(node.target))
         yield info, node, mod, q
+
+
+def write_input_widths(gm: torch.fx.GraphModule, a_bits: dict[str, int], origin: str) -> int:
+    """Write searched input widths ``{layer: bits}`` as annotations: per scale-sharing group the
+    max over its readers (searched or not), on the readers and the group's joins, as
+    insert-fake-quant will implement them (one quantizer per group). Returns how many searched
+    layers were raised to their group's width."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    readers: dict[str, list[tuple[str, torch.fx.Node]]] = {}
+    for info in quantizable_layers(gm):
+        node = nodes[info.node]
+        x = layer_input(node)
+        if x is not None and get_qmeta(node).act is not None:
+            readers.setdefault(x.name, []).append((info.name, node))
+    raised = 0
+    for group in scale_sharing_groups(gm):
+        members = [r for t in group for r in readers.get(t, [])]
+        if not any(name in a_bits for name, _ in members):
+            continue
+        width = max(a_bits.get(name, get_qmeta(node).act.bits) for name, node in members)
+        for name, node in members:
+            raised += int(name in a_bits and a_bits[name] < width)
+            spec = get_qmeta(node).act
+            if spec.bits != width:
+                update_qmeta(node, origin=origin,
+                             act=spec.replace(bits=width, scale=None, zero_point=None))
+        for t in group:
+            spec = get_qmeta(nodes[t]).output
+            if is_join(nodes[t]) and spec is not None and spec.bits != width:
+                update_qmeta(nodes[t], origin=origin,
+                             output=spec.replace(bits=width, scale=None, zero_point=None))
+    return raised

@@ -53,10 +53,10 @@ from ...costs_model import (FRACBITS, annotated_bits, cost_layers, layer_bitops,
                             layer_size_bits, model_bitops, model_size_bits)
 from ...errors import AnnotationError, BudgetError
 from ...fake_quant import unwrap_layer
-from ...meta import get_qmeta, update_qmeta
 from ...search.fracbits import (FRACBITS_META, FROZEN_META, _cost_layers, fracbits_modules,
                                 has_fracbits, lambda_maps)
 from ...search.solver import solve_pairs
+from ._search_layers import write_input_widths
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
@@ -125,17 +125,6 @@ def _rounded(gm: torch.fx.GraphModule, delta: float) -> tuple[dict[str, Any], di
             for n in members:
                 a_bits[n] = top
     return w_bits, a_bits
-
-
-def _group_widths(info: dict[str, Any], a_bits: dict[str, int]) -> dict[str, int]:
-    """``{join node: width}``: the width of the layers reading the join's group."""
-    out = {}
-    for g in info.get("act_groups", ()):
-        widths = [a_bits[n] for n in g["layers"] if n in a_bits]
-        if widths:
-            for j in g["joins"]:
-                out[j] = max(widths)
-    return out
 
 
 def round_lambdas(gm: torch.fx.GraphModule, delta: float = 0.0
@@ -306,12 +295,12 @@ class FreezeFracBits(Pass):
                               [rec["act"] for rec in info["layers"].values() if rec["act"]])
 
         # activation bits (layers and their sharing joins), then weights
-        self._write_acts(gm, info, a_bits)
+        write_input_widths(gm, a_bits, self.name)
         if opts.rounding == "solver" and info["granularity"] == "layer":
             solved = self._solve_joint(gm, opts, info, mods, w_bits, a_bits, lam_w, lam_a)
             if solved is not None:
                 w_bits, a_bits = solved
-                self._write_acts(gm, info, a_bits)
+                write_input_widths(gm, a_bits, self.name)
             else:
                 w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
         elif opts.rounding == "solver":
@@ -330,22 +319,6 @@ class FreezeFracBits(Pass):
         if opts.target is not None:
             stats["cost_ppm"] = int(round(1e6 * _annotated_cost(gm, opts.metric) / opts.target))
         return PassResult(modified=True, stats=stats)
-
-    def _write_acts(self, gm: torch.fx.GraphModule, info: dict[str, Any],
-                    a_bits: dict[str, int]) -> None:
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for name, b in a_bits.items():
-            node = nodes[info["layers"][name]["node"]]
-            spec = get_qmeta(node).act
-            if spec is not None and spec.bits != b:
-                update_qmeta(node, origin=self.name, act=spec.replace(bits=b, scale=None,
-                                                                      zero_point=None))
-        for j, b in _group_widths(info, a_bits).items():
-            node = nodes.get(j)
-            spec = get_qmeta(node).output if node is not None else None
-            if spec is not None and spec.bits != b:
-                update_qmeta(node, origin=self.name, output=spec.replace(bits=b, scale=None,
-                                                                         zero_point=None))
 
     def _solve_joint(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions,
                      info: dict[str, Any], mods: dict[str, Any], w_bits: dict[str, Any],

@@ -39,10 +39,9 @@ from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError
 
 from ...errors import BudgetError, QpassesWarning
-from ...graph import quantizable_layers
-from ...meta import get_qmeta, update_qmeta
+from ...meta import get_qmeta
 from ...search.gmpq import GMPQ_META, SELECTED_META, supernet_modules
-from ..quantize.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
+from ._search_layers import write_input_widths
 from .freeze_fracbits import remove_search_modules
 from .solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
@@ -79,36 +78,6 @@ def _remove_supernet(gm: torch.fx.GraphModule, info: dict[str, Any]) -> None:
     targets = [rec["act"] for rec in info["layers"].values() if rec["act"]]
     remove_search_modules(gm, [rec["module"] for rec in info["layers"].values()],
                           targets + ([info["tap"]] if info.get("tap") else []))
-
-
-def _write_acts(gm: torch.fx.GraphModule, a_bits: dict[str, int], origin: str) -> int:
-    """Input widths per scale-sharing group (the max over its readers, searched or not) on the
-    readers and the group's joins. Returns how many searched layers were raised."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    readers: dict[str, list[tuple[str, torch.fx.Node]]] = {}
-    for info in quantizable_layers(gm):
-        node = nodes[info.node]
-        x = layer_input(node)
-        if x is not None and get_qmeta(node).act is not None:
-            readers.setdefault(x.name, []).append((info.name, node))
-    raised = 0
-    for group in scale_sharing_groups(gm):
-        members = [r for t in group for r in readers.get(t, [])]
-        if not any(name in a_bits for name, _ in members):
-            continue
-        width = max(a_bits.get(name, get_qmeta(node).act.bits) for name, node in members)
-        for name, node in members:
-            raised += int(name in a_bits and a_bits[name] < width)
-            spec = get_qmeta(node).act
-            if spec.bits != width:
-                update_qmeta(node, origin=origin,
-                             act=spec.replace(bits=width, scale=None, zero_point=None))
-        for t in group:
-            spec = get_qmeta(nodes[t]).output
-            if is_join(nodes[t]) and spec is not None and spec.bits != width:
-                update_qmeta(nodes[t], origin=origin,
-                             output=spec.replace(bits=width, scale=None, zero_point=None))
-    return raised
 
 
 def _project(gm: torch.fx.GraphModule, target: float, info: dict[str, Any], ctx: Any) -> Any:
@@ -199,7 +168,7 @@ class SelectGMPQPolicy(Pass):
 
         _remove_supernet(gm, info)
         write_bits(gm, w_bits, self.name)
-        raised = _write_acts(gm, a_bits, self.name)
+        raised = write_input_widths(gm, a_bits, self.name)
         gm.meta.pop(GMPQ_META, None)
         gm.meta[SELECTED_META] = selected
         stats = {"num_layers": len(mods), "num_uniform": len(uniform), "num_act_raised": raised}
