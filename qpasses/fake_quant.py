@@ -745,12 +745,17 @@ def wrap_layer(mod: nn.Module, weight_fake_quant: WeightFakeQuant) -> nn.Module:
     if cls is None:
         raise NumericsError(f"cannot fake-quantize {type(mod).__qualname__}: not a conv/linear "
                             "layer, or it overrides forward()")
-    new = cls.__new__(cls)
-    state = {}
-    for k, v in mod.__dict__.items():  # shallow copies of the containers, same tensors
-        state[k] = v.copy() if isinstance(v, (dict, OrderedDict)) else v
-    new.__dict__.update(state)
+    new = _same_state_as(mod, cls)
     new.weight_fake_quant = weight_fake_quant
+    return new
+
+
+def _same_state_as(mod: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance sharing ``mod``'s parameters, buffers, submodules and hooks (shallow
+    copies of the containers, same tensors)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
+                         for k, v in mod.__dict__.items()})
     return new
 
 
@@ -760,12 +765,8 @@ def unwrap_layer(mod: nn.Module) -> nn.Module:
     base = getattr(type(mod), "_FLOAT_MODULE", None)
     if base is None:
         return mod
-    new = base.__new__(base)
-    state = {k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
-             for k, v in mod.__dict__.items()}
-    state["_modules"] = OrderedDict((k, v) for k, v in state["_modules"].items()
-                                    if k != "weight_fake_quant")
-    new.__dict__.update(state)
+    new = _same_state_as(mod, base)
+    new._modules.pop("weight_fake_quant", None)
     return new
 
 
