@@ -84,6 +84,13 @@ def benchmark(name: str, description: str) -> Callable:
     return wrap
 
 
+def _import_tools() -> None:
+    """Make the sibling tool scripts (ptq_compare, bench_fracbits, bench_gmpq) importable."""
+    here = str(__import__("pathlib").Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
@@ -371,7 +378,7 @@ def bench_search_mixquant(cfg: argparse.Namespace) -> Section:
 @benchmark("ptq-bitsplit", "ResNet-18 (random weights): ptq-bitsplit{w-bits=4} with 256 random "
                            "224x224 calibration images (rows=4096, iters=10); target < 300 s")
 def bench_ptq_bitsplit(cfg: argparse.Namespace) -> Section:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    _import_tools()
     from ptq_compare import bench as bitsplit_bench  # tools/ptq_compare.py
     sec = Section("ptq-bitsplit", ratio_label="")
     args = argparse.Namespace(seed=cfg.seed, bench_size=224, bench_iters=10, bench_rows=4096)
@@ -403,7 +410,7 @@ def _search_step_section(name: str, cfg: argparse.Namespace, runs: dict[str, Cal
 @benchmark("fracbits-step", "FracBits search step vs fixed-bit fake-quant QAT step "
                             "(issue 7 target: <= 1.3x)")
 def bench_fracbits_step(cfg: argparse.Namespace) -> Section:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    _import_tools()
     from bench_fracbits import measure  # tools/bench_fracbits.py
     return _search_step_section(
         "fracbits-step", cfg,
@@ -414,7 +421,7 @@ def bench_fracbits_step(cfg: argparse.Namespace) -> Section:
 @benchmark("gmpq-step", "GMPQ search step (attribution loss, double backprop) and EdMIPS-style "
                         "step vs fixed-bit QAT step (issue 8 target: <= 3x)")
 def bench_gmpq_step(cfg: argparse.Namespace) -> Section:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    _import_tools()
     from bench_gmpq import measure  # tools/bench_gmpq.py
     return _search_step_section(
         "gmpq-step", cfg, {"candidates {2,3,4}": lambda: measure(steps=cfg.repeat)},

@@ -2,8 +2,6 @@
 not pytest)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +9,7 @@ import qpasses
 from passes_registry import PassContext, PassManager
 from qpasses.search import fracbits as fb
 from tests.conftest import DigitsCNN
+from tests.passes.ddp_worker import process_group, save_rank
 
 PIPELINE = ("graph(annotate-bitwidths{weight-bits=3 act-bits=3},"
             "insert-fracbits{granularity=kernel candidates=[0,1,2,3,4,5,6,7,8] allow-zero=true})")
@@ -25,11 +24,7 @@ def prepare(seed: int = 0) -> torch.fx.GraphModule:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
+    with process_group(rank, world, init_file):
         gm = prepare()
         target = float(fb.model_cost(gm, detach=True)) * 0.8
         ddp = torch.nn.parallel.DistributedDataParallel(gm)
@@ -45,7 +40,4 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             loss.backward()
             opt.step()
             fb.clamp_lambdas(gm)
-        torch.save({n: p.detach() for n, p in gm.named_parameters()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_rank(gm, out_dir, rank)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -108,26 +107,9 @@ def test_deepcopy_and_whole_module_pickle():
 
 
 def test_distributed_data_parallel_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
     from . import ddp_worker
     start = ddp_worker.prepare_pact()
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # children: one thread each, no oversubscription
-    # forkserver: children start from a fresh server process (no inherited threads or state, like
-    # spawn) that imports torch and qpasses once for both ranks instead of once per rank (~10 s
-    # instead of ~15 s on a busy 2-core machine)
-    mp.set_forkserver_preload(["torch", "qpasses", "tests.passes.ddp_worker"])
-    try:
-        mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)),
-                           nprocs=2, join=True, start_method="forkserver")
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = ddp_worker.launch("tests.passes.ddp_worker", tmp_path)
     assert list(r0) == list(r1) and any(n.endswith("alpha") for n in r0)
     for n in r0:
         assert torch.equal(r0[n], r1[n]), n
