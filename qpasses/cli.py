@@ -26,7 +26,7 @@ import torch.fx
 
 from passes_registry import PassesError, lookup_pipeline
 
-from .errors import InputError
+from qpasses.errors import InputError
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 # Used by ``--pipeline default`` when no pipeline named "default" is registered.
@@ -146,7 +146,7 @@ def trace_quietly(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule
     What the trace writes to stderr is held back and replayed when it succeeds (warnings are not
     lost); when it fails, the typed error's message says everything.
     """
-    from .trace import trace
+    from qpasses.ir.trace import trace
 
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):

@@ -3,7 +3,7 @@
 Every number comes from the cost analyses (``macs``, ``bitops``, ``model-size``, ``acc-width``),
 so the report and ``print<...>`` agree by construction: inside a pipeline pass the run's
 AnalysisManager (cached results are reused), outside one a throwaway manager is used. Costs follow
-FracBits (reference §1.5, §7; see :mod:`qpasses.costs_model`): BitOPs = Σ_k MACs_k · w_k · a, summed
+FracBits (reference §1.5, §7; see :mod:`qpasses.algorithms.cost_model`): BitOPs = Σ_k MACs_k · w_k · a, summed
 per kernel when bits are per kernel (0-bit kernels cost nothing); a quantized first layer's input
 counts as 8 bits; layers without a bit annotation count as fp32 (32 × 32) so a float model has a
 comparable total. Size is weights at their bit-width plus 32-bit biases. A graph with no bit
@@ -19,8 +19,8 @@ from tabulate import tabulate
 
 from passes_registry import AnalysisManager, graph_history
 
-from .meta import get_qmeta
-from .trace import MODEL_KEY
+from qpasses.ir.annotations import get_qmeta
+from qpasses.ir.trace import MODEL_KEY
 
 FP_BITS = 32
 FIRST_LAYER_INPUT_BITS = 8
@@ -36,9 +36,9 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
 
     ``am``: the AnalysisManager to read (and cache) the analyses through; a fresh one by default.
     """
-    from .costs_model import has_bit_annotations
-    from .passes.analysis.bitops import compute_bitops
-    from .passes.analysis.model_size import compute_model_size
+    from qpasses.algorithms.cost_model import has_bit_annotations
+    from qpasses.analyses.bitops import compute_bitops
+    from qpasses.analyses.model_size import compute_model_size
 
     am = am if am is not None else AnalysisManager()
     macs = am.get("macs", gm)

@@ -194,7 +194,7 @@ def _qat_variants(seed: int) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    from qpasses.fake_quant import set_observing
+    from qpasses.modules.fake_quant import set_observing
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18()
@@ -442,8 +442,8 @@ def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from qpasses.lower import kernel_table, set_backend
-    from qpasses.lower.int_sim import INT_SIM_META_KEY
+    from qpasses.modules.int_sim import kernel_table, set_backend
+    from qpasses.modules.int_sim import INT_SIM_META_KEY
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)().eval()

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.search import fracbits as fb  # noqa: E402
+from qpasses.modules import fracbits as fb  # noqa: E402
 
 
 def measure(batch: int = 8, size: int = 224, steps: int = 5,

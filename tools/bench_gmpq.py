@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.search import gmpq  # noqa: E402
+from qpasses.modules import gmpq  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_fracbits import interleaved_steps  # noqa: E402  (tools/)
 

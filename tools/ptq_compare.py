@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.fake_quant import WeightFakeQuant, is_fake_quant_layer  # noqa: E402
+from qpasses.modules.fake_quant import WeightFakeQuant, is_fake_quant_layer  # noqa: E402
 
 METHODS = ("minmax", "mse", "bitsplit")
 
@@ -217,7 +217,7 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     PassManager.parse("graph(canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=4 "
                       "act-bits=8 first-last-bits=none},insert-fake-quant{weight-scheme="
                       "symmetric per-channel=true})").run(gm)
-    from qpasses.passes.ptq.ptq_bitsplit import PtqBitsplit
+    from qpasses.passes.ptq_bitsplit import PtqBitsplit
     p = PtqBitsplit(iters=args.bench_iters, samples=256, rows=args.bench_rows)
     with PassContext(calibration_data=data, progress=True) as ctx:
         t0 = time.perf_counter()

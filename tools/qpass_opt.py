@@ -54,7 +54,7 @@ from passes_registry.pass_manager import HISTORY_KEY
 from qpasses.cli import (example_inputs_for, load_model, parse_input_shape, resolve_pipeline_text,
                          run_main, split_names, trace_quietly)
 from qpasses.errors import InputError
-from qpasses.trace import propagate_shapes
+from qpasses.ir.trace import propagate_shapes
 
 OUTPUT_FORMATS = ("fxir", "table", "json")
 

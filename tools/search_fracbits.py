@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qpasses  # noqa: E402
 from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.search import fracbits as fb  # noqa: E402
-from qpasses.search.fracbits import FROZEN_META  # noqa: E402
+from qpasses.modules import fracbits as fb  # noqa: E402
+from qpasses.modules.fracbits import FROZEN_META  # noqa: E402
 
 
 def data(seed: int):

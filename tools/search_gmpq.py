@@ -15,7 +15,7 @@ fixed seeds:
    the supernet's initialization);
 2. search on the proxy with ``annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8},
    insert-gmpq-supernet``
-   (w/a candidates {2,3,4}; stem and classifier float) and ``qpasses.search.gmpq.search_loss``:
+   (w/a candidates {2,3,4}; stem and classifier float) and ``qpasses.modules.gmpq.search_loss``:
    GMPQ (``eta > 0``, teacher = the proxy fp32 model) and EdMIPS-style (``eta = 0``), same ζ, seed
    and epochs; weights and logits by separate SGD optimizers (EdMIPS: logits lr 0.01 x
    ``--arch-lr-mult``, wd 1e-4 on both). ζ is given relative to the initial R_C
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qpasses  # noqa: E402
 from qpasses.errors import BudgetError  # noqa: E402
-from qpasses.search import gmpq  # noqa: E402
+from qpasses.modules import gmpq  # noqa: E402
 from tools.search_fracbits import accuracy, data, run_pm, train  # noqa: E402
 from tools.search_fracbits import make_model as fracbits_model  # noqa: E402
 

@@ -42,8 +42,8 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 
-from . import int_sim_math
-from .int_sim_math import scratch_like, workspace
+from qpasses.numerics import int_sim_math
+from qpasses.numerics.int_sim_math import scratch_like, workspace
 
 __all__ = ["PreparedConv", "PreparedLinear", "RowBlocks", "channels_last", "conv_blocks",
            "conv_rows", "fast_conv", "fast_linear", "input_offset", "linear_blocks", "linear_rows",

@@ -1,6 +1,6 @@
 """Integer-simulation helpers that :mod:`qpasses.numerics.int_ops` and ``fixed_point`` do not cover.
 
-Pure tensor math (no graph code), used by the integer-simulation modules (``qpasses.lower``):
+Pure tensor math (no graph code), used by the integer-simulation modules (``qpasses.modules.int_sim``):
 
 * :func:`quantize_codes` — float → integer codes exactly as the fake-quant modules compute them
   (``clamp(rnd(x · float32(1/s)) + z, qmin, qmax)``, the torch.ao convention), with a typed error for
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 
-from .quantizers import round_tensor
+from qpasses.numerics.quantizers import round_tensor
 
 __all__ = ["AffineFloor", "CHUNK_ELEMS", "MAX_LCM", "PreparedRequant", "RequantPlan",
            "adaptive_avg_pool_sum", "add_rescale_params", "build_lut_f32", "code_dtype",
@@ -413,7 +413,7 @@ class RequantPlan:
                  qmin: int, qmax: int, bound: int, multiplier_bits: int = 31,
                  scale_f32: Tensor | None = None, bias_f: Tensor | None = None,
                  pre_shift: int = 0, pre_add: Tensor | int | None = None) -> None:
-        from .fixed_point import INT32_MAX, INT32_MIN, requantize, requantize_float
+        from qpasses.numerics.fixed_point import INT32_MAX, INT32_MIN, requantize, requantize_float
         if rounding not in ("gemmlowp", "single", "hawq", "float-rne"):
             raise NumericsError(f"RequantPlan: unknown rounding contract {rounding!r}")
         n = max(t.numel() for t in (multiplier, shift, scale_f32, bias_f,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import qpasses
 from passes_registry import PassManager, print_graph
 from qpasses.errors import AnnotationError
-from qpasses.meta import QMeta, QuantSpec, get_qmeta, update_qmeta
+from qpasses.ir.annotations import QMeta, QuantSpec, get_qmeta, update_qmeta
 
 
 @pytest.mark.parametrize("kwargs,message", [

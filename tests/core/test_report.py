@@ -9,7 +9,7 @@ from torch import nn
 
 import qpasses
 from passes_registry import PassManager
-from qpasses.meta import QuantSpec, update_qmeta
+from qpasses.ir.annotations import QuantSpec, update_qmeta
 
 
 class TwoLayer(nn.Module):

@@ -197,7 +197,7 @@ class AnnotateOnlyPass(Pass):
     preserves = PreservedAnalyses.unaffected_by("annotations")
 
     def run(self, gm, ctx, am):
-        from qpasses.meta import QuantSpec, update_qmeta
+        from qpasses.ir.annotations import QuantSpec, update_qmeta
         for n in gm.graph.nodes:
             if n.op == "call_function":
                 update_qmeta(n, origin=self.name, output=QuantSpec(bits=8, signed=False,

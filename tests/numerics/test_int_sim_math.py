@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpasses.errors import NumericsError
-from qpasses.lower.reference import conv_ref, quantize_multiplier_exact, requant_ref
+from qpasses.algorithms.int_sim_reference import conv_ref, quantize_multiplier_exact, requant_ref
 from qpasses.numerics.fixed_point import (quantize_multiplier, requantize, requantize_float)
 from qpasses.numerics.int_conv_fast import (fast_conv, fast_linear, input_offset, prepare_conv,
                                             prepare_linear)

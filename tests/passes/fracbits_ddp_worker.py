@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.search import fracbits as fb
+from qpasses.modules import fracbits as fb
 from tests.conftest import DigitsCNN
 from tests.passes.ddp_worker import process_group, save_rank
 

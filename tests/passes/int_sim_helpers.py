@@ -13,9 +13,9 @@ from torch import nn
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.lower import set_backend
-from qpasses.lower.int_sim import INT_SIM_META_KEY
-from qpasses.passes.lower.verify_int_sim import record_run
+from qpasses.modules.int_sim import set_backend
+from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.passes.verify_int_sim import record_run
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -15,9 +15,9 @@ from torch import nn
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.graph import layer_weight, quantizable_layers
-from qpasses.meta import QuantSpec, get_qmeta, update_qmeta
-from qpasses.passes.analysis.channel_groups import ChannelGroups, compute_channel_groups
+from qpasses.ir.layers import layer_weight, quantizable_layers
+from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
+from qpasses.analyses.channel_groups import ChannelGroups, compute_channel_groups
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

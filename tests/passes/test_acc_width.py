@@ -13,7 +13,7 @@ from torch import nn
 import qpasses
 from passes_registry import AnalysisManager, PassContext, PassFailure, PassManager
 from passes_registry.errors import OptionError
-from qpasses.meta import QuantSpec, update_qmeta
+from qpasses.ir.annotations import QuantSpec, update_qmeta
 
 from .cost_helpers import annotate, traced
 
@@ -172,7 +172,7 @@ def test_per_kernel_results_and_pruned_kernels():
     gm = annotate(traced("resnet18", 32), "annotate-bitwidths{weight-bits=4 act-bits=4 "
                                           "granularity=kernel}")
     node = next(n for n in gm.graph.nodes if n.target == "layer1.0.conv1")
-    from qpasses.meta import get_qmeta
+    from qpasses.ir.annotations import get_qmeta
     spec = get_qmeta(node).weight
     bits = (0, 2, 8) + spec.bits_per_kernel[3:]
     update_qmeta(node, weight=spec.replace(bits=8, bits_per_kernel=bits))

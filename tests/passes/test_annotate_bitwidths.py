@@ -21,9 +21,9 @@ from passes_registry import (AnalysisManager, OptionError, PassContext, PassMana
                              graph_properties, lookup_pass, option_infos, parse_pipeline)
 from qpasses import get_qmeta
 from qpasses.errors import AnnotationError, ConfigError, ConfigWarning
-from qpasses.passes.quantize.annotate_bitwidths import (AnnotateBitwidths, nonnegative_nodes,
+from qpasses.passes.annotate_bitwidths import (AnnotateBitwidths, nonnegative_nodes,
                                                         resolve_layer_bits, scale_sharing_groups)
-from qpasses.properties import check_bits_annotated
+from qpasses.analyses.properties import check_bits_annotated
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -340,7 +340,7 @@ def test_config_precedence_matches_brute_force(seq_gm, cfg_dir, globs, data, wei
     want = {n: reference_bits(n, entries, weight_bits, act_bits, fl) for n in SEQ_NAMES}
     assert got == want
     # the pure resolver agrees too
-    from qpasses.passes.quantize.annotate_bitwidths import ConfigEntry
+    from qpasses.passes.annotate_bitwidths import ConfigEntry
     res = resolve_layer_bits(SEQ_NAMES, weight_bits=weight_bits, act_bits=act_bits,
                              first_last_bits=fl, first={SEQ_NAMES[0]}, last={SEQ_NAMES[-1]},
                              entries=[ConfigEntry(g, e.get("weight_bits"), e.get("act_bits"))

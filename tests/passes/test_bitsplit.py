@@ -1,4 +1,4 @@
-"""Bit-split and stitching PTQ (issue 9): the math in qpasses.ptq.bitsplit and the ptq-bitsplit
+"""Bit-split and stitching PTQ (issue 9): the math in qpasses.algorithms.bitsplit and the ptq-bitsplit
 pass. The digits figures (fp32 / round-to-nearest / bit-split at W3A8 and W2A8) are printed
 (``pytest -s``) and attached as junit properties."""
 from __future__ import annotations
@@ -17,9 +17,9 @@ import qpasses
 from passes_registry import PassContext, PassManager
 from passes_registry.errors import OptionError
 from qpasses.errors import CalibrationError
-from qpasses.fake_quant import WeightFakeQuant
-from qpasses.meta import get_qmeta
-from qpasses.ptq.bitsplit import (bitsplit, bitsplit_solve, channel_error, gram_stats, qmax_for,
+from qpasses.modules.fake_quant import WeightFakeQuant
+from qpasses.ir.annotations import get_qmeta
+from qpasses.algorithms.bitsplit import (bitsplit, bitsplit_solve, channel_error, gram_stats, qmax_for,
                                   rtn_mse_clip, split_planes, stitch_planes)
 from tests.conftest import accuracy
 
@@ -300,7 +300,7 @@ def test_digits_w3a8_bitsplit_recovers_half_the_gap(digits_cnn, record_property)
                                   nn.Conv2d(3, 5, (1, 3), padding=(0, 1)),
                                   nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect")])
 def test_sampled_patches_match_unfold(conv):
-    from qpasses.passes.ptq.ptq_bitsplit import _Layer, _rows
+    from qpasses.passes.ptq_bitsplit import _Layer, _rows
     x = torch.randn(3, conv.in_channels, 9, 10)
     layer = _Layer(info=None, mod=conv, wq=None, index=0, groups=conv.groups)  # type: ignore
     sampled = _rows(layer, x, 5, 123)

@@ -10,7 +10,7 @@ from torch import nn
 
 import qpasses
 from passes_registry import Instrument, PassContext, PassManager
-from qpasses.passes.canonicalize.canonicalize import RULES, check_canonical
+from qpasses.passes.canonicalize import RULES, check_canonical
 
 X = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 4
 
@@ -369,7 +369,7 @@ def test_iadd_node():
     z = g.call_function(operator.iadd, (y, x))
     g.output(z)
     gm = torch.fx.GraphModule(nn.Module(), g)
-    from qpasses.trace import propagate_shapes
+    from qpasses.ir.trace import propagate_shapes
     propagate_shapes(gm, (X,))
     gm, stats = run(gm)
     assert stats["num_add"] == 1 and ("call_function", operator.add) in calls(gm)

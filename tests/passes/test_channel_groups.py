@@ -13,7 +13,7 @@ from torch import nn
 
 import qpasses
 from passes_registry import AnalysisManager, PassContext, PassManager, lookup_analysis
-from qpasses.passes.analysis.channel_groups import (ChannelGroups, ChannelGroupsAnalysis,
+from qpasses.analyses.channel_groups import (ChannelGroups, ChannelGroupsAnalysis,
                                                     compute_channel_groups, reshape_mapping)
 
 

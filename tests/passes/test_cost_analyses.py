@@ -13,10 +13,10 @@ from torch import nn
 import qpasses
 from passes_registry import (AnalysisError, AnalysisManager, Instrument, Pass, PassContext,
                              PassManager, PassResult, PreservedAnalyses, register_pass)
-from qpasses import costs_model as cm
-from qpasses.meta import QuantSpec, update_qmeta
-from qpasses.passes.analysis.bitops import BitopsResult
-from qpasses.passes.analysis.model_size import ModelSizeResult
+from qpasses.algorithms import cost_model as cm
+from qpasses.ir.annotations import QuantSpec, update_qmeta
+from qpasses.analyses.bitops import BitopsResult
+from qpasses.analyses.model_size import ModelSizeResult
 
 from .cost_helpers import annotate, traced
 
@@ -159,7 +159,7 @@ def test_macs_are_dense_and_structure_only():
     m = AnalysisManager().get("macs", gm)
     assert m["g"].macs == 4 * 6 * 9 * 25 and m["dw"].macs == 8 * 9 * 25
     assert m["fc"].macs == 100 * 3 and m.total == sum(r.macs for r in m.rows)
-    assert qpasses.passes.analysis.macs.MacsAnalysis.depends_on == frozenset({"structure"})
+    assert qpasses.analyses.macs.MacsAnalysis.depends_on == frozenset({"structure"})
 
 
 def test_cost_model_is_differentiable_and_matches_integer_bits():
@@ -296,7 +296,7 @@ def test_planned_pruning_costs_equal_the_physically_pruned_graph():
     gm = qpasses.trace(_PrunableNet(), torch.randn(1, 3, 6, 6))
     annotate(gm, "annotate-bitwidths{weight-bits=4 act-bits=4 granularity=kernel}")
     node = next(n for n in gm.graph.nodes if n.target == "a")
-    from qpasses.meta import get_qmeta
+    from qpasses.ir.annotations import get_qmeta
     spec = get_qmeta(node).weight
     update_qmeta(node, weight=spec.replace(bits_per_kernel=(8, 8, 0, 8, 8, 0, 8, 8), bits=8))
     am = AnalysisManager()

@@ -1,4 +1,4 @@
-"""qpasses.fake_quant modules: values against the numerics, per-kernel and 0-bit weights, STE,
+"""qpasses.modules.fake_quant modules: values against the numerics, per-kernel and 0-bit weights, STE,
 PACT/LSQ gradients, modes, state_dict round trips and bad bit-widths (typed, named)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qpasses.errors import CalibrationError, NumericsError
-from qpasses.fake_quant import (AffineActFakeQuant, FakeQuantConv2d, FakeQuantLinear,
+from qpasses.modules.fake_quant import (AffineActFakeQuant, FakeQuantConv2d, FakeQuantLinear,
                                 LSQActFakeQuant, PACTActFakeQuant, WeightFakeQuant, check_bits,
                                 fake_quant_modules, set_fake_quant, set_observing, wrap_layer,
                                 wrapper_class)
@@ -270,7 +270,7 @@ def test_per_kernel_weight_fq_idempotent_in_range_zero_bits(bits, seed):
 
 
 def test_fast_path_is_bit_identical_to_torch_fused_kernels():
-    from qpasses.fake_quant import fast_fake_quant
+    from qpasses.modules.fake_quant import fast_fake_quant
     torch.manual_seed(6)
     g = torch.randn(3, 4, 5)
     for zp in (torch.tensor([7]), None):

@@ -12,7 +12,7 @@ from torch import nn
 
 import qpasses
 from passes_registry import Instrument, PassContext, PassFailure, PassManager
-from qpasses.passes.canonicalize.fold_batch_norm import analyze, check_bn_folded, fold_weights
+from qpasses.passes.fold_batch_norm import analyze, check_bn_folded, fold_weights
 
 BN = nn.modules.batchnorm._BatchNorm
 

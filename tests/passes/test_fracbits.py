@@ -8,12 +8,12 @@ import torchvision
 import qpasses
 from passes_registry import PassManager, PassContext
 from passes_registry.errors import OptionError, PropertyError
-from qpasses.costs_model import annotated_bits, model_bitops
+from qpasses.algorithms.cost_model import annotated_bits, model_bitops
 from qpasses.errors import AnnotationError, BudgetError, NumericsError
 from qpasses.numerics.quantizers import dorefa_normalize, fracbits_interp, unit_quantize
-from qpasses.search import fracbits as fb
-from qpasses.fake_quant import PACTActFakeQuant
-from qpasses.passes.search.freeze_fracbits import FROZEN_META, offset_bisection
+from qpasses.modules import fracbits as fb
+from qpasses.modules.fake_quant import PACTActFakeQuant
+from qpasses.passes.freeze_fracbits import FROZEN_META, offset_bisection
 
 from ..conftest import DigitsCNN
 

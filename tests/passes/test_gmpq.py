@@ -12,7 +12,7 @@ import qpasses
 from passes_registry import PassContext, PassManager
 from passes_registry.errors import OptionError, PropertyError
 from qpasses.errors import AnnotationError, BudgetError, QpassesWarning
-from qpasses.search import gmpq
+from qpasses.modules import gmpq
 
 from ..conftest import DigitsCNN
 

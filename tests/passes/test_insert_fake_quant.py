@@ -18,12 +18,12 @@ import qpasses
 from passes_registry import (PassContext, PassManager, PropertyError, graph_properties,
                              parse_pipeline)
 from qpasses import get_qmeta
-from qpasses.fake_quant import (ActFakeQuant, AffineActFakeQuant, FakeQuantConv2d,
+from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, FakeQuantConv2d,
                                 FakeQuantLinear, LSQActFakeQuant, PACTActFakeQuant,
                                 WeightFakeQuant)
-from qpasses.passes.quantize.insert_fake_quant import (is_act_fq_node, join_output_fq_node,
+from qpasses.passes.insert_fake_quant import (is_act_fq_node, join_output_fq_node,
                                                        layer_act_fq_node, layer_weight_quantizer)
-from qpasses.properties import check_fake_quant_inserted
+from qpasses.analyses.properties import check_fake_quant_inserted
 from tests.tools.tiny_models import TinyCNN
 
 

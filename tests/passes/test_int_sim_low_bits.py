@@ -20,9 +20,9 @@ import torch
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.lower import IntLayer
-from qpasses.lower.int_sim import INT_SIM_META_KEY, IntAvgPoolSum
-from qpasses.passes.lower.verify_int_sim import record_run
+from qpasses.modules.int_sim import IntLayer
+from qpasses.modules.int_sim import INT_SIM_META_KEY, IntAvgPoolSum
+from qpasses.passes.verify_int_sim import record_run
 
 from .int_sim_helpers import assert_backends_bit_exact, lower
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from qpasses.lower.check import check_int_sim
-from qpasses.lower.int_sim import INT_SIM_META_KEY
+from qpasses.algorithms.int_sim_check import check_int_sim
+from qpasses.modules.int_sim import INT_SIM_META_KEY
 
 from .int_sim_helpers import assert_backends_bit_exact, calibrated, lower
 

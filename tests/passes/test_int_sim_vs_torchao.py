@@ -23,9 +23,9 @@ from torch import nn
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.passes.lower.verify_int_sim import record_run
-from qpasses.passes.quantize.calibrate import write_qmeta
-from qpasses.passes.quantize.insert_fake_quant import act_fq_module, layer_act_fq_node
+from qpasses.passes.verify_int_sim import record_run
+from qpasses.passes.calibrate import write_qmeta
+from qpasses.passes.insert_fake_quant import act_fq_module, layer_act_fq_node
 
 from .int_sim_helpers import randomize
 
@@ -184,7 +184,7 @@ def test_whole_resnet18_matches_torch_ao_within_one_lsb(record_property):
     """ResNet-18 (random He weights, BN statistics), 2 images at 64x64: every intermediate
     quantization point equals torch.ao's fbgemm codes, the logits are within one LSB of torch's
     quantized output on >= 99.9% of values."""
-    from qpasses.lower.int_sim import INT_SIM_META_KEY
+    from qpasses.modules.int_sim import INT_SIM_META_KEY
     model = randomize(torchvision.models.resnet18(), seed=0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 64, 64, generator=g)

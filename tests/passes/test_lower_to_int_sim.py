@@ -19,10 +19,10 @@ import qpasses
 from passes_registry import PassContext, PassFailure, PassManager
 from passes_registry.errors import OptionError, PropertyError
 from qpasses.errors import NumericsError
-from qpasses.lower import IntLayer, IntLUT, set_backend
-from qpasses.lower.check import check_int_sim
-from qpasses.lower.int_sim import INT_SIM_META_KEY
-from qpasses.passes.lower.verify_int_sim import record_run
+from qpasses.modules.int_sim import IntLayer, IntLUT, set_backend
+from qpasses.algorithms.int_sim_check import check_int_sim
+from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.passes.verify_int_sim import record_run
 
 from .int_sim_helpers import assert_backends_bit_exact, calibrated, codes_at, lower, randomize
 
@@ -560,7 +560,7 @@ def test_the_input_model_is_untouched_and_the_lowered_graph_is_integer():
     _, gm = lower(gm, x, cal)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     values = record_run(gm, (x,))
-    from qpasses.lower.check import classify_nodes
+    from qpasses.algorithms.int_sim_check import classify_nodes
     kinds, problems = classify_nodes(gm)
     assert problems == []
     ints = [n for n, k in kinds.items() if k == "int"]

@@ -24,8 +24,8 @@ from passes_registry import (AnalysisManager, OptionError, PassContext, PassMana
                              parse_pipeline, pass_names, print_graph)
 from qpasses import get_qmeta
 from qpasses.errors import AnnotationError, InputError
-from qpasses.passes.analysis.channel_groups import compute_channel_groups
-from qpasses.passes.prune.prune_zero_bit_channels import PRUNE_LOG_KEY, PruneZeroBitChannels
+from qpasses.analyses.channel_groups import compute_channel_groups
+from qpasses.passes.prune_zero_bit_channels import PRUNE_LOG_KEY, PruneZeroBitChannels
 
 from .prune_util import (assert_same, layer_nodes, measured_macs, random_bits, randomize_bn, run,
                          set_bits, single_thread, trace_folded)
@@ -716,7 +716,7 @@ def _lowered_pair(name, seed):
 def test_pruned_graph_is_bit_exact_after_lowering(name, seed):
     """Folded constants, 0-bit kernels' biases and intermediate grids all lower to the same
     integers with and without the pruned channels (see lowering._exact_zero_kernel_constants,
-    qpasses.graph.bias_parts)."""
+    qpasses.ir.layers.bias_parts)."""
     y_full, y_pruned = _lowered_pair(name, seed)
     assert torch.equal(y_full, y_pruned)   # dequantized integer outputs, bit for bit
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.fake_quant import fake_quant_modules
+from qpasses.modules.fake_quant import fake_quant_modules
 from tests.tools.tiny_models import TinyCNN
 
 

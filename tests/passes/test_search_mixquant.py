@@ -11,7 +11,7 @@ from torch import nn
 import qpasses
 from passes_registry import AnalysisManager, PassContext, PassManager
 from passes_registry.errors import OptionError, PropertyError
-from qpasses.search.mixquant import (quantization_errors, register_qe_metric, select_bits)
+from qpasses.algorithms.mixquant import (quantization_errors, register_qe_metric, select_bits)
 
 from .cost_helpers import annotate, small_net, traced
 

@@ -9,10 +9,10 @@ from torch import nn
 
 from passes_registry import PassContext, PassFailure, PassManager
 from passes_registry.errors import PropertyError
-from qpasses.lower import IntLayer, IntLUT
-from qpasses.lower.check import check_int_sim
-from qpasses.lower.int_sim import INT_SIM_META_KEY
-from qpasses.passes.lower.verify_int_sim import AccumulatorOverflowError, IntSimMismatchError
+from qpasses.modules.int_sim import IntLayer, IntLUT
+from qpasses.algorithms.int_sim_check import check_int_sim
+from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.passes.verify_int_sim import AccumulatorOverflowError, IntSimMismatchError
 
 from .int_sim_helpers import calibrated, lower, randomize
 
@@ -121,7 +121,7 @@ def test_verify_needs_inputs_and_a_lowered_graph(lowered):
 
 
 def test_recorded_values_survive_later_in_place_ops():
-    from qpasses.passes.lower.verify_int_sim import record_run
+    from qpasses.passes.verify_int_sim import record_run
 
     class InPlace(nn.Module):
         def __init__(self):

@@ -14,9 +14,9 @@ from torch import nn
 import qpasses
 from passes_registry import PassContext, PassManager
 from qpasses.errors import AnnotationError, InputError, NumericsError
-from qpasses.fake_quant import wrap_layer
-from qpasses.graph import quantizable_layers
-from qpasses.search import gmpq
+from qpasses.modules.fake_quant import wrap_layer
+from qpasses.ir.layers import quantizable_layers
+from qpasses.modules import gmpq
 
 from ..conftest import DigitsCNN
 

@@ -11,9 +11,9 @@ from torch import nn
 import qpasses
 from passes_registry import PassContext
 from qpasses.errors import NumericsError
-from qpasses.graph import quantizable_layers
+from qpasses.ir.layers import quantizable_layers
 from qpasses.numerics import quantizers as Q
-from qpasses.search.sensitivity import (SensitivityError, hutchinson_traces, register_sensitivity,
+from qpasses.algorithms.sensitivity import (SensitivityError, hutchinson_traces, register_sensitivity,
                                         sensitivity_names, weight_quant_errors)
 
 

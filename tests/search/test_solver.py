@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from qpasses.errors import NumericsError
 from qpasses.numerics.costs import kernel_macs
-from qpasses.search.solver import solve, solve_dp, solve_greedy, solve_milp
+from qpasses.algorithms.solver import solve, solve_dp, solve_greedy, solve_milp
 
 HYP = settings(max_examples=50, deadline=None)
 BITS = list(range(2, 9))
@@ -189,7 +189,7 @@ def test_dp_and_milp_agree_on_medium_instance():
 @given(seed=st.integers(0, 2**16), frac=st.floats(0.3, 0.95))
 def test_solve_pairs_matches_brute_force_with_shared_widths(seed, frac):
     """3 layers, layers 0 and 1 share one activation width; BitOPs-like costs w·a·macs."""
-    from qpasses.search.solver import solve_pairs
+    from qpasses.algorithms.solver import solve_pairs
     rng = np.random.default_rng(seed)
     macs = rng.integers(1, 50, size=3)
     lam = rng.uniform(2, 8, size=(3, 2))

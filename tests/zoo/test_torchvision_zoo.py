@@ -168,7 +168,7 @@ def test_pipeline_preserves_outputs(name: str):
             scale = ref.abs().max().item()
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
         # the passes did their job: no foldable BN and no non-canonical node is left
-        assert qpasses.properties.check_bn_folded(gm) == []
-        assert qpasses.properties.check_canonical(gm) == []
+        assert qpasses.analyses.properties.check_bn_folded(gm) == []
+        assert qpasses.analyses.properties.check_canonical(gm) == []
     finally:
         gc.collect()

@@ -1,0 +1,424 @@
+"""An independent interpreter of lowered integer graphs (the oracle of ``verify-int-sim``).
+
+It evaluates every integer-simulation node from the module's *parameters* with its own arithmetic,
+written from the specification (reference/algorithms.md §5) rather than from the library code it
+checks: numpy int64 and Python integers instead of torch; ``QuantizeMultiplier`` with exact
+rational arithmetic (``fractions``); gemmlowp's SRDHM/RDBPOT, single rounding and HAWQ's
+round-half-even by floor division instead of shifts; convolution as a sum over kernel offsets of
+strided slices (no im2col); pooling windows from PyTorch's index formulas. Shape-only ops and float
+islands run through torch (they are not integer arithmetic).
+
+``run(inputs)`` returns every node's value; :func:`compare` finds the first node where two runs
+differ.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from qpasses.modules.int_sim import (Dequantize, IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLayer, IntLinear,
+                      IntLUT, IntMaxPool, IntMul, Quantize, Requantize)
+
+__all__ = ["ReferenceInterpreter", "quantize_multiplier_exact", "requant_ref"]
+
+_I64 = np.int64
+
+
+# ------------------------------------------------------------------------------------------------
+# arithmetic from the spec
+
+
+def quantize_multiplier_exact(m: float, bits: int = 31) -> tuple[int, int]:
+    """TFLite QuantizeMultiplier with exact rationals: ``m ≈ mult·2^(shift − bits)``."""
+    if m <= 0:
+        return 0, 0
+    f, e = math.frexp(m)
+    scaled = Fraction(f) * (1 << bits)
+    mult = math.floor(scaled + Fraction(1, 2))       # rha of a positive number
+    if mult == 1 << bits:
+        mult //= 2
+        e += 1
+    if e < -31:
+        return 0, 0
+    return mult, e
+
+
+def _pow2(e: np.ndarray) -> np.ndarray:
+    return np.power(np.int64(2), e.astype(_I64))
+
+
+def _div_round(v: np.ndarray, t: np.ndarray, mode: str) -> np.ndarray:
+    """Round ``v / 2**t`` (t >= 0 elementwise) by floor division: rha, rhu or rne."""
+    p = _pow2(t)
+    q = np.floor_divide(v, p)
+    rem = v - q * p
+    half = np.where(t > 0, p // 2, 0)
+    above = rem > half
+    tie = (rem == half) & (t > 0)
+    if mode == "rhu":
+        up = above | tie
+    elif mode == "rha":
+        up = above | (tie & (v >= 0))
+    else:  # rne
+        up = above | (tie & (q % 2 != 0))
+    return q + up.astype(_I64)
+
+
+def _channel(a: np.ndarray, like: np.ndarray, axis: int | None) -> np.ndarray:
+    if a.size == 1:
+        return a.reshape(())
+    shape = [1] * like.ndim
+    shape[(axis if axis is not None else 1) % like.ndim] = a.size
+    return a.reshape(shape)
+
+
+def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis: int | None,
+                out_zp: int, qmin: int, qmax: int, scale_f32: np.ndarray | None = None,
+                bias_f: np.ndarray | None = None) -> np.ndarray:
+    """``clamp(z + contract(x·M))`` with the multipliers re-derived from the real scales."""
+    if rounding == "float-rne":
+        xf = x.astype(np.float32)
+        if bias_f is not None:
+            xf = xf + _channel(bias_f.astype(np.float32), x, axis)
+        y = np.rint(xf * _channel(scale_f32.astype(np.float32), x, axis)).astype(_I64)
+        return np.clip(y + out_zp, qmin, qmax)
+    if np.abs(x).max(initial=0) > 2 ** 31 - 1:
+        raise ValueError("requant input outside int32")
+    pairs = [quantize_multiplier_exact(float(r), bits) for r in reals.reshape(-1)]
+    m = _channel(np.array([p[0] for p in pairs], dtype=_I64), x, axis)
+    e = _channel(np.array([p[1] for p in pairs], dtype=_I64), x, axis)
+    if rounding == "gemmlowp":
+        left = np.maximum(e, 0)
+        xl = x * _pow2(left)
+        if np.abs(xl).max(initial=0) > 2 ** 31:
+            raise ValueError("gemmlowp left shift leaves int32")
+        m31 = m * (1 << (31 - bits))
+        high = np.floor_divide(xl * m31 + (1 << 30), 1 << 31)      # SRDHM (m31 >= 0)
+        y = _div_round(high, np.broadcast_to(np.maximum(-e, 0), high.shape), "rha")   # RDBPOT
+    else:
+        t = bits - e
+        prod = x * m
+        neg = t < 0
+        if np.any(neg):
+            prod = np.where(neg, prod * _pow2(np.maximum(-t, 0)), prod)
+        y = _div_round(prod, np.broadcast_to(np.maximum(t, 0), prod.shape),
+                       "rhu" if rounding == "single" else "rne")
+    return np.clip(y + out_zp, qmin, qmax)
+
+
+def _round_float(v: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "rne":
+        return np.rint(v)
+    if mode == "floor":
+        return np.floor(v)
+    if mode == "trunc":
+        return np.trunc(v)
+    f = np.floor(v)
+    if mode == "rhu":
+        return f + (v - f >= 0.5)
+    t = np.trunc(v)
+    return t + np.sign(v) * (np.abs(v - t) >= 0.5)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def conv_ref(x: np.ndarray, w: np.ndarray, stride: Any, padding: Any, dilation: Any, groups: int,
+             x_zp: int, w_zp: np.ndarray) -> np.ndarray:
+    """Σ over kernel offsets of strided slices of the zero-padded ``x − z_x`` times ``w − z_w``."""
+    nd = w.ndim - 2
+    s, p, d = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
+    ks = w.shape[2:]
+    xs = x.astype(_I64) - x_zp
+    xs = np.pad(xs, [(0, 0), (0, 0)] + [(pi, pi) for pi in p])
+    out = [(x.shape[2 + i] + 2 * p[i] - d[i] * (ks[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
+    wz = w.astype(_I64) - (w_zp.reshape((-1,) + (1,) * (w.ndim - 1)) if w_zp.size > 1
+                           else w_zp.reshape(()))
+    n, c = x.shape[:2]
+    o = w.shape[0]
+    cg, og = c // groups, o // groups
+    acc = np.zeros((n, groups, og) + tuple(out), dtype=_I64)
+    wg = wz.reshape((groups, og, cg) + tuple(ks))
+    for off in itertools.product(*[range(k) for k in ks]):
+        idx = tuple(slice(off[i] * d[i], off[i] * d[i] + s[i] * (out[i] - 1) + 1, s[i])
+                    for i in range(nd))
+        sl = xs[(slice(None), slice(None)) + idx].reshape((n, groups, cg) + tuple(out))
+        wk = wg[(slice(None), slice(None), slice(None)) + off]           # (g, og, cg)
+        acc += np.einsum("ngc...,goc->ngo...", sl, wk)
+    return acc.reshape((n, o) + tuple(out))
+
+
+def maxpool_ref(x: np.ndarray, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> np.ndarray:
+    nd = x.ndim - 2
+    k, p, d = _tuple(k, nd), _tuple(p, nd), _tuple(d, nd)
+    s = _tuple(s if s is not None else k, nd)
+    pads, out = [(0, 0), (0, 0)], []
+    for i in range(nd):
+        size, span = x.shape[2 + i], d[i] * (k[i] - 1) + 1
+        num = size + 2 * p[i] - span
+        o = (-(-num // s[i]) if ceil else num // s[i]) + 1
+        if ceil and (o - 1) * s[i] >= size + p[i]:
+            o -= 1
+        out.append(o)
+        pads.append((p[i], max(p[i], (o - 1) * s[i] + span - size - p[i])))
+    low = np.iinfo(_I64).min
+    xp = np.pad(x.astype(_I64), pads, constant_values=low)
+    res = None
+    for off in itertools.product(*[range(kk) for kk in k]):
+        idx = tuple(slice(off[i] * d[i], off[i] * d[i] + s[i] * (out[i] - 1) + 1, s[i])
+                    for i in range(nd))
+        v = xp[(slice(None), slice(None)) + idx]
+        res = v if res is None else np.maximum(res, v)
+    return res
+
+
+def avgpool_sums_ref(x: np.ndarray, mod: IntAvgPoolSum) -> tuple[np.ndarray, np.ndarray]:
+    if mod.mode == "adaptive":
+        outs = mod.output_size
+        nd = len(outs) if isinstance(outs, (tuple, list)) else x.ndim - 2
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs] * nd
+        lead = x.ndim - nd
+        sizes = x.shape[lead:]
+        outs = [sizes[i] if outs[i] is None else int(outs[i]) for i in range(nd)]
+        sums = np.zeros(x.shape[:lead] + tuple(outs), dtype=_I64)
+        counts = np.zeros(tuple(outs), dtype=_I64)
+        for pos in itertools.product(*[range(o) for o in outs]):
+            win = tuple(slice((pos[i] * sizes[i]) // outs[i],
+                              -((-(pos[i] + 1) * sizes[i]) // outs[i])) for i in range(nd))
+            block = x[(Ellipsis,) + win].astype(_I64)
+            sums[(Ellipsis,) + pos] = block.reshape(x.shape[:lead] + (-1,)).sum(-1)
+            counts[pos] = block[(0,) * lead].size if lead else block.size
+        return sums, counts.reshape((1,) * lead + tuple(outs))
+    nd = x.ndim - 2
+    k, p = _tuple(mod.kernel_size, nd), _tuple(mod.padding, nd)
+    s = _tuple(mod.stride if mod.stride is not None else mod.kernel_size, nd)
+    xp = np.pad(x.astype(_I64), [(0, 0), (0, 0)] + [(pi, pi) for pi in p])
+    ones = np.pad(np.ones(x.shape[2:], dtype=_I64), [(pi, pi) for pi in p])
+    out = [(x.shape[2 + i] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(nd)]
+    sums = np.zeros(x.shape[:2] + tuple(out), dtype=_I64)
+    counts = np.zeros(tuple(out), dtype=_I64)
+    for off in itertools.product(*[range(kk) for kk in k]):
+        idx = tuple(slice(off[i], off[i] + s[i] * (out[i] - 1) + 1, s[i]) for i in range(nd))
+        sums += xp[(slice(None), slice(None)) + idx]
+        counts += ones[idx]
+    present = counts
+    if mod.divisor_override:
+        counts = np.full_like(counts, int(mod.divisor_override))
+    elif mod.count_include_pad:
+        counts = np.full_like(counts, math.prod(k))
+    # padding is the real value 0: the code z at every padded position the divisor counts
+    sums = sums + (counts - present) * getattr(mod, "zero_point", 0)
+    return sums, counts.reshape((1, 1) + tuple(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# the interpreter
+
+
+def _np(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return v
+
+
+def _torch(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
+class ReferenceInterpreter:
+    """Evaluate a lowered GraphModule node by node with the independent arithmetic above."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def run(self, *inputs: torch.Tensor, trusted: dict[str, Any] | None = None,
+            kinds: dict[str, str] | None = None) -> dict[str, Any]:
+        """Every node's value. With ``trusted`` (values of another run) and ``kinds`` (from
+        :func:`qpasses.algorithms.int_sim_check.classify_nodes`), float nodes outside the integer arithmetic
+        (float islands, float ops before the input quantize) take the trusted value instead of
+        being re-run: they are not what is checked, and re-running a float reduction on another
+        memory layout may round differently."""
+        env: dict[str, Any] = {}
+        it = iter(inputs)
+        for n in self.gm.graph.nodes:
+            mod = self.modules.get(str(n.target)) if n.op == "call_module" else None
+            if trusted is not None and kinds is not None and n.name in trusted and \
+                    n.op in ("call_module", "call_function", "call_method") and \
+                    kinds.get(n.name) in ("float", "island") and \
+                    not isinstance(mod, _INT_SIM_TYPES):
+                env[n.name] = torch.fx.node.map_aggregate(trusted[n.name], _np)
+                continue
+            if n.op == "placeholder":
+                env[n.name] = _np(next(it))
+            elif n.op == "output":
+                env["__output__"] = torch.fx.node.map_arg(n.args[0], lambda a: env[a.name])
+            elif n.op == "get_attr":
+                obj: Any = self.gm
+                for part in str(n.target).split("."):
+                    obj = getattr(obj, part)
+                env[n.name] = _np(obj)
+            else:
+                env[n.name] = self._node(n, env)
+        return env
+
+    def _node(self, n: torch.fx.Node, env: dict[str, Any]) -> Any:
+        args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+        if n.op == "call_module":
+            mod = self.modules[str(n.target)]
+            fn = _IMPLS.get(type(mod))
+            if fn is None:
+                for cls, impl in _IMPLS.items():
+                    if isinstance(mod, cls):
+                        fn = impl
+                        break
+            if fn is not None:
+                return fn(mod, *args)
+            out = mod(*torch.fx.node.map_aggregate(args, _torch),
+                      **torch.fx.node.map_aggregate(kwargs, _torch))
+            return torch.fx.node.map_aggregate(out, _np)
+        targs = torch.fx.node.map_aggregate(args, _torch)
+        tkw = torch.fx.node.map_aggregate(kwargs, _torch)
+        if n.op == "call_method":
+            self_obj, *rest = targs
+            out = getattr(self_obj, str(n.target))(*rest, **tkw)
+        else:
+            out = n.target(*targs, **tkw)
+        return torch.fx.node.map_aggregate(out, _np)
+
+
+def _quantize(mod: Quantize, x: np.ndarray) -> np.ndarray:
+    inv = np.float32(1.0) / np.float32(mod.scale)
+    v = _round_float(x.astype(np.float32) * inv, mod.rounding)
+    return np.clip(v + mod.zero_point, mod.qmin, mod.qmax).astype(_I64)
+
+
+def _dequantize(mod: Dequantize, q: np.ndarray) -> np.ndarray:
+    s = _channel(mod.scale.numpy(), q, mod.axis)
+    return ((q.astype(np.float64) - mod.zero_point) * s).astype(np.float32)
+
+
+def _requantize(mod: Requantize, q: np.ndarray, bias_f: np.ndarray | None = None) -> np.ndarray:
+    x = q.astype(_I64) - mod.in_zero_point
+    return requant_ref(x, mod.real.numpy(), mod.rounding, mod.multiplier_bits, mod.axis,
+                       mod.out_zero_point, mod.qmin, mod.qmax, mod.scale_f32.numpy(), bias_f)
+
+
+def _layer(mod: IntLayer, x: np.ndarray) -> np.ndarray:
+    wzp = mod.w_zp.numpy().reshape(-1)
+    if isinstance(mod, IntLinear):
+        w = mod.w_q.numpy().astype(_I64) - (wzp.reshape(-1, 1) if wzp.size > 1 else wzp[0])
+        acc = np.matmul(x.astype(_I64) - mod.x_zero_point, w.T)
+    else:
+        acc = conv_ref(x, mod.w_q.numpy(), mod.stride, mod.int_padding, mod.dilation,
+                       mod.groups, mod.x_zero_point, wzp)
+    fused_float = mod.requant is not None and mod.requant.rounding == "float-rne" and \
+        mod.bias_f is not None
+    acc = acc * (1 << mod.acc_shift)
+    if mod.bias_q is not None and not fused_float:
+        acc = acc + _channel(mod.bias_q.numpy(), acc, mod.channel_axis)
+    if mod.requant is None:
+        return acc
+    rq = mod.requant
+    return requant_ref(acc, rq.real.numpy(), rq.rounding, rq.multiplier_bits,
+                       mod.channel_axis if rq.real.numel() > 1 else None, rq.out_zero_point,
+                       rq.qmin, rq.qmax, rq.scale_f32.numpy(),
+                       mod.bias_f.numpy() if fused_float else None)
+
+
+def _add(mod: IntAdd, *qs: np.ndarray) -> np.ndarray:
+    centred = [q.astype(_I64) - z for q, z in zip(qs, mod.in_zero_points)]
+    if mod.mode == "exact":
+        return np.clip(sum(centred) + mod.out_zero_point, mod.qmin, mod.qmax)
+    if mod.mode == "float":
+        v = None
+        for c, s in zip(centred, mod.in_scales):
+            t = c.astype(np.float32) * np.float32(s)
+            v = t if v is None else v + t
+        y = np.rint(v * (np.float32(1.0) / np.float32(mod.out_scale))).astype(_I64)
+        return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax)
+    widest = max(mod.in_max_abs)
+    left = min(20, 30 - max(widest, 1).bit_length())
+    assert left == mod.left_shift, "left shift disagrees with TFLite's rule"
+    twice = 2.0 * max(mod.in_scales)
+    acc = None
+    for c, s in zip(centred, mod.in_scales):
+        t = requant_ref(c * (1 << left), np.array([s / twice]), mod.rounding,
+                        mod.multiplier_bits, None, 0, -(2 ** 62), 2 ** 62)
+        acc = t if acc is None else acc + t
+    return requant_ref(acc, np.array([twice / (2.0 ** left * mod.out_scale)]), mod.rounding,
+                       mod.multiplier_bits, None, mod.out_zero_point, mod.qmin, mod.qmax)
+
+
+def _mul(mod: IntMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if mod.rounding == "float-rne":
+        xa = (a.astype(_I64) - mod.a_zero_point).astype(np.float32) * np.float32(mod.a_scale)
+        xb = (b.astype(_I64) - mod.b_zero_point).astype(np.float32) * np.float32(mod.b_scale)
+        y = np.rint((xa * xb) * (np.float32(1.0) / np.float32(mod.out_scale))).astype(_I64)
+        return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax)
+    prod = (a.astype(_I64) - mod.a_zero_point) * (b.astype(_I64) - mod.b_zero_point)
+    return requant_ref(prod, np.array([mod.a_scale * mod.b_scale / mod.out_scale]),
+                       mod.rq.rounding, mod.rq.multiplier_bits, None, mod.out_zero_point,
+                       mod.qmin, mod.qmax)
+
+
+def _cat(mod: IntCat, *qs: np.ndarray) -> np.ndarray:
+    parts = []
+    for r, q in zip(mod.requants, qs):
+        parts.append(_requantize(r, q) if isinstance(r, Requantize) else q)
+    return np.concatenate(parts, axis=mod.dim)
+
+
+def _maxpool(mod: IntMaxPool, x: np.ndarray) -> np.ndarray:
+    return maxpool_ref(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+
+
+def _avgpool(mod: IntAvgPoolSum, x: np.ndarray) -> np.ndarray:
+    sums, counts = avgpool_sums_ref(x, mod)
+    lcm = 1
+    for c in np.unique(counts):
+        lcm = lcm * int(c) // math.gcd(lcm, int(c))
+    # the module may keep k fractional bits of the mean, L·2^k (lowering._pool_frac_bits)
+    ratio = mod.lcm // lcm if mod.lcm % lcm == 0 else 0
+    assert ratio > 0 and ratio & (ratio - 1) == 0, \
+        f"window counts give L={lcm}, the module uses {mod.lcm} (not L·2^k)"
+    return sums * (mod.lcm // counts)
+
+
+def _clamp(mod: IntClamp, q: np.ndarray) -> np.ndarray:
+    lo = _channel(mod.lo.numpy(), q, mod.axis)
+    hi = _channel(mod.hi.numpy(), q, mod.axis)
+    return np.minimum(np.maximum(q, lo), hi)
+
+
+def _lut(mod: IntLUT, q: np.ndarray) -> np.ndarray:
+    fn = getattr(mod, "fn", None)
+    table = mod.table.numpy()
+    if fn is not None:
+        codes = np.arange(mod.in_qmin, mod.in_qmin + table.size, dtype=_I64)
+        xhat = (codes - mod.in_zero_point).astype(np.float32) * np.float32(mod.in_scale)
+        with torch.no_grad():
+            v = fn(torch.from_numpy(xhat)).numpy().astype(np.float32)
+        t = np.rint(v * (np.float32(1.0) / np.float32(mod.out_scale))).astype(_I64) \
+            + mod.out_zero_point
+        table = np.clip(t, mod.out_qmin, mod.out_qmax)
+    return table[q.astype(_I64) - mod.in_qmin]
+
+
+_IMPLS: dict[type, Any] = {Quantize: _quantize, Dequantize: _dequantize, Requantize: _requantize,
+                           IntAdd: _add, IntMul: _mul, IntCat: _cat, IntMaxPool: _maxpool,
+                           IntAvgPoolSum: _avgpool, IntClamp: _clamp, IntLUT: _lut,
+                           IntLayer: _layer}
+
+
+_INT_SIM_TYPES = tuple(_IMPLS)

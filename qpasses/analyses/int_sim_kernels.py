@@ -1,0 +1,69 @@
+"""``int-sim-kernels``: which kernel each integer layer of a lowered graph runs, and why.
+
+A derived fact (never stored in QMeta): read from the lowered modules. ``print<int-sim-kernels>``
+lists per layer the kernel in use, the fast kernel its bound allows, the bound on every partial
+sum ``max_o ‖w_o − z_w‖₁ · max|x − z_x|``, the declared accumulator width and the operand widths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tabulate import tabulate
+
+from passes_registry import AnalysisError, register_analysis
+from passes_registry.analysis_manager import Analysis
+
+from qpasses.modules.int_sim import INT_SIM_META_KEY, kernel_table
+
+__all__ = ["IntSimKernels", "IntSimKernelRow", "IntSimKernelsResult"]
+
+
+@dataclass(frozen=True)
+class IntSimKernelRow:
+    name: str
+    kernel: str
+    fast_kernel: str
+    acc_bound: int
+    acc_bits: int
+    x_bits: int
+    w_bits: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class IntSimKernelsResult:
+    rows: tuple[IntSimKernelRow, ...]
+    rounding: str
+    backend: str
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.kernel] = out.get(r.kernel, 0) + 1
+        return out
+
+
+@register_analysis
+class IntSimKernels(Analysis):
+    """Per integer layer: kernel in use, provably exact fast kernel, bound and widths."""
+    name = "int-sim-kernels"
+    summary = "kernel per integer layer of a lowered graph, with the bound that proves it exact"
+    depends_on = frozenset({"structure", "weights"})
+
+    def compute(self, gm, am):
+        rec = gm.meta.get(INT_SIM_META_KEY)
+        if rec is None:
+            raise AnalysisError("int-sim-kernels needs a lowered graph: run lower-to-int-sim "
+                                "first")
+        rows = tuple(IntSimKernelRow(r["layer"], r["kernel"], r["fast_kernel"], r["acc_bound"],
+                                     r["acc_bits"], r["x_bits"], r["w_bits"], r["reason"])
+                     for r in kernel_table(gm))
+        return IntSimKernelsResult(rows, rec.get("rounding", "?"), rec.get("backend", "?"))
+
+    def format(self, result, gm):
+        body = [[r.name, r.kernel, r.fast_kernel, r.acc_bound, r.acc_bits, r.x_bits, r.w_bits]
+                for r in result.rows]
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts().items()))
+        return (tabulate(body, headers=["layer", "kernel", "fast kernel", "|partial sum| <=",
+                                        "acc bits", "x bits", "w bits"], intfmt=",")
+                + f"\nrounding={result.rounding} backend={result.backend}; {counts}")

@@ -1,0 +1,360 @@
+"""calibrate: run calibration data through the observers, then freeze scales and zero points.
+
+``PassContext.calibration_data`` is any iterable of batches (a DataLoader, a list, a generator).
+A batch may be:
+
+- a tensor: the model's (first) input;
+- a tuple or list, e.g. ``(x, y)`` from a labelled DataLoader: its first ``k`` items are the
+  model's ``k`` inputs (labels and anything after are ignored);
+- a dict (or Mapping) with an ``"x"``, ``"input"``, ``"inputs"`` or ``"image"`` key holding the input
+  (a tensor or a tuple of tensors).
+
+The pass puts the graph in eval mode, switches every quantizer to "observe, do not quantize" (the
+statistics are those of the float model, as in Distiller and torch.ao PTQ) and feeds up to
+``num-batches`` batches under ``torch.no_grad`` with a tqdm progress bar (shown when
+``PassContext.progress`` is set and stderr is a terminal). Then it freezes:
+
+- activation quantizers: ``scale``/``zero_point`` from their observer (``method`` replaces the
+  observers chosen by insert-fake-quant; ``inserted`` keeps them); PACT's ``alpha`` = the observed
+  clip range, LSQ's ``step`` = the observed range's scale; observers off, fake quant on;
+- weight quantizers: min/max scales of the current weights (they keep tracking the weights when
+  they change, e.g. during QAT; see :mod:`qpasses.modules.fake_quant`);
+- QMeta (through ``update_qmeta``): ``weight.scale/zero_point`` (one per output channel, or one
+  value per tensor), ``act.scale/zero_point`` on layers, ``output.scale/zero_point`` on joins and on
+  the inserted activation nodes. DoReFa weights get the grid step ``2/(2^b - 1)`` and no zero point.
+
+The graph's train/eval mode is restored afterwards. :func:`write_qmeta` re-exports the current
+quantizer state into QMeta (e.g. after QAT has moved the scales).
+
+After QAT use ``calibrate{method=trained}``: no data is fed; the activation quantizers keep the
+ranges training gave them (PACT clips, LSQ steps, observer state) and stop observing, weight
+scales follow the trained weights, and QMeta gets the scales, so ``lower-to-int-sim`` implements
+the trained model. Re-observing instead would replace learned clips by the float model's ranges:
+a different model (a clip learned at 8.0 becomes ~1.1, a 7x finer grid the network never saw).
+
+Errors (:class:`qpasses.errors.CalibrationError`): no calibration data (names
+``PassContext(calibration_data=...)``), an empty iterable, a batch that is not one of the forms
+above, a batch with NaN/inf (names the batch and input index), a quantizer that no batch reached
+(names the quantizer and the layers it serves).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+from tqdm import tqdm
+
+from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from passes_registry.errors import OptionError
+
+from qpasses.errors import CalibrationError, NumericsError
+from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
+from qpasses.ir.layers import _get_attr, quantizable_layers
+from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
+from qpasses.passes.annotate_bitwidths import is_join
+from qpasses.passes.insert_fake_quant import (act_fq_module, is_act_fq_node,
+                                join_output_fq_node, layer_act_fq_node, layer_weight_quantizer,
+                                make_act_observer)
+
+__all__ = ["Calibrate", "CalibrateOptions", "INPUT_KEYS", "batch_inputs", "write_qmeta"]
+
+PASS_NAME = "calibrate"
+INPUT_KEYS = ("x", "input", "inputs", "image")
+_FORMS = ("a tensor, a tuple/list whose first items are the inputs (e.g. (x, y)), or a dict with "
+          f"one of the keys {', '.join(repr(k) for k in INPUT_KEYS)}")
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    method: Literal["inserted", "minmax", "moving-average", "avg", "percentile", "mse", "aciq",
+                    "kl", "trained"] = field(default="inserted", metadata={
+                        "help": "activation range method; 'inserted' keeps the observers chosen "
+                                "by insert-fake-quant; 'trained' keeps the ranges QAT learned "
+                                "(PACT clips, LSQ steps, observer state) and needs no data"})
+    num_batches: int | None = field(default=None, metadata={
+        "help": "use at most this many batches (none: the whole iterable)"})
+    percentile: float = field(default=99.99, metadata={
+        "help": "percentile for method=percentile"})
+
+    def __post_init__(self) -> None:
+        if self.num_batches is not None and self.num_batches < 1:
+            raise OptionError(PASS_NAME, "num-batches", f"must be >= 1, got {self.num_batches}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(PASS_NAME, "percentile",
+                              f"must be in (50, 100], got {self.percentile}")
+
+
+def batch_inputs(batch: Any, index: int, num_inputs: int) -> tuple[torch.Tensor, ...]:
+    """The model inputs of one calibration batch (forms in the module docstring)."""
+    if isinstance(batch, torch.Tensor):
+        items: tuple = (batch,)
+    elif isinstance(batch, Mapping):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None:
+            raise CalibrationError(f"calibration batch {index} is a dict without an input key "
+                                   f"(has {sorted(map(str, batch))}); expected {_FORMS}")
+        v = batch[key]
+        items = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    elif isinstance(batch, (tuple, list)):
+        items = tuple(batch[:num_inputs])
+    else:
+        raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; "
+                               f"expected {_FORMS}")
+    if len(items) < num_inputs or not all(isinstance(t, torch.Tensor) for t in items[:num_inputs]):
+        raise CalibrationError(f"calibration batch {index} does not hold {num_inputs} input "
+                               f"tensor(s); expected {_FORMS}")
+    return items[:num_inputs]
+
+
+def calibration_batches(ctx: Any, pass_name: str) -> Iterable:
+    """``ctx.calibration_data``, checked to be an iterable of batches; CalibrationError naming
+    ``pass_name`` and the PassContext field to set otherwise. Shared by every data-driven pass."""
+    data = getattr(ctx, "calibration_data", None)
+    if data is None:
+        raise CalibrationError(
+            f"pass '{pass_name}' needs calibration data: run the pipeline under "
+            "PassContext(calibration_data=...) with an iterable of batches (a DataLoader, a "
+            f"list of tensors...; each batch {_FORMS})")
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise CalibrationError(
+            f"PassContext(calibration_data=...) must be an iterable of batches, got "
+            f"{type(data).__name__}" + (" (wrap a single batch in a list: [x])"
+                                        if isinstance(data, torch.Tensor) else ""))
+    return data
+
+
+def _num_inputs(gm: torch.fx.GraphModule) -> int:
+    return max(1, sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
+
+
+def _device(gm: torch.fx.GraphModule) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _show_progress(ctx: Any) -> bool:
+    return bool(getattr(ctx, "progress", False)) and sys.stderr.isatty()
+
+
+@register_pass
+class Calibrate(Pass):
+    """Feed ``PassContext.calibration_data`` through the observers and freeze scales/zero points
+    into the quantizers and into QMeta (batch forms, modes and errors: module docstring).
+
+    Requires ``fake-quant-inserted``; establishes ``calibrated`` (every quantizer has finite
+    positive scales). Stats: ``num_batches``, ``num_quantizers``.
+    """
+    name = PASS_NAME
+    summary = "run calibration data through the observers; freeze scales into quantizers and QMeta"
+    Options = CalibrateOptions
+    requires = frozenset({"fake-quant-inserted"})
+    establishes = frozenset({"calibrated"})
+    preserves = PreservedAnalyses.none()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
+        opts: CalibrateOptions = self.options
+        quantizers = {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
+        acts = {n: m for n, m in quantizers.items() if isinstance(m, ActFakeQuant)}
+        weights = {n: m for n, m in quantizers.items() if isinstance(m, WeightFakeQuant)}
+        if opts.method == "trained":
+            return self._keep_trained(gm, acts, weights)
+        data = calibration_batches(ctx, self.name)
+        if opts.method != "inserted":
+            for n, q in acts.items():
+                q.observer = make_act_observer(opts.method, q.signed, percentile=opts.percentile,
+                                               bits=q.num_bits, where=f"quantizer '{n}'").to(
+                    q.bits.device)
+        for q in acts.values():
+            q.observer.reset()
+        saved = {n: (q.fake_quant_on, q.observing) for n, q in quantizers.items()}
+        was_training = gm.training
+        ok = False
+        try:
+            for q in quantizers.values():
+                q.enable_fake_quant(False)
+            for q in acts.values():
+                q.enable_observer(True)
+            gm.eval()
+            seen = self._feed(gm, ctx, data)
+            self._check_observed(gm, acts)
+            for n, q in acts.items():
+                try:
+                    q.init_from_observer()
+                except NumericsError as e:
+                    raise CalibrationError(f"quantizer '{n}' ({_serves(q)}): {e}") from None
+                q.enable_observer(False)
+            self._observe_weights(gm)
+            for q in quantizers.values():
+                q.enable_fake_quant(True)
+            ok = True
+        finally:
+            gm.train(was_training)
+            if not ok:
+                for n, q in quantizers.items():
+                    q.enable_fake_quant(saved[n][0])
+                    q.enable_observer(saved[n][1])
+        write_qmeta(gm, origin=self.name)
+        return PassResult(modified=True, stats={"num_batches": seen,
+                                                "num_quantizers": len(quantizers),
+                                                "num_weight_quantizers": len(weights)})
+
+    def _keep_trained(self, gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant],
+                      weights: dict[str, WeightFakeQuant]) -> PassResult:
+        _keep_trained_ranges(gm, acts)
+        self._observe_weights(gm)
+        for q in list(acts.values()) + list(weights.values()):
+            q.enable_fake_quant(True)
+        write_qmeta(gm, origin=self.name)
+        return PassResult(modified=True, stats={"num_batches": 0,
+                                                "num_quantizers": len(acts) + len(weights),
+                                                "num_weight_quantizers": len(weights)})
+
+    def _feed(self, gm: torch.fx.GraphModule, ctx: Any, data: Iterable) -> int:
+        opts: CalibrateOptions = self.options
+        limit = opts.num_batches
+        try:
+            total: int | None = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        if total is not None and limit is not None:
+            total = min(total, limit)
+        k, device = _num_inputs(gm), _device(gm)
+        seen = 0
+        with torch.no_grad(), tqdm(total=total, desc=self.name, unit="batch",
+                                   disable=not _show_progress(ctx), leave=False) as bar:
+            for i, batch in enumerate(data):
+                inputs = batch_inputs(batch, i, k)
+                for j, t in enumerate(inputs):
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+                        raise CalibrationError(
+                            f"calibration batch {i} (input {j}) contains {what} values; clean "
+                            "the data (observers would turn them into invalid scales)")
+                gm(*(t.to(device) for t in inputs))
+                seen += 1
+                bar.update(1)
+                if limit is not None and seen >= limit:
+                    break  # before pulling another batch from a (possibly costly) iterator
+        if seen == 0:
+            raise CalibrationError("PassContext(calibration_data=...) yielded no batches; give "
+                                   "at least one batch")
+        return seen
+
+    @staticmethod
+    def _check_observed(gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant]) -> None:
+        missing = [f"'{n}' ({_serves(q)})" for n, q in acts.items() if not q.observed]
+        if missing:
+            raise CalibrationError(
+                f"quantizer {missing[0]} was never observed"
+                + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
+                   if len(missing) > 1 else "")
+                + ": no calibration batch reached it (a branch the data never took, or a "
+                  "quantizer outside the graph); feed data that exercises it, or leave the layer "
+                  "in float")
+
+    @staticmethod
+    def _observe_weights(gm: torch.fx.GraphModule) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for info in quantizable_layers(gm):
+            wq = layer_weight_quantizer(gm, nodes[info.node])
+            if wq is None:
+                continue
+            w = _get_attr(gm, info.weight_attr)
+            wq.observe(w)
+
+
+def _serves(q: ActFakeQuant) -> str:
+    return ("input of " + ", ".join(q.consumers)) if q.consumers else "no recorded consumer"
+
+
+def _floats(t: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in t.detach().reshape(-1).tolist())
+
+
+def _ints(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(v) for v in t.detach().reshape(-1).tolist())
+
+
+def _with_qparams(spec: QuantSpec, scale: torch.Tensor, zp: torch.Tensor | None) -> QuantSpec:
+    s = _floats(scale)
+    z = _ints(zp) if zp is not None else None
+    if spec.axis is None and len(set(s)) <= 1 and (z is None or len(set(z)) <= 1):
+        s, z = s[:1], (z[:1] if z is not None else None)
+    return spec.replace(scale=s, zero_point=z)
+
+
+def _keep_trained_ranges(gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant]) -> None:
+    """Freeze the activation quantizers as training left them; CalibrationError naming the first
+    one without a usable range (never trained or observed)."""
+    for n, q in acts.items():
+        try:
+            scale, _ = q.qparams()
+        except CalibrationError as e:
+            raise CalibrationError(f"{PASS_NAME}{{method=trained}}: quantizer '{n}' "
+                                   f"({_serves(q)}) has no trained range ({e}); calibrate it with "
+                                   "data (method=inserted) instead") from None
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise CalibrationError(f"{PASS_NAME}{{method=trained}}: quantizer '{n}' "
+                                   f"({_serves(q)}) has scale {scale.flatten()[:4].tolist()}; "
+                                   "calibrate it with data (method=inserted) instead")
+        q.enable_observer(False)
+
+
+def write_qmeta(gm: torch.fx.GraphModule, origin: str = PASS_NAME) -> int:
+    """Export the quantizers' current scales/zero points into QMeta (layers, joins and activation
+    nodes). Quantizers without a usable scale are skipped. Returns the number of nodes updated."""
+    count = 0
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def act_qparams(node: torch.fx.Node | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if node is None:
+            return None
+        q = act_fq_module(gm, node)
+        try:
+            scale, zp = q.qparams()
+        except CalibrationError:
+            return None
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            return None
+        return scale, zp
+
+    for info in quantizable_layers(gm):
+        node = nodes[info.node]
+        q = get_qmeta(node)
+        if q.float_island is not None:
+            continue
+        changes: dict[str, Any] = {}
+        wq = layer_weight_quantizer(gm, node)
+        if q.weight is not None and wq is not None:
+            try:
+                scale, zp = wq.qparams()
+            except CalibrationError:
+                scale = zp = None  # type: ignore[assignment]
+            if scale is not None and bool(torch.isfinite(scale).all()):
+                changes["weight"] = _with_qparams(q.weight, scale,
+                                                  None if wq.scheme == "dorefa" else zp)
+        qp = act_qparams(layer_act_fq_node(gm, node))
+        if q.act is not None and qp is not None:
+            changes["act"] = _with_qparams(q.act, *qp)
+        if changes:
+            update_qmeta(node, origin=origin, **changes)
+            count += 1
+    for n in list(gm.graph.nodes):
+        q = get_qmeta(n)
+        if q.output is None:
+            continue
+        if is_act_fq_node(gm, n):
+            qp = act_qparams(n)
+        elif is_join(n) or any(is_act_fq_node(gm, u) for u in n.users):
+            qp = act_qparams(join_output_fq_node(gm, n))
+        else:
+            qp = None
+        if qp is not None:
+            update_qmeta(n, origin=origin, output=_with_qparams(q.output, *qp))
+            count += 1
+    return count

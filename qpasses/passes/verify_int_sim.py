@@ -1,0 +1,368 @@
+"""verify-int-sim: check a lowered graph against an independent implementation of its arithmetic.
+
+On ``samples`` inputs from ``PassContext.example_inputs`` / ``calibration_data`` the pass
+
+1. runs the lowered graph (on ``backend``: as lowered, or switched to ``reference``/``fast`` for
+   the check and switched back), recording every node;
+2. checks every integer node's value is an integer tensor inside the range its module declares,
+   and every conv/linear accumulator fits its declared width (the layer's proven ``acc_bits``, or
+   ``acc-bits=N`` for a hardware accumulator): :class:`AccumulatorOverflowError` names the node;
+3. runs the oracle — :class:`qpasses.algorithms.int_sim_reference.ReferenceInterpreter` (numpy int64 / exact
+   rationals, written from the spec; ``oracle=independent``) or the graph itself on the int64
+   ``reference`` backend (``oracle=reference-backend``, for big graphs; ``auto`` picks by MACs) —
+   and raises :class:`IntSimMismatchError` naming the first node (graph order) whose value differs,
+   with the count and max |diff|;
+4. when ``lower-to-int-sim`` kept the fake-quant graph, measures the int-sim vs fake-quant
+   deviation at every activation quantizer (codes, in LSB of that quantizer), per op without the
+   cascade (the ops up to each quantization point, single or a chain such as pool → flatten →
+   requantize, fed the fake-quant codes of the previous points), and on the outputs (max |diff|,
+   top-1 agreement for 2-D logits).
+
+Stats (also stored in ``gm.meta["qpasses.int_sim"]["verify"]``): ``num_samples``,
+``num_nodes_checked``, ``num_int_nodes``, ``max_acc_bits_seen``, ``fq_points``,
+``fq_points_exact``, ``codes_total``, ``codes_off_by_one``, ``codes_off_more``, ``max_lsb_diff``
+(whole-graph: differences cascade), ``local_points``, ``local_codes_off``,
+``local_max_lsb_diff`` (each integer op fed the fake-quant graph's own input codes: the
+rounding-contract difference alone), ``output_max_abs_diff``, ``top1_agree_pct``.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.fx
+
+from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass
+from passes_registry.errors import OptionError
+
+from qpasses.ir.layers import quantizable_layers
+from qpasses.algorithms.int_sim_check import classify_nodes
+from qpasses.modules.int_sim import INT_SIM_META_KEY, IntLayer, IntSimModule, set_backend
+from qpasses.algorithms.int_sim_reference import ReferenceInterpreter
+from qpasses.passes.lower_to_int_sim import context_batches
+
+__all__ = ["AccumulatorOverflowError", "IntSimMismatchError", "VerifyIntSim",
+           "VerifyIntSimOptions", "record_run", "summary_line"]
+
+PASS_NAME = "verify-int-sim"
+
+
+class IntSimMismatchError(PassFailure):
+    """The integer graph disagrees with the independent reference (``node`` names the first)."""
+
+
+class AccumulatorOverflowError(PassFailure):
+    """An accumulator or integer tensor left its declared width/range (``node`` names it)."""
+
+
+@dataclass(frozen=True)
+class VerifyIntSimOptions:
+    backend: Literal["lowered", "reference", "fast"] = field(default="lowered", metadata={
+        "help": "backend the lowered graph runs on for the check (lowered: as it is)"})
+    samples: int = field(default=4, metadata={
+        "help": "number of input samples (rows) taken from example_inputs / calibration_data"})
+    oracle: Literal["auto", "independent", "reference-backend"] = field(default="auto", metadata={
+        "help": "independent: numpy/exact-rational interpreter written from the spec; "
+                "reference-backend: the graph on int64 kernels; auto: independent below "
+                "5e8 MAC-samples"})
+    print: bool = field(default=False, metadata={
+        "help": "print a one-line summary (checks, deviation from the fake-quant graph) to the "
+                "PassContext stream"})
+    acc_bits: int | None = field(default=None, metadata={
+        "help": "overflow mode: every conv/linear accumulator must fit this signed width "
+                "(none: each layer's proven width)"})
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise OptionError(PASS_NAME, "samples", f"must be >= 1, got {self.samples}")
+        if self.acc_bits is not None and not 2 <= self.acc_bits <= 64:
+            raise OptionError(PASS_NAME, "acc-bits", f"must be in 2..64, got {self.acc_bits}")
+
+
+def _take_samples(batches: list[tuple[torch.Tensor, ...]], n: int) -> tuple[torch.Tensor, ...]:
+    k = len(batches[0])
+    cols: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    have = 0
+    for b in batches:
+        if have >= n:
+            break
+        take = min(n - have, b[0].shape[0]) if b[0].dim() else 1
+        for i in range(k):
+            cols[i].append(b[i][:take] if b[i].dim() else b[i])
+        have += take
+    return tuple(torch.cat(c) if c[0].dim() else c[0] for c in cols)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        v = super().run_node(n)
+        # a copy: a later in-place op (ReLU(inplace=True), the fast backend's owned buffers)
+        # would otherwise rewrite the recorded value
+        self.values[n.name] = torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
+        return v
+
+
+class _LocalDeviation(torch.fx.Interpreter):
+    """Runs the integer graph with every quantization point's value replaced by the fake-quant
+    graph's codes, so each point's ops (the op itself, or a chain such as pool → flatten →
+    requantize) see the fake-quant inputs: the deviation each contributes, without the cascade."""
+
+    def __init__(self, gm: torch.fx.GraphModule, fq_codes: dict[str, torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.fq_codes = fq_codes
+        self.points = self.off = self.max_lsb = 0
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        v = super().run_node(n)
+        want = self.fq_codes.get(n.name)
+        if want is None or n.op == "placeholder":
+            return v
+        if isinstance(v, torch.Tensor) and v.shape == want.shape:
+            d = (v.to(torch.int64) - want).abs()
+            self.points += 1
+            self.off += int((d != 0).sum())
+            self.max_lsb = max(self.max_lsb, int(d.max()) if d.numel() else 0)
+            return want.to(v.dtype)
+        return v
+
+
+def record_run(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Every node's value on ``inputs`` (no_grad, eval)."""
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
+
+
+def _total_macs(gm: torch.fx.GraphModule) -> int:
+    try:
+        return sum(info.macs for info in quantizable_layers(gm))
+    except Exception:  # noqa: BLE001 - shapes missing: treat as big
+        return 10 ** 12
+
+
+def _as_np(v: Any) -> np.ndarray | None:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v
+    return None
+
+
+@register_pass
+class VerifyIntSim(Pass):
+    """Check a lowered integer graph against an independent reference of its arithmetic, check
+    ranges and accumulator widths, and measure the deviation from the fake-quant graph (module
+    docstring). Requires ``int-sim``; changes nothing (its findings go to stats and
+    ``gm.meta["qpasses.int_sim"]["verify"]``)."""
+    name = PASS_NAME
+    summary = "verify the integer graph bit for bit against an independent reference"
+    Options = VerifyIntSimOptions
+    requires = frozenset({"int-sim"})
+    preserves = PreservedAnalyses.all()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
+        opts: VerifyIntSimOptions = self.options
+        batches = context_batches(ctx, gm, limit=64)
+        if not batches:
+            raise PassFailure("verify-int-sim needs inputs: run it under PassContext("
+                              "example_inputs=...) or PassContext(calibration_data=...)")
+        inputs = _take_samples(batches, opts.samples)
+        record = gm.meta.get(INT_SIM_META_KEY, {})
+        before = record.get("backend", "fast")
+        switched = opts.backend != "lowered" and opts.backend != before
+        if switched:
+            set_backend(gm, opts.backend)
+        try:
+            values = record_run(gm, inputs)
+            stats = self._check_ranges(gm, values, opts)
+            stats.update(self._check_oracle(gm, values, inputs, opts))
+        finally:
+            if switched:
+                set_backend(gm, before)
+        stats["num_samples"] = int(inputs[0].shape[0]) if inputs[0].dim() else 1
+        source = record.get("fake_quant")
+        if source is not None:
+            stats.update(self._deviation(gm, source, values, inputs, record.get("fq_map", {})))
+        if isinstance(record, dict):
+            record["verify"] = dict(stats)
+        if opts.print:
+            stream = getattr(ctx, "stream", None) or sys.stdout
+            stream.write(summary_line(stats) + "\n")
+        return PassResult(modified=False, stats=stats)
+
+    # -- ranges and accumulator widths -------------------------------------------------------
+
+    def _check_ranges(self, gm: torch.fx.GraphModule, values: dict[str, Any],
+                      opts: VerifyIntSimOptions) -> dict[str, Any]:
+        kinds, problems = classify_nodes(gm)
+        if problems:
+            raise PassFailure(f"the graph is not a well-formed int-sim graph: {problems[0]}")
+        mods = dict(gm.named_modules())
+        n_int, max_acc = 0, 0
+        for n in gm.graph.nodes:
+            if kinds.get(n.name) != "int":
+                continue
+            v = values.get(n.name)
+            if not isinstance(v, torch.Tensor):
+                continue
+            n_int += 1
+            if v.dtype.is_floating_point or v.dtype == torch.bool:
+                raise AccumulatorOverflowError(f"integer node '{n.name}' produced a {v.dtype} "
+                                               "tensor", node=n.name)
+            m = mods.get(str(n.target)) if n.op == "call_module" else None
+            if isinstance(m, IntSimModule) and v.numel():
+                lo, hi = m.declared_range()
+                vmin, vmax = int(v.min()), int(v.max())
+                if vmin < lo or vmax > hi:
+                    raise AccumulatorOverflowError(
+                        f"node '{n.name}' ({type(m).__name__}) produced values in [{vmin}, "
+                        f"{vmax}], outside its declared range [{lo}, {hi}]", node=n.name)
+            if isinstance(m, IntLayer):
+                x = values[n.args[0].name]
+                if x.numel() and (int(x.min()) < m.x_qmin or int(x.max()) > m.x_qmax):
+                    raise AccumulatorOverflowError(
+                        f"input of layer '{n.target}' (node '{n.name}') spans [{int(x.min())}, "
+                        f"{int(x.max())}], outside its declared input range [{m.x_qmin}, "
+                        f"{m.x_qmax}]", node=n.name)
+                acc = m.accumulate(x, kernel="reference")
+                amax = int(acc.abs().max()) if acc.numel() else 0
+                need = amax.bit_length() + 1
+                max_acc = max(max_acc, need)
+                width = opts.acc_bits if opts.acc_bits is not None else m.acc_bits
+                if need > width:
+                    raise AccumulatorOverflowError(
+                        f"accumulator of layer '{n.target}' (node '{n.name}') reached |{amax}|, "
+                        f"which needs {need} bits: it exceeds the declared {width}-bit width"
+                        + (" (acc-bits option)" if opts.acc_bits is not None else ""),
+                        node=n.name)
+        return {"num_int_nodes": n_int, "max_acc_bits_seen": max_acc}
+
+    # -- the oracle ------------------------------------------------------------------------
+
+    def _check_oracle(self, gm: torch.fx.GraphModule, values: dict[str, Any],
+                      inputs: tuple[torch.Tensor, ...], opts: VerifyIntSimOptions
+                      ) -> dict[str, Any]:
+        oracle = opts.oracle
+        if oracle == "auto":
+            n = int(inputs[0].shape[0]) if inputs[0].dim() else 1
+            oracle = "independent" if _total_macs(gm) * n <= 5 * 10 ** 8 else "reference-backend"
+        if oracle == "independent":
+            kinds, _ = classify_nodes(gm)
+            ref = ReferenceInterpreter(gm).run(*inputs, trusted=values, kinds=kinds)
+        else:
+            before = gm.meta.get(INT_SIM_META_KEY, {}).get("backend", "fast")
+            set_backend(gm, "reference")
+            try:
+                ref = record_run(gm, inputs)
+            finally:
+                set_backend(gm, before)
+        checked = 0
+        for n in gm.graph.nodes:
+            if n.op in ("placeholder", "output") or n.name not in values:
+                continue
+            a, b = _as_np(values[n.name]), _as_np(ref.get(n.name))
+            if a is None or b is None:
+                continue
+            checked += 1
+            if a.shape != b.shape:
+                raise IntSimMismatchError(f"node '{n.name}' has shape {a.shape} but the "
+                                          f"{oracle} oracle gives {b.shape}", node=n.name)
+            if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+                diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
+            else:
+                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+                diff = np.where(both_nan, 0.0, diff)
+            bad = int((diff != 0).sum())
+            if bad:
+                raise IntSimMismatchError(
+                    f"node '{n.name}' ({n.op} {n.target}) differs from the {oracle} oracle in "
+                    f"{bad} of {diff.size} values (max |diff| {diff.max()})", node=n.name)
+        return {"num_nodes_checked": checked, "oracle": oracle}
+
+    # -- deviation from the fake-quant graph --------------------------------------------------
+
+    def _deviation(self, gm: torch.fx.GraphModule, source: torch.fx.GraphModule,
+                   values: dict[str, Any], inputs: tuple[torch.Tensor, ...],
+                   fq_map: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        fvals = record_run(source, inputs)
+        points = exact = total = off1 = offmore = 0
+        max_lsb = 0
+        for fq_name, m in fq_map.items():
+            fv, iv = fvals.get(fq_name), values.get(m["node"])
+            if not isinstance(fv, torch.Tensor) or not isinstance(iv, torch.Tensor) or \
+                    fv.shape != iv.shape:
+                continue
+            codes = torch.round(fv.double() / m["scale"]).to(torch.int64) + m["zero_point"]
+            d = (codes - iv.to(torch.int64)).abs()
+            points += 1
+            total += d.numel()
+            nz = int((d != 0).sum())
+            exact += nz == 0
+            off1 += int((d == 1).sum())
+            offmore += int((d > 1).sum())
+            max_lsb = max(max_lsb, int(d.max()) if d.numel() else 0)
+        # local deviation: each integer op fed with the fake-quant graph's own input codes
+        # (no cascade of earlier differences), compared at its output quantizer
+        fq_codes = {}
+        for fq_name, m in fq_map.items():
+            fv = fvals.get(fq_name)
+            if isinstance(fv, torch.Tensor):
+                fq_codes[m["node"]] = torch.round(fv.double() / m["scale"]).to(torch.int64) \
+                    + m["zero_point"]
+        local = _LocalDeviation(gm, fq_codes)
+        with torch.no_grad():
+            local.run(*inputs)
+        lpoints, loff, lmax = local.points, local.off, local.max_lsb
+        # final outputs: compare the graphs' outputs directly
+        with torch.no_grad():
+            yf = source(*inputs)
+            yi = gm(*inputs)
+        diffs, agree = [], None
+        for a, b in zip(_flat(yf), _flat(yi)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                diffs.append(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+                if a.dim() == 2 and agree is None and a.shape[1] > 1:
+                    agree = float((a.argmax(1) == b.argmax(1)).double().mean() * 100)
+        out: dict[str, Any] = {"fq_points": points, "fq_points_exact": exact,
+                               "codes_total": total, "codes_off_by_one": off1,
+                               "codes_off_more": offmore, "max_lsb_diff": max_lsb,
+                               "local_points": lpoints, "local_codes_off": loff,
+                               "local_max_lsb_diff": lmax,
+                               "output_max_abs_diff": max(diffs) if diffs else 0.0}
+        if agree is not None:
+            out["top1_agree_pct"] = agree
+        return out
+
+
+def summary_line(stats: dict[str, Any]) -> str:
+    """One line for humans: what was checked and how far int-sim is from fake-quant."""
+    out = (f"verify-int-sim: {stats.get('num_nodes_checked', 0)} nodes bit-exact vs the "
+           f"{stats.get('oracle', '?')} oracle on {stats.get('num_samples', 0)} samples, ranges "
+           f"and accumulators (max {stats.get('max_acc_bits_seen', 0)} bits) within declared")
+    if "codes_total" in stats:
+        total = max(stats["codes_total"], 1)
+        out += (f"; vs fake-quant: per op {stats['local_codes_off']} of {total} codes differ "
+                f"(max {stats['local_max_lsb_diff']} LSB), whole graph "
+                f"{100.0 * (stats['codes_off_by_one'] + stats['codes_off_more']) / total:.2f}% "
+                f"differ (max {stats['max_lsb_diff']} LSB)")
+        if "top1_agree_pct" in stats:
+            out += f", top-1 agreement {stats['top1_agree_pct']:.1f}%"
+    return out
+
+
+def _flat(v: Any) -> list[Any]:
+    if isinstance(v, (list, tuple)):
+        return [x for e in v for x in _flat(e)]
+    if isinstance(v, dict):
+        return [x for e in v.values() for x in _flat(e)]
+    return [v]
