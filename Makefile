@@ -18,16 +18,16 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/dump_graph.py --model torchvision:resnet18 --input-shape 1,3,224,224 --pipeline default
+	$(PY) -m tools.dump_graph --model torchvision:resnet18 --input-shape 1,3,224,224 --pipeline default
 
 test: $(STAMP)
 	$(PY) -m pytest tests
 
 docs: $(STAMP)
-	$(PY) tools/gen_pass_docs.py --out docs/passes.md
+	$(PY) -m tools.gen_pass_docs --out docs/passes.md
 
 bench: $(STAMP)
-	$(PY) tools/bench.py
+	$(PY) -m tools.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -48,6 +48,15 @@ class PropertyError(PassesError):
     """A pass requires an IR property that no earlier pipeline element establishes, or a checker failed."""
 
 
+class RecordError(PassesError):
+    """A graph record is unregistered, of the wrong type, invalid, or missing for a pass that
+    requires it (the message names the pass, the record and what to run first)."""
+
+    def __init__(self, message: str, *, record: str | None = None, pass_name: str | None = None):
+        self.record, self.pass_name = record, pass_name
+        Exception.__init__(self, message)
+
+
 class PassFailure(PassesError):
     """A pass failed. Raised by passes; the manager re-raises it with pass name, position and pipeline."""
 

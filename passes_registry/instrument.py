@@ -195,7 +195,7 @@ class Reproducer:
             json.dump({"annotations": save_annotations(gm), "properties": sorted(properties),
                        "input_shapes": [list(s) for s in input_shapes or []]}, f, indent=1)
         torch.save(gm.state_dict(), path("state_dict.pt"))
-        args = ["python", "tools/qpass_opt.py",
+        args = ["python", "-m", "tools.qpass_opt",
                 "--graph", path("graph.pt"), f"--pass-pipeline=graph({failing_pass})"]
         if input_shapes:
             args.append("--input-shape=" + ",".join(map(str, input_shapes[0])))

@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import PassContext
 
 # What an analysis may depend on. A pass that touches only some aspects preserves every analysis
-# that depends on none of them (LLVM's CFGAnalyses set, generalised).
-ASPECTS = frozenset({"structure", "annotations", "weights"})
+# that depends on none of them (LLVM's CFGAnalyses set, generalised). "records": the registered
+# graph records in ``gm.meta``.
+ASPECTS = frozenset({"structure", "annotations", "weights", "records"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,11 @@ class Pass:
     """Base class of every pass. Subclasses set the class attributes and implement :meth:`run`.
 
     Instances are immutable: they hold only their options, so one instance may run on many graphs.
+
+    Graph records (registered ``gm.meta`` keys) a pass touches are declared like properties:
+    ``requires_records`` must be present when it runs (checked by the manager at run time),
+    ``reads_records`` change what it does when present, ``writes_records`` are the only records
+    it may set or remove (checked under verify-each).
     """
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -93,6 +99,9 @@ class Pass:
     establishes: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     preserves: ClassVar[PreservedAnalyses] = PreservedAnalyses.none()
+    requires_records: ClassVar[frozenset[str]] = frozenset()
+    reads_records: ClassVar[frozenset[str]] = frozenset()
+    writes_records: ClassVar[frozenset[str]] = frozenset()
     # A required pass is never skipped by --disable-pass or bisection (LLVM's isRequired).
     required: ClassVar[bool] = False
 

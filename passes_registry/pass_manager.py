@@ -3,9 +3,11 @@
 Checks happen when the pipeline is built: every pass's ``requires`` must be established by an
 earlier element or assumed (the manager never inserts or reorders passes). While running, with
 verify-each on (the default), after each modifying pass it lints and recompiles the graph, validates
-annotations, runs the checkers of newly established properties, and compares fingerprints with the
-pass's ``modified`` claim (XLA). Failures come out typed, naming the pass, its position and the
-canonical pipeline, optionally with a reproducer written to disk.
+annotations and graph records, runs the checkers of newly established properties, and compares
+fingerprints with the pass's ``modified`` claim (XLA) and changed records with its
+``writes_records``; a pass's ``requires_records`` are checked just before it runs. Failures come
+out typed, naming the pass, its position and the canonical pipeline, optionally with a reproducer
+written to disk.
 """
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from . import registry
 from .analysis_manager import AnalysisManager
 from .context import PassContext
 from .errors import (OptionError, PassesError, PassFailure, PipelineParseError, PropertyError,
-                     VerificationError)
+                     RecordError, VerificationError)
 from .instrument import IRPrinter, Reproducer, Statistics, Timing
 from .pass_base import ParametricPass, Pass, PassResult
-from .pipeline import Element, Nested, Pipeline, parse_pipeline
+from .options import build_options
+from .pipeline import (Element, NamedPipeline, Nested, Pipeline, expand_pipeline, parse_pipeline,
+                       pipeline_elements)
 from .printing import fingerprint
+from .records import has_record, record_digests, record_problems
 from .suggest import did_you_mean
 
 HISTORY_KEY = "passes_registry"
@@ -76,11 +81,9 @@ class PassManager:
             if "<" in element and element.endswith(">"):
                 name, param = element[:-1].split("<", 1)
             if registry.lookup_pipeline(name) is not None and param is None:
-                from .options import build_options
                 pdef = registry.lookup_pipeline(name)
                 opts = build_options(name, pdef.Options, options)
-                from .pipeline import _expand_pipeline
-                for e in _expand_pipeline(pdef, opts):
+                for e in pipeline_elements(pdef, opts):
                     self._append(e)
                 return self
             try:
@@ -126,9 +129,7 @@ class PassManager:
             if missing:
                 prop = missing[0]
                 # A pass that itself requires the property cannot be what first provides it.
-                providers = [n for n in registry.pass_names()
-                             if prop in registry.lookup_pass(n).establishes
-                             and prop not in registry.lookup_pass(n).requires]
+                providers = _providers(prop)
                 hint = (f"add {' or '.join(repr(p) for p in providers)} before it"
                         if providers else "no registered pass establishes it")
                 raise PropertyError(
@@ -163,6 +164,31 @@ class PassManager:
         ctx = ctx if ctx is not None else PassContext.current()
         run = _Run(self, gm, ctx)
         return run.execute()
+
+
+def _providers(prop: str) -> list[str]:
+    """Names to suggest for establishing ``prop``: the passes that establish it without requiring
+    it, where a ``keep_name`` pipeline establishing it runs such a pass, the pipeline instead."""
+    passes = [n for n in registry.pass_names()
+              if prop in registry.lookup_pass(n).establishes
+              and prop not in registry.lookup_pass(n).requires]
+    pipelines = []
+    for name in registry.pipeline_names():
+        pdef = registry.lookup_pipeline(name)
+        if pdef is None or not pdef.keep_name:
+            continue
+        try:
+            body = expand_pipeline(pdef, build_options(name, pdef.Options, {}))
+        except PassesError:
+            continue
+        inner = {p.name for p in Pipeline(body).flat_passes()}
+        established: set[str] = set()
+        for e in body:
+            established = _apply_properties(e, established)
+        if prop in established and inner & set(passes):
+            pipelines.append(name)
+            passes = [p for p in passes if p not in inner]
+    return pipelines + passes
 
 
 def _apply_properties(e: Element, props: set[str]) -> set[str]:
@@ -222,6 +248,8 @@ class _Run:
         return any_modified
 
     def _run_nested(self, e: Nested, pos: str) -> bool:
+        if isinstance(e, NamedPipeline):
+            return self._run_elements(e.body, pos + ".")
         if e.combinator == "repeat":
             modified = False
             for _ in range(e.options.count):
@@ -263,7 +291,9 @@ class _Run:
         gm, ctx = self.gm, self.ctx
         if not self._should_run(p):
             return False
+        self._check_required_records(p, pos)
         before = fingerprint(gm) if ctx.verify_each else None
+        records_before = record_digests(gm) if ctx.verify_each else {}
         snapshot = copy.deepcopy(gm) if ctx.reproducer_dir else None
         for inst in self.instruments:
             inst.before_pass(p, gm)
@@ -280,7 +310,7 @@ class _Run:
                     raise VerificationError(f"graph.lint() failed after the pass: {e}") from e
                 gm.recompile()
             if ctx.verify_each:
-                self._verify(p, result, before)
+                self._verify(p, result, before, records_before)
             if ctx.check_preservation and result.modified:
                 preserved_results = {n: self.am.cached(n) for n in self.am.cached_names()}
             else:
@@ -298,7 +328,21 @@ class _Run:
             inst.after_pass(p, gm, result)
         return result.modified
 
-    def _verify(self, p: Pass, result: PassResult, before: dict[str, str] | None) -> None:
+    def _check_required_records(self, p: Pass, pos: str) -> None:
+        for key in sorted(p.requires_records):
+            if has_record(self.gm, key):
+                continue
+            writers = [n for n in registry.pass_names()
+                       if key in registry.lookup_pass(n).writes_records
+                       and key not in registry.lookup_pass(n).requires_records]
+            hint = (f"run {' or '.join(repr(w) for w in writers)} first" if writers
+                    else "no registered pass writes it")
+            raise RecordError(f"pass '{p.display_name}' (element {pos} of {self.text}) requires "
+                              f"graph record '{key}', which the graph does not have ({hint})",
+                              record=key, pass_name=p.display_name)
+
+    def _verify(self, p: Pass, result: PassResult, before: dict[str, str] | None,
+                records_before: dict[str, str]) -> None:
         gm = self.gm
         after = fingerprint(gm)
         changed = sorted(k for k in after if before is not None and after[k] != before[k])
@@ -307,7 +351,14 @@ class _Run:
                                     f"{', '.join(changed)}")
         if result.modified and not changed:
             raise VerificationError("pass reported modified=True but the graph, its "
-                                    "annotations and weights are unchanged")
+                                    "annotations, weights and records are unchanged")
+        records_after = record_digests(gm)
+        undeclared = sorted(k for k in records_before.keys() | records_after.keys()
+                            if records_before.get(k) != records_after.get(k)
+                            and k not in p.writes_records)
+        if undeclared:
+            raise VerificationError(f"pass changed graph record '{undeclared[0]}' but does not "
+                                    "declare it in writes_records")
         for prop in sorted(p.establishes):
             pdef = registry.lookup_property(prop)
             if pdef is not None and pdef.checker is not None:
@@ -317,6 +368,11 @@ class _Run:
                                             f"found: {'; '.join(problems[:5])}")
         if not result.modified:
             return
+        for key in sorted(registry.graph_records()):
+            if gm.meta.get(key) is not None:
+                problems = record_problems(key, gm.meta[key])
+                if problems:
+                    raise VerificationError(f"invalid graph record: {'; '.join(problems)}")
         keys = registry.annotation_keys()
         for node in gm.graph.nodes:
             for key, kdef in keys.items():

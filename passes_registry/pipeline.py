@@ -77,6 +77,19 @@ class Nested:
                 + "(" + ",".join(e.to_text() for e in self.body) + ")")
 
 
+@dataclass(frozen=True)
+class NamedPipeline(Nested):
+    """A registered ``keep_name`` pipeline as one element: ``body`` is its expansion, run once;
+    it prints as ``name{options}`` so that ``parse(print(p)) == p``."""
+
+    @property
+    def name(self) -> str:
+        return self.combinator
+
+    def to_text(self) -> str:
+        return self.combinator + format_options(self.options)
+
+
 Element = Pass | Nested
 
 
@@ -373,7 +386,7 @@ def _resolve(raws: list[_RawElement], text: str, depth: int = 0) -> tuple[Elemen
         pipe = registry.lookup_pipeline(raw.name)
         if pipe is not None and raw.param is None:
             opts = _build(raw.name, pipe.Options, raw, text)
-            out.extend(_expand_pipeline(pipe, opts))
+            out.extend(pipeline_elements(pipe, opts))
             continue
         try:
             cls = registry.lookup_pass(raw.name)
@@ -404,13 +417,21 @@ def _resolve(raws: list[_RawElement], text: str, depth: int = 0) -> tuple[Elemen
     return tuple(out)
 
 
-def _expand_pipeline(pipe: registry.PipelineDef, opts: Any) -> tuple[Element, ...]:
+def expand_pipeline(pipe: registry.PipelineDef, opts: Any) -> tuple[Element, ...]:
+    """The elements a registered pipeline builds for ``opts``."""
     built = pipe.builder(opts)
     if isinstance(built, str):
         return parse_pipeline(built).elements
     if isinstance(built, Pipeline):
         return built.elements
     return tuple(built)
+
+
+def pipeline_elements(pipe: registry.PipelineDef, opts: Any) -> tuple[Element, ...]:
+    """What a use of a registered pipeline contributes to a pipeline: its expansion, or one
+    :class:`NamedPipeline` holding it (``keep_name``)."""
+    body = expand_pipeline(pipe, opts)
+    return (NamedPipeline(pipe.name, opts, body),) if pipe.keep_name else body
 
 
 def parse_pipeline(text: str) -> Pipeline:

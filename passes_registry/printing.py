@@ -2,7 +2,8 @@
 
 One printer serves print-ir instruments, the dump tool and golden tests (MLIR's single printer).
 Lines are deterministic: no ids, no addresses; annotations come from the printers registered for
-their ``node.meta`` keys, sorted by key.
+their ``node.meta`` keys, sorted by key, and graph records from the printers registered for their
+``gm.meta`` keys.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.fx
 
 from . import registry
+from .records import format_records, record_digests
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -136,8 +138,10 @@ def format_node(node: torch.fx.Node) -> str:
 
 
 def print_graph(gm: torch.fx.GraphModule, header: str | None = None) -> str:
-    """Canonical one-line-per-node dump of a GraphModule."""
+    """Canonical one-line-per-node dump of a GraphModule, after one ``// record <key>: ...``
+    line per printable graph record."""
     lines = [f"// {line}" for line in (header.splitlines() if header else [])]
+    lines += [f"// {line}" for line in format_records(gm)]
     lines.append("graph {")
     lines += ["  " + format_node(n) for n in gm.graph.nodes]
     lines.append("}")
@@ -176,12 +180,17 @@ def _weights_text(gm: torch.fx.GraphModule) -> str:
     return "\n".join(parts)
 
 
+def _records_text(gm: torch.fx.GraphModule) -> str:
+    return "\n".join(f"{key}|{digest}" for key, digest in record_digests(gm).items())
+
+
 _ASPECT_TEXT = {"structure": _structure_text, "annotations": _annotations_text,
-                "weights": _weights_text}
+                "weights": _weights_text, "records": _records_text}
 
 
 def fingerprint(gm: torch.fx.GraphModule, aspects: frozenset[str] | None = None) -> dict[str, str]:
-    """aspect -> hash. ``aspects=None`` means all of structure, annotations and weights."""
+    """aspect -> hash. ``aspects=None`` means all of structure, annotations, weights and
+    records."""
     out = {}
     for aspect in sorted(aspects if aspects is not None else _ASPECT_TEXT):
         out[aspect] = hashlib.sha1(_ASPECT_TEXT[aspect](gm).encode()).hexdigest()

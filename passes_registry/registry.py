@@ -1,10 +1,12 @@
-"""The global registry of passes, pipelines, analyses, IR properties and annotation keys.
+"""The global registry of passes, pipelines, analyses, IR properties, annotation keys and graph
+records.
 
 One namespace for passes and pipelines (MLIR). Re-registering a name with the same class is a no-op
 (module re-imports); with a different class it is a RegistryError.
 """
 from __future__ import annotations
 
+import builtins
 import inspect
 import re
 from dataclasses import dataclass
@@ -25,15 +27,20 @@ _PIPELINES: dict[str, "PipelineDef"] = {}
 _ANALYSES: dict[str, type["Analysis"]] = {}
 _PROPERTIES: dict[str, "PropertyDef"] = {}
 _ANNOTATION_KEYS: dict[str, "AnnotationKeyDef"] = {}
+_GRAPH_RECORDS: dict[str, "GraphRecordDef"] = {}
 
 
 @dataclass(frozen=True)
 class PipelineDef:
-    """A named pipeline: ``builder(options) -> pipeline text or list of elements``."""
+    """A named pipeline: ``builder(options) -> pipeline text or list of elements``.
+
+    ``keep_name``: the pipeline stays one element, printed as ``name{options}``, instead of being
+    replaced by its expansion (its passes still run, print, time and verify one by one)."""
     name: str
     summary: str
     Options: type
     builder: Callable[[Any], Any]
+    keep_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,21 @@ class AnnotationKeyDef:
     from_json: Callable[[Any], Any] | None = None
 
 
+@dataclass(frozen=True)
+class GraphRecordDef:
+    """A ``gm.meta`` key holding one typed, graph-level record (a search supernet's layer table,
+    a log, a lowering's contract). ``type``: the class (or tuple of classes) a value must be an
+    instance of; ``validate(value) -> problems`` checks more; ``format(value) -> str`` is the
+    summary printed in the graph dump (None: not printed); ``fingerprinted=False`` for logs and
+    findings, which passes may append to without reporting a change."""
+    key: str
+    type: type | tuple[type, ...]
+    summary: str = ""
+    validate: Callable[[Any], list[str]] | None = None
+    format: Callable[[Any], str] | None = None
+    fingerprinted: bool = True
+
+
 def _check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise RegistryError(f"{kind} name {name!r} must match {NAME_RE.pattern} (kebab-case)")
@@ -74,6 +96,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     option_infos(cls.Options)  # validates the options dataclass now, not at first use
     for prop in cls.requires | cls.establishes | cls.invalidates:
         _check_name("property", prop)
+    for attr in ("requires_records", "reads_records", "writes_records"):
+        keys = getattr(cls, attr)
+        if not isinstance(keys, frozenset) or not all(isinstance(k, str) for k in keys):
+            raise RegistryError(f"pass '{cls.name}': {attr} must be a frozenset of record keys, "
+                                f"got {keys!r}")
     existing = _PASSES.get(cls.name)
     if existing is not None and not _same(existing, cls):
         raise RegistryError(f"pass name '{cls.name}' is already registered by "
@@ -85,8 +112,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def register_pipeline(name: str, builder: Callable[[Any], Any], *, summary: str = "",
-                      options: type = NoOptions) -> None:
-    """Register a named pipeline. ``builder(opts)`` returns pipeline text or a list of elements."""
+                      options: type = NoOptions, keep_name: bool = False) -> None:
+    """Register a named pipeline. ``builder(opts)`` returns pipeline text or a list of elements;
+    with ``keep_name`` printed pipelines show ``name{options}`` rather than the expansion."""
     _check_name("pipeline", name)
     option_infos(options)
     if name in _PASSES:
@@ -94,7 +122,7 @@ def register_pipeline(name: str, builder: Callable[[Any], Any], *, summary: str 
     existing = _PIPELINES.get(name)
     if existing is not None and not _same(existing.builder, builder):
         raise RegistryError(f"pipeline name '{name}' is already registered")
-    _PIPELINES[name] = PipelineDef(name, summary, options, builder)
+    _PIPELINES[name] = PipelineDef(name, summary, options, builder, keep_name)
 
 
 def register_analysis(cls: type["Analysis"]) -> type["Analysis"]:
@@ -128,6 +156,44 @@ def register_annotation_key(key: str, *, validate: Callable[[Any], list[str]] | 
     """Declare a ``node.meta`` key that holds annotations (validated, printed and serialized by
     the infra)."""
     _ANNOTATION_KEYS[key] = AnnotationKeyDef(key, validate, format, to_json, from_json)
+
+
+def register_graph_record(key: str, type: type | tuple[type, ...], *, summary: str = "",
+                          validate: Callable[[Any], list[str]] | None = None,
+                          format: Callable[[Any], str] | None = None,
+                          fingerprinted: bool = True) -> None:
+    """Declare a ``gm.meta`` key that holds a typed graph record (validated on ``set_record`` and
+    under verify-each, printed in the graph dump, part of the ``records`` fingerprint)."""
+    if not isinstance(key, str) or not key:
+        raise RegistryError(f"graph record key must be a non-empty string, got {key!r}")
+    types = type if isinstance(type, tuple) else (type,)
+    # ``builtins.type``: the parameter shadows the builtin
+    if not types or not all(isinstance(t, builtins.type) for t in types):
+        raise RegistryError(f"graph record '{key}': type must be a class or a tuple of classes, "
+                            f"got {type!r}")
+    existing = _GRAPH_RECORDS.get(key)
+    if existing is not None:
+        old = existing.type if isinstance(existing.type, tuple) else (existing.type,)
+        if len(old) != len(types) or not all(_same(a, b) for a, b in zip(old, types)):
+            raise RegistryError(f"graph record '{key}' is already registered with type "
+                                f"{_type_names(existing.type)}")
+    _GRAPH_RECORDS[key] = GraphRecordDef(key, type, summary, validate, format, fingerprinted)
+
+
+def _type_names(t: type | tuple[type, ...]) -> str:
+    return " | ".join(x.__qualname__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def lookup_graph_record(key: str) -> GraphRecordDef:
+    try:
+        return _GRAPH_RECORDS[key]
+    except KeyError:
+        raise RegistryError(f"'{key}' is not a registered graph record"
+                            + did_you_mean(key, _GRAPH_RECORDS)) from None
+
+
+def graph_records() -> dict[str, GraphRecordDef]:
+    return dict(_GRAPH_RECORDS)
 
 
 def lookup_pass(name: str) -> type[Pass]:

@@ -24,13 +24,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from passes_registry import PassesError, lookup_pipeline
+from passes_registry import PassesError
 
 from qpasses.errors import InputError
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-# Used by ``--pipeline default`` when no pipeline named "default" is registered.
-FALLBACK_DEFAULT_PIPELINE = "graph(canonicalize,fold-batch-norm,dce)"
 EXIT_USAGE = 2
 
 
@@ -163,12 +161,11 @@ def trace_quietly(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule
 
 def resolve_pipeline_text(text: str | None) -> str | None:
     """The pipeline text a tool should run: ``default`` means the registered pipeline named
-    ``default`` if there is one, else :data:`FALLBACK_DEFAULT_PIPELINE`."""
+    ``default`` (:func:`qpasses.pipelines.default`)."""
     if text is None:
         return None
     if text.strip() == "default":
-        return "graph(default)" if lookup_pipeline("default") is not None \
-            else FALLBACK_DEFAULT_PIPELINE
+        return "graph(default)"
     return text
 
 

@@ -18,7 +18,8 @@ class PtqInt8Options:
 
 
 def ptq_int8(opts: PtqInt8Options) -> str:
-    """Distiller-style range-linear W8A8 post-training quantization (reference §6).
+    """Distiller-style range-linear W8A8 post-training quantization (docs/algorithms.md,
+    "Range-linear PTQ").
 
     canonicalize, fold BN into the preceding conv/linear, 8-bit weights and activations on every
     layer (no first/last pinning), per-channel symmetric weights, asymmetric (zero-point)

@@ -1,9 +1,9 @@
-"""The per-layer report (schema fixed in DESIGN.md), read by tools and tests.
+"""The per-layer report (schema in docs/annotations.md), read by tools and tests.
 
 Every number comes from the cost analyses (``macs``, ``bitops``, ``model-size``, ``acc-width``),
 so the report and ``print<...>`` agree by construction: inside a pipeline pass the run's
 AnalysisManager (cached results are reused), outside one a throwaway manager is used. Costs follow
-FracBits (reference §1.5, §7; see :mod:`qpasses.algorithms.cost_model`): BitOPs = Σ_k MACs_k · w_k · a, summed
+FracBits (docs/algorithms.md, "Cost accounting"; see :mod:`qpasses.algorithms.cost_model`): BitOPs = Σ_k MACs_k · w_k · a, summed
 per kernel when bits are per kernel (0-bit kernels cost nothing); a quantized first layer's input
 counts as 8 bits; layers without a bit annotation count as fp32 (32 × 32) so a float model has a
 comparable total. Size is weights at their bit-width plus 32-bit biases. A graph with no bit
@@ -17,10 +17,10 @@ from typing import Any
 import torch.fx
 from tabulate import tabulate
 
-from passes_registry import AnalysisManager, graph_history
+from passes_registry import AnalysisManager, get_record, graph_history
 
 from qpasses.ir.annotations import get_qmeta
-from qpasses.ir.trace import MODEL_KEY
+from qpasses.ir.records import MODEL_KEY
 
 FP_BITS = 32
 FIRST_LAYER_INPUT_BITS = 8
@@ -65,7 +65,7 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
     totals = {k: _num(sum(r[k] for r in rows)) if rows else 0
               for k in ("macs", "params", "bitops", "size_bits")}
     return {
-        "model": gm.meta.get(MODEL_KEY, type(gm).__name__),
+        "model": get_record(gm, MODEL_KEY, type(gm).__name__),
         "pipeline": history["pipeline"][-1] if history["pipeline"] else "",
         "layers": rows,
         "totals": totals,

@@ -1,6 +1,6 @@
 """Overhead of a FracBits search step vs a fixed-bit fake-quant QAT step (same process).
 
-    python tools/bench_fracbits.py [--batch 8] [--size 224] [--steps 5] [--granularity layer]
+    python -m tools.bench_fracbits [--batch 8] [--size 224] [--steps 5] [--granularity layer]
 
 Both graphs: torchvision ResNet-18, annotate-bitwidths{weight-bits=3 act-bits=3}; QAT:
 insert-fake-quant{weight-scheme=dorefa act-scheme=pact}; FracBits: insert-fracbits (+ the BitOPs
@@ -10,19 +10,16 @@ penalty and the λ clamp in each step). A step is forward + backward + SGD step;
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import qpasses  # noqa: E402
-from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.modules import fracbits as fb  # noqa: E402
+import qpasses
+from passes_registry import PassContext, PassManager
+from qpasses.modules import fracbits as fb
+from qpasses.algorithms import fracbits as fb_cost
 
 
 def measure(batch: int = 8, size: int = 224, steps: int = 5,
@@ -41,13 +38,13 @@ def measure(batch: int = 8, size: int = 224, steps: int = 5,
             gm = PassManager.parse(f"graph({ann},{tail})").run(gm)
         gm.train()
         graphs[name] = (gm, torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9))
-    target = float(fb.model_cost(graphs["fracbits"][0], detach=True)) * 0.9
+    target = float(fb_cost.model_cost(graphs["fracbits"][0], detach=True)) * 0.9
 
     def step(name):
         gm, opt = graphs[name]
         loss = F.cross_entropy(gm(x), y)
         if name == "fracbits":
-            loss = loss + fb.penalty(gm, target_bitops=target, kappa=0.1)
+            loss = loss + fb_cost.penalty(gm, target_bitops=target, kappa=0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,6 +1,6 @@
 """Cost of a GMPQ search step (attribution loss, double backprop) vs a fixed-bit QAT step.
 
-    python tools/bench_gmpq.py [--batch 8] [--size 224] [--steps 5] [--threads 1]
+    python -m tools.bench_gmpq [--batch 8] [--size 224] [--steps 5] [--threads 1]
 
 All graphs: torchvision ResNet-18 traced and ``annotate-bitwidths{weight-bits=4 act-bits=4}``.
 
@@ -17,20 +17,16 @@ three share the machine's noise.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import qpasses  # noqa: E402
-from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.modules import gmpq  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_fracbits import interleaved_steps  # noqa: E402  (tools/)
+import qpasses
+from passes_registry import PassContext, PassManager
+from qpasses.algorithms import gmpq
+from qpasses.modules import gmpq as gmpq_modules
+from tools.bench_fracbits import interleaved_steps
 
 
 def measure(batch: int = 8, size: int = 224, steps: int = 5, zeta: float = 3e-4,
@@ -54,10 +50,10 @@ def measure(batch: int = 8, size: int = 224, steps: int = 5, zeta: float = 3e-4,
         gm.train()
         opts = [torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)]
         if name != "qat":   # EdMIPS/GMPQ: the logits get their own optimizer
-            arch = {id(p) for p in gmpq.arch_parameters(gm)}
+            arch = {id(p) for p in gmpq_modules.arch_parameters(gm)}
             opts = [torch.optim.SGD([p for p in gm.parameters() if id(p) not in arch], lr=1e-3,
                                     momentum=0.9, weight_decay=1e-4),
-                    torch.optim.SGD(gmpq.arch_parameters(gm), lr=1e-2, momentum=0.9,
+                    torch.optim.SGD(gmpq_modules.arch_parameters(gm), lr=1e-2, momentum=0.9,
                                     weight_decay=1e-4)]
         graphs[name] = (gm, opts)
     teacher = gmpq.make_teacher(model, graphs["gmpq"][0])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Trace a model, run a pipeline and dump the annotated graph (the main job of ``make demo``).
 
-    python tools/dump_graph.py --model torchvision:resnet18 [--input-shape 1,3,224,224]
+    python -m tools.dump_graph --model torchvision:resnet18 [--input-shape 1,3,224,224]
            [--pipeline TEXT|default] [--format table|json|fxir|dot] [--out PATH] [--plot PNG]
            [--seed N]
 
@@ -9,7 +9,7 @@
 user's own model (the factory returns an ``nn.Module`` or a ``(module, example_inputs)`` pair).
 ``--pipeline default`` runs the registered pipeline named ``default`` if there is one, else
 ``graph(canonicalize,fold-batch-norm,dce)``. Formats: ``table`` (the per-layer report), ``json``
-(the report dict, schema in DESIGN.md), ``fxir`` (the canonical one-line-per-node dump with
+(the report dict, schema in docs/annotations.md), ``fxir`` (the canonical one-line-per-node dump with
 annotations), ``dot`` (Graphviz). Typed errors print their message and exit with status 2.
 
 Every step is an importable function (:func:`build`, :func:`run_pipeline`, :func:`render`,
@@ -193,7 +193,7 @@ def plot_bits(rep: dict[str, Any], path: str) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dump_graph.py", description="Trace a model, run a pass pipeline and dump the "
+        prog="python -m tools.dump_graph", description="Trace a model, run a pass pipeline and dump the "
         "annotated graph or its per-layer report.")
     p.add_argument("--model", required=True,
                    help="torchvision:NAME (random init) or package.module:factory")

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Compare post-training weight quantizers: min/max, best-MSE clip, Bit-split (issue 9).
 
-    python tools/ptq_compare.py                      # digits accuracy + per-layer errors, ResNet-18
-    python tools/ptq_compare.py --plot ptq.png       # also a matplotlib figure
-    python tools/ptq_compare.py --skip-resnet        # digits only (~1 min)
-    python tools/ptq_compare.py --bench              # runtime: bit-split of ResNet-18 at W4
+    python -m tools.ptq_compare                      # digits accuracy + per-layer errors, ResNet-18
+    python -m tools.ptq_compare --plot ptq.png       # also a matplotlib figure
+    python -m tools.ptq_compare --skip-resnet        # digits only (~1 min)
+    python -m tools.ptq_compare --bench              # runtime: bit-split of ResNet-18 at W4
 
 Methods (weights; every layer at the same W bits, per output channel, symmetric):
 
@@ -32,7 +32,6 @@ import copy
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,13 +39,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import qpasses  # noqa: E402
-from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.modules.fake_quant import WeightFakeQuant, is_fake_quant_layer  # noqa: E402
+import qpasses
+from passes_registry import PassContext, PassManager, get_record
+from qpasses.modules.fake_quant import WeightFakeQuant
+from qpasses.modules.fake_quant_layers import is_fake_quant_layer
 
 METHODS = ("minmax", "mse", "bitsplit")
 
@@ -223,9 +219,9 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
         t0 = time.perf_counter()
         stats = dict(p.run(gm, ctx, None).stats)   # the pass itself, as the manager runs it
         total = time.perf_counter() - t0
-    errs = gm.meta["ptq_bitsplit"]
-    rtn = sum(e["rtn"] for e in errs.values()) / len(errs)
-    bs = sum(e["bitsplit"] for e in errs.values()) / len(errs)
+    errs = get_record(gm, "ptq_bitsplit").layers
+    rtn = sum(e.rtn for e in errs.values()) / len(errs)
+    bs = sum(e.bitsplit for e in errs.values()) / len(errs)
     res = {"seconds": total, "rows": args.bench_rows, "collect_s": stats.get("collect_ms", 0) / 1e3,
            "solve_s": stats.get("solve_ms", 0) / 1e3, "layers": len(errs), "iters": args.bench_iters, "size": s,
            "mean_rel_err_rtn_mse": rtn, "mean_rel_err_bitsplit": bs}

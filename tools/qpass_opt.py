@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """qpass-opt: run a textual pass pipeline on a model or a saved graph (the ``mlir-opt`` analogue).
 
-    python tools/qpass_opt.py --model torchvision:resnet18 --input-shape 1,3,64,64 \\
+    python -m tools.qpass_opt --model torchvision:resnet18 --input-shape 1,3,64,64 \\
         --pass-pipeline='graph(fold-batch-norm,dce)' --print-ir-after-change --timing
-    python tools/qpass_opt.py --graph repro/graph.pt --input-shape 1,3,64,64 \\
+    python -m tools.qpass_opt --graph repro/graph.pt --input-shape 1,3,64,64 \\
         --pass-pipeline="$(cat repro/pipeline.txt)"
-    python tools/qpass_opt.py --list-passes
-    python tools/qpass_opt.py --pass-pipeline='graph(dce)' --dump-pipeline
+    python -m tools.qpass_opt --list-passes
+    python -m tools.qpass_opt --pass-pipeline='graph(dce)' --dump-pipeline
 
 Debugging flags map 1:1 onto :class:`passes_registry.PassContext` fields:
 
@@ -195,18 +195,11 @@ def context_from_args(args: argparse.Namespace, inputs: tuple | None, stream: An
 def load_plugin(module: str) -> None:
     """Import a module that registers passes (mlir-opt's --load-pass-plugin)."""
     import importlib
-    import os
 
     try:
         importlib.import_module(module)
-    except ModuleNotFoundError:
-        if os.getcwd() in sys.path:
-            raise InputError(f"--load-plugin: cannot import module '{module}'") from None
-        sys.path.insert(0, os.getcwd())
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            raise InputError(f"--load-plugin: cannot import module '{module}': {e}") from None
+    except ModuleNotFoundError as e:
+        raise InputError(f"--load-plugin: cannot import module '{module}': {e}") from None
 
 
 def render(gm: torch.fx.GraphModule, fmt: str, pipeline: str | None) -> str:
@@ -220,7 +213,7 @@ def render(gm: torch.fx.GraphModule, fmt: str, pipeline: str | None) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qpass_opt.py", description="Run a textual pass pipeline on "
+    p = argparse.ArgumentParser(prog="python -m tools.qpass_opt", description="Run a textual pass pipeline on "
                                 "a model or a saved GraphModule (mlir-opt for qpasses).")
     p.add_argument("--load-plugin", action="append", default=None, metavar="MODULE",
                    help="import a Python module that registers extra passes (repeatable)")

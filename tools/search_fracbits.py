@@ -1,7 +1,7 @@
 """FracBits on scikit-learn digits: uniform 3-bit QAT vs FracBits layer-wise vs kernel-wise at
-the uniform-3-bit BitOPs budget (reference/algorithms.md §1).
+the uniform-3-bit BitOPs budget (docs/algorithms.md, "FracBits").
 
-    python tools/search_fracbits.py [--pretrain-epochs 15] [--search-epochs 12]
+    python -m tools.search_fracbits [--pretrain-epochs 15] [--search-epochs 12]
         [--finetune-epochs 4] [--kappa 2.0] [--seed 0] [--out fracbits_out]
 
 Model: torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])`` adapted to 1-channel 8x8 digits (3x3
@@ -22,7 +22,7 @@ stem, stride 1, no max-pool; ``--width`` 32 halves torchvision's stage widths). 
 
 Prints a table (accuracy, int-sim accuracy, GBitOPs and ratio to target, size, pruned channels)
 and writes per-layer bit-width plots (tools/dump_graph.plot_bits) and results.json to ``--out``.
-Distributed: ``torchrun --nproc_per_node=2 tools/search_fracbits.py ...`` trains with
+Distributed: ``torchrun --nproc_per_node=2 -m tools.search_fracbits ...`` trains with
 DistributedDataParallel over gloo (CPU), each rank on its shard of the training set; weights, λ
 and α gradients are all-reduced, so every rank ends with the same λ (checked and printed).
 """
@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import qpasses  # noqa: E402
-from passes_registry import PassContext, PassManager  # noqa: E402
-from qpasses.modules import fracbits as fb  # noqa: E402
-from qpasses.modules.fracbits import FROZEN_META  # noqa: E402
+import qpasses
+from passes_registry import PassContext, PassManager, get_record, record_to_json
+from qpasses.modules import fracbits as fb
+from qpasses.algorithms import fracbits as fb_cost
+from qpasses.modules.fracbits import FROZEN_META
 
 
 def data(seed: int):
@@ -128,7 +127,7 @@ def train(model, xtr, ytr, epochs, lr, seed, desc, extra_loss=None, after_step=N
             bar.update(1)
             post = {"loss": f"{loss.item():.3f}"}
             if pen is not None:
-                post["cost"] = f"{float(fb.model_cost(model, detach=True)):.5f}"
+                post["cost"] = f"{float(fb_cost.model_cost(model, detach=True)):.5f}"
             bar.set_postfix(post)
     bar.close()
     model.eval()
@@ -228,7 +227,7 @@ def main(argv=None):
                      "allow-zero=true") + search_acts
         gm = run_pm(fresh(), f"graph({annotate},insert-fracbits{{{opts}}})", example=example)
         if gran == "kernel" and "layer_searched" in results:
-            # paper §3.4: start kernel-wise search from the layer-wise searched model, the
+            # FracBits: start kernel-wise search from the layer-wise searched model, the
             # layer λ broadcast to every kernel
             src = results.pop("layer_searched")
             dst = gm.state_dict()
@@ -244,18 +243,18 @@ def main(argv=None):
                    "lr": args.lr * (args.kernel_lambda_lr if gran == "kernel" else 1.0)}]
         torch.manual_seed(args.seed)
         train(gm, xtr, ytr, args.search_epochs, args.lr, args.seed + 1, f"FracBits {gran} search",
-              extra_loss=lambda gm=gm: fb.penalty(gm, **{f"target_{args.metric}": target},
+              extra_loss=lambda gm=gm: fb_cost.penalty(gm, **{f"target_{args.metric}": target},
                                                   kappa=args.kappa / target),
               after_step=lambda gm=gm: fb.clamp_lambdas(gm), warmup_epochs=1,
               param_groups=groups)
-        searched_cost = float(fb.model_cost(gm, args.metric, detach=True))
+        searched_cost = float(fb_cost.model_cost(gm, args.metric, detach=True))
         if gran == "layer":
             results["layer_searched"] = copy.deepcopy(gm.state_dict())
         search_acc = accuracy(gm, xte, yte)
         gm.eval()
         gm = run_pm(gm, f"graph(freeze-fracbits{{rounding=solver {target_opt}}})",
                     example=example)
-        frozen = gm.meta[FROZEN_META]
+        frozen = get_record(gm, FROZEN_META)
         gm = run_pm(gm, f"graph({fq})", example=example)   # PACT starts from the learned α
         torch.manual_seed(args.seed)
         train(gm, xtr, ytr, args.finetune_epochs, args.lr * 0.2, args.seed + 2,
@@ -270,7 +269,7 @@ def main(argv=None):
         rows.append((f"FracBits {gran}", acc, isim, bitops, size, cost / target, pruned, why))
         results[gran] = {"report": rep, "search_acc": search_acc,
                          "searched_cost": searched_cost,
-                         "frozen": {k: {kk: vv for kk, vv in v.items()} for k, v in frozen.items()}}
+                         "frozen": record_to_json(frozen)["layers"]}
         print(f"FracBits {gran}: search acc {search_acc:.2f}% (λ cost {searched_cost:.6f}), "
               f"final acc {acc:.2f}%, {cost:.6f} {unit} = {cost / target:.4f}x target "
               f"({time.time() - t0:.0f}s)", flush=True)

@@ -1,8 +1,8 @@
 """GMPQ on scikit-learn digits: search a mixed-precision policy on a small proxy, transfer it to
 the full-data model, finetune, and compare with an EdMIPS-style search (no attribution loss) and
-uniform bits at matched BitOPs (reference/algorithms.md §2).
+uniform bits at matched BitOPs (docs/algorithms.md, "GMPQ").
 
-    python tools/search_gmpq.py [--proxy-fraction 0.25] [--search-epochs 40] [--zeta 0.05]
+    python -m tools.search_gmpq [--proxy-fraction 0.25] [--search-epochs 40] [--zeta 0.05]
         [--eta 2.0] [--loss code] [--seed 0] [--out gmpq_out]
 
 Model: the digits ResNet of tools/search_fracbits.py (torchvision ``ResNet(BasicBlock,
@@ -15,7 +15,7 @@ fixed seeds:
    the supernet's initialization);
 2. search on the proxy with ``annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8},
    insert-gmpq-supernet``
-   (w/a candidates {2,3,4}; stem and classifier float) and ``qpasses.modules.gmpq.search_loss``:
+   (w/a candidates {2,3,4}; stem and classifier float) and ``qpasses.algorithms.gmpq.search_loss``:
    GMPQ (``eta > 0``, teacher = the proxy fp32 model) and EdMIPS-style (``eta = 0``), same ζ, seed
    and epochs; weights and logits by separate SGD optimizers (EdMIPS: logits lr 0.01 x
    ``--arch-lr-mult``, wd 1e-4 on both). ζ is given relative to the initial R_C
@@ -44,13 +44,13 @@ import warnings
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import qpasses  # noqa: E402
-from qpasses.errors import BudgetError  # noqa: E402
-from qpasses.modules import gmpq  # noqa: E402
-from tools.search_fracbits import accuracy, data, run_pm, train  # noqa: E402
-from tools.search_fracbits import make_model as fracbits_model  # noqa: E402
+import qpasses
+from passes_registry import get_record, record_to_json
+from qpasses.errors import BudgetError
+from qpasses.algorithms import gmpq
+from qpasses.modules import gmpq as gmpq_modules
+from tools.search_fracbits import accuracy, data, run_pm, train
+from tools.search_fracbits import make_model as fracbits_model
 
 # every model: the uniform 3-bit annotation (stem and classifier weights at 8 bits); the search
 # and the transferred policy only change the searched layers
@@ -77,7 +77,7 @@ def proxy_split(xtr, ytr, fraction: float, seed: int):
 def search(gm, teacher, x, y, args, eta: float, desc: str) -> float:
     """Single-level EdMIPS/GMPQ search: weights and logits step on every minibatch."""
     options = gmpq.OFFICIAL_CODE if args.loss == "code" else gmpq.PAPER
-    arch = gmpq.arch_parameters(gm)
+    arch = gmpq_modules.arch_parameters(gm)
     ids = {id(p) for p in arch}
     opt_w = torch.optim.SGD([p for p in gm.parameters() if id(p) not in ids], lr=args.lr,
                             momentum=0.9, weight_decay=1e-4)
@@ -215,7 +215,8 @@ def main(argv=None):
         seconds += time.perf_counter() - t_sel
         sel_rep = qpasses.report(selected)
         cfg_path = os.path.join(args.out, f"policy_{method.split('-')[0].lower()}.json")
-        policy_config(sel_rep, selected.meta[gmpq.SELECTED_META], cfg_path)
+        policy = get_record(selected, gmpq_modules.SELECTED_META)
+        policy_config(sel_rep, policy.layers, cfg_path)
         ft = finetune(fp_state, ANNOTATE.format(f" config={cfg_path}"), args, xtr, ytr,
                       example, f"{method} finetune")
         rep = qpasses.report(ft)
@@ -224,7 +225,7 @@ def main(argv=None):
                      *mean_bits(rep)))
         results[method] = {"report": rep, "policy": cfg_path, "search_seconds": seconds,
                            "argmax_gbitops": argmax_gbitops,
-                           "selected": selected.meta[gmpq.SELECTED_META]}
+                           "selected": record_to_json(policy)["layers"]}
         print(f"{method}: search {seconds:.1f}s (argmax {argmax_gbitops:.6f} GBitOPs), "
               f"finetuned {acc:.2f}% at {rows[-1][2]:.6f} GBitOPs  ({time.time() - t0:.0f}s)",
               flush=True)

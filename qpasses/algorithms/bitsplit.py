@@ -1,4 +1,5 @@
-"""Bit-split and stitching (Wang et al., ICML 2020; algorithms.md §3): pure tensor math.
+"""Bit-split and stitching (Wang et al., "Towards Accurate Post-training Network Quantization via
+Bit-split and Stitching", ICML 2020; docs/algorithms.md, "Bit-split"): pure tensor math.
 
 Problem, per layer with weight ``W`` (M output channels x N = fan-in), calibration inputs
 ``X`` (K x N, im2col'd for convs) and targets ``Y`` (K x M, the float outputs minus the bias)::
@@ -24,9 +25,9 @@ per plane, so ``T`` needs no GEMM, and the coordinate loop runs speculatively in
 row-restricted GEMM updates (:func:`_plane_sweep`; the sequential order and the result are exactly
 those of the plain loop). Dense work per iteration: one ``Q A`` GEMM for the scale.
 
-Initialisation: round-to-nearest at the best MSE clip of the weights (:func:`rtn_mse_clip`,
-deviation from the official FWA + weight-only bit-split init, which the issue asks for: the result
-is then never worse than that baseline). As a final safeguard against float round-off, channels
+Initialisation: round-to-nearest at the best MSE clip of the weights (:func:`rtn_mse_clip`; the
+official code starts from an FWA fit refined by a weight-only bit-split). Starting from this
+baseline makes the result never worse than it. As a final safeguard against float round-off, channels
 whose objective ended above their initial value (never in exact arithmetic) keep the initial
 solution, so ``bitsplit`` is per channel never worse than its initialisation.
 

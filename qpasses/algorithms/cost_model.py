@@ -5,15 +5,15 @@ Every consumer of costs goes through this module: the ``bitops`` / ``model-size`
 the search penalties (FracBits, GMPQ), which call :func:`model_bitops` / :func:`model_size_bits`
 with real-valued, trainable bit-widths λ and get a differentiable torch scalar. The per-layer
 arithmetic is :mod:`qpasses.numerics.costs`; this module adds the graph (which layers, which
-shapes, which channels are pruned) and the model-level conventions (reference/algorithms.md §1.5,
-§7), all of them explicit fields of :class:`CostConventions`:
+shapes, which channels are pruned) and the model-level conventions (docs/algorithms.md,
+"Cost accounting"), all of them explicit fields of :class:`CostConventions`:
 
 * BitOPs of a layer: ``Σ_k MACs_k · w_k · a`` over output kernels k (FracBits Eq. 4-5), where
   ``MACs_k`` counts only *alive* input channels (below) and ``w_k = 0`` for pruned kernels.
 * The first layers' input counts as ``first_input_bits`` (8, FracBits: the image is not quantized
   but counted as 8-bit) whenever the layer is quantized at all. The last layer needs no special
   rule: annotate-bitwidths pins its *weights* to 8 and leaves its input searched, which is what
-  reproduces FracBits' published numbers (§1.5; counting the FC at 8×8 would not).
+  reproduces FracBits' published numbers (counting the FC at 8×8 would not).
 * Layers without a bit annotation (and float islands) are counted at ``float_bits`` (32) for both
   weights and input (HAWQ's fp32 convention), so a float model has a comparable total.
 * Size: ``Σ_k params_k · w_k + #bias · bias_bits`` (fp32 biases, BN not counted; bytes = bits/8,
@@ -36,20 +36,19 @@ channels through reshapes is the ``channel-groups`` analysis' business.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
 
 from passes_registry.suggest import did_you_mean
 
 from qpasses.errors import NumericsError
-from qpasses.ir.layers import LayerInfo, first_last_layers, node_shape, quantizable_layers
+from qpasses.ir import ops
+from qpasses.ir.fx import node_shape
+from qpasses.ir.layers import LayerInfo, first_last_layers, quantizable_layers
 from qpasses.ir.annotations import QMeta, get_qmeta
 from qpasses.numerics import costs
 
@@ -66,7 +65,7 @@ BitsMap = Mapping[str, Union[int, float, Sequence[Union[int, float]], torch.Tens
 
 @dataclass(frozen=True)
 class CostConventions:
-    """Model-level accounting rules (reference §1.5, §7). The default is FracBits'."""
+    """Model-level accounting rules (docs/algorithms.md, "Cost accounting"). The default is FracBits'."""
     first_input_bits: float | None = field(default=8, metadata={
         "help": "bits the first layers' input counts as when the layer is quantized (FracBits: "
                 "8, the image is unquantized but counted as 8-bit); None uses the annotation"})
@@ -143,28 +142,6 @@ class LayerCost:
 # ---------------------------------------------------------------------------------------------
 # Dead-channel propagation
 
-_CHANNELWISE_MODULES: tuple[type, ...] = tuple(
-    getattr(nn, n) for n in (
-        "ReLU", "ReLU6", "Hardtanh", "LeakyReLU", "PReLU", "SiLU", "Hardswish", "GELU", "Sigmoid",
-        "Hardsigmoid", "Tanh", "ELU", "SELU", "Mish", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-        "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identity", "MaxPool1d", "MaxPool2d",
-        "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
-        "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
-        "AdaptiveMaxPool3d")
-    if hasattr(nn, n))
-_CHANNELWISE_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.silu,
-    F.hardswish, F.gelu, F.elu, torch.sigmoid, F.sigmoid, torch.tanh, F.hardsigmoid, F.dropout,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.batch_norm, torch.clone, torch.clamp,
-}
-_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach",
-                        "clamp", "clamp_"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_CAT_FUNCTIONS = {torch.cat, torch.concat}
-
-
 def _channels(node: Any) -> int | None:
     s = node_shape(node)
     return s[1] if s is not None and len(s) >= 2 else None
@@ -211,14 +188,14 @@ def dead_channel_masks(gm: torch.fx.GraphModule, layers: Sequence[LayerInfo] | N
                 mod = gm.get_submodule(str(n.target))
             except AttributeError:
                 mod = None
-            if isinstance(mod, _CHANNELWISE_MODULES) and isinstance(first, torch.fx.Node):
+            if isinstance(mod, ops.CHANNELWISE_MODULES) and isinstance(first, torch.fx.Node):
                 mask = dead.get(first.name)
         elif n.op == "call_function":
-            if n.target in _CHANNELWISE_FUNCTIONS and isinstance(first, torch.fx.Node):
+            if n.target in ops.CHANNELWISE_FUNCTIONS and isinstance(first, torch.fx.Node):
                 mask = dead.get(first.name)
-            elif n.target in _ADD_FUNCTIONS:
+            elif n.target in ops.ADD_FUNCTIONS:
                 mask = _intersect(dead, n)
-            elif n.target in _CAT_FUNCTIONS:
+            elif n.target in ops.CAT_FUNCTIONS:
                 tensors = n.args[0] if n.args else n.kwargs.get("tensors", ())
                 dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
                 out_shape = node_shape(n)
@@ -236,9 +213,9 @@ def dead_channel_masks(gm: torch.fx.GraphModule, layers: Sequence[LayerInfo] | N
                         cat = torch.cat(parts)
                         mask = cat if bool(cat.any()) else None
         elif n.op == "call_method":
-            if str(n.target) in _CHANNELWISE_METHODS and isinstance(first, torch.fx.Node):
+            if str(n.target) in ops.CHANNELWISE_METHODS and isinstance(first, torch.fx.Node):
                 mask = dead.get(first.name)
-            elif str(n.target) in ("add", "add_"):
+            elif str(n.target) in ops.ADD_METHODS:
                 mask = _intersect(dead, n)
         if mask is not None and _channels(n) == mask.numel():
             dead[n.name] = mask

@@ -15,11 +15,14 @@ import operator
 
 import torch.fx
 
+from passes_registry import has_record
+
 from qpasses.modules.fake_quant import FakeQuantize
 from qpasses.ir.annotations import get_qmeta
-from qpasses.modules.int_sim import INT_SIM_META_KEY, Dequantize, IntLayer, IntSimModule, Quantize
-from qpasses.algorithms.lowering import (PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS, SHAPE_QUERY_METHODS,
-                       SPLIT_FUNCTIONS, SPLIT_METHODS)
+from qpasses.ir.records import INT_SIM_KEY
+from qpasses.modules.int_sim import Dequantize, IntSimModule, Quantize
+from qpasses.modules.int_sim_layers import IntLayer
+from qpasses.ir import ops
 
 __all__ = ["check_int_sim", "classify_nodes"]
 
@@ -57,14 +60,14 @@ def classify_nodes(gm: torch.fx.GraphModule) -> tuple[dict[str, str], list[str]]
                 problems.append(f"float island '{n.name}' reads an integer tensor without a "
                                 "dequantize")
             kind[n.name] = "island"
-        elif (n.op == "call_function" and (n.target in PASSTHROUGH_FUNCTIONS
-                                           or n.target in SPLIT_FUNCTIONS)) or \
-                (n.op == "call_method" and (n.target in PASSTHROUGH_METHODS
-                                            or n.target in SPLIT_METHODS)):
+        elif (n.op == "call_function" and (n.target in ops.PASSTHROUGH_FUNCTIONS
+                                           or n.target in ops.SPLIT_FUNCTIONS)) or \
+                (n.op == "call_method" and (n.target in ops.PASSTHROUGH_METHODS
+                                            or n.target in ops.SPLIT_METHODS)):
             first = n.args[0] if n.args else None
             kind[n.name] = kind.get(first.name, "value") if isinstance(first, torch.fx.Node) \
                 else "value"
-        elif (n.op == "call_method" and n.target in SHAPE_QUERY_METHODS) or \
+        elif (n.op == "call_method" and n.target in ops.SHAPE_QUERY_METHODS) or \
                 (n.op == "call_function" and n.target in (getattr, operator.getitem)):
             kind[n.name] = "value"
         else:
@@ -76,7 +79,7 @@ def classify_nodes(gm: torch.fx.GraphModule) -> tuple[dict[str, str], list[str]]
 
 
 def check_int_sim(gm: torch.fx.GraphModule) -> list[str]:
-    if INT_SIM_META_KEY not in gm.meta:
+    if not has_record(gm, INT_SIM_KEY):
         return ["the graph has not been lowered by lower-to-int-sim"]
     problems = []
     # a layer left in float (float island) keeps its weight quantizer: it computes exactly as the

@@ -1,9 +1,9 @@
 """An independent interpreter of lowered integer graphs (the oracle of ``verify-int-sim``).
 
 It evaluates every integer-simulation node from the module's *parameters* with its own arithmetic,
-written from the specification (reference/algorithms.md §5) rather than from the library code it
-checks: numpy int64 and Python integers instead of torch; ``QuantizeMultiplier`` with exact
-rational arithmetic (``fractions``); gemmlowp's SRDHM/RDBPOT, single rounding and HAWQ's
+written from the specification (docs/int-sim.md, "Integer arithmetic") rather than from the
+library code it checks: numpy int64 and Python integers instead of torch; ``QuantizeMultiplier``
+with exact rational arithmetic (``fractions``); gemmlowp's SRDHM/RDBPOT, single rounding and HAWQ's
 round-half-even by floor division instead of shifts; convolution as a sum over kernel offsets of
 strided slices (no im2col); pooling windows from PyTorch's index formulas. Shape-only ops and float
 islands run through torch (they are not integer arithmetic).
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from qpasses.modules.int_sim import (Dequantize, IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLayer, IntLinear,
-                      IntLUT, IntMaxPool, IntMul, Quantize, Requantize)
+from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
+from qpasses.modules.int_sim_layers import IntLayer, IntLinear
+from qpasses.modules.int_sim_ops import (IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLUT,
+                                         IntMaxPool, IntMul)
 
 __all__ = ["ReferenceInterpreter", "quantize_multiplier_exact", "requant_ref"]
 
@@ -388,7 +390,7 @@ def _avgpool(mod: IntAvgPoolSum, x: np.ndarray) -> np.ndarray:
     lcm = 1
     for c in np.unique(counts):
         lcm = lcm * int(c) // math.gcd(lcm, int(c))
-    # the module may keep k fractional bits of the mean, L·2^k (lowering._pool_frac_bits)
+    # the module may keep k fractional bits of the mean, L·2^k (qpasses.algorithms.lowering.pools)
     ratio = mod.lcm // lcm if mod.lcm % lcm == 0 else 0
     assert ratio > 0 and ratio & (ratio - 1) == 0, \
         f"window counts give L={lcm}, the module uses {mod.lcm} (not L·2^k)"

@@ -1,12 +1,14 @@
-"""MixQuant (Kloberdanz & Le, 2023): per-layer weight bit-widths from round-off error.
+"""MixQuant (Kloberdanz & Le, "MixQuant: A Quantization Bit-width Search that Can Optimize the
+Performance of your Quantization Method", 2023): per-layer weight bit-widths from round-off error.
 
-**Status (reference/algorithms.md §4).** The seed text stops before the method; the rule below is
-the *reconstruction* of §4.1, with every UNVERIFIED choice exposed as a parameter:
+The paper fixes a weight-only, per-layer search over int2..int8 by the round-off error of the
+quantize→dequantize round trip and a quantization-error multiplier (QEM), in linear time; it does
+not pin down the quantizer, the metric or the inequality, so each is a parameter here
+(docs/algorithms.md, "MixQuant"):
 
 * Quantizer used to measure error: per-tensor asymmetric min/max (``scheme="asymmetric"``,
   ``per_channel=False``), i.e. ``s_b = (max − min)/(2^b − 1)`` on the range extended to contain 0,
-  ``z_b = rne(−min/s_b)``, round trip ``Ŵ_b = s_b·(clamp(rne(W/s_b) + z_b, 0, 2^b − 1) − z_b)``
-  (the seed confirms "asymmetric"; the min/max range is unverified).
+  ``z_b = rne(−min/s_b)``, round trip ``Ŵ_b = s_b·(clamp(rne(W/s_b) + z_b, 0, 2^b − 1) − z_b)``.
 * Error metric ``QE_b(W)``: pluggable (:func:`register_qe_metric`); default ``mse`` =
   ``mean((W − Ŵ_b)²)``. Built in: ``mse``, ``mae`` (mean |error|), ``rel-l2``
   (``‖W − Ŵ_b‖ / ‖W‖``).
@@ -15,18 +17,16 @@ the *reconstruction* of §4.1, with every UNVERIFIED choice exposed as a paramet
   ``b = 8`` always qualifies when it is a candidate; otherwise (no candidate qualifies) the most
   accurate candidate is taken.
 
-**Why this choice.** It is the only rule consistent with every confirmed fact (weight-only,
-layer-wise, candidates int2..int8, roundoff-error criterion, "linear, seconds", a multiplier QEM
-on the error): one pass over each layer's weights per candidate, no data, no gradients. MSE is the
-default because it is what "roundoff error" of a quantize→dequantize round trip most commonly
-denotes and what downstream PTQ (BRECQ/AdaRound) minimizes. The §4.2 analytical check (tested)
-shows what that implies: under the uniform-noise model ``QE_b/QE_8 ≈ ((2^8−1)/(2^b−1))²``
-(b=7: 4.03, 6: 16.5, 5: 67.4, 4: 289, 3: 1327, 2: 7225) for *every* layer, so with MSE a QEM in
-the single digits gives int7/int8 almost everywhere and mixed precision appears only where the
-noise model breaks (heavy-tailed layers, whose ratio is smaller, get fewer bits); ``mae`` has
-ratios ≈ ``255/(2^b−1)`` (2.0, 4.05, 8.2, 17, 36, 85), so single-digit QEMs reach int5. If the
-paper's published QEMs are single digits and still produce int2–int5 layers, its metric is
-probably not plain MSE: switch ``metric`` (no code change) once arXiv:2309.17341 is checked.
+**Why this rule.** It is consistent with everything the paper states (weight-only, layer-wise,
+candidates int2..int8, a round-off-error criterion, linear time, a multiplier on the error): one
+pass over each layer's weights per candidate, no data, no gradients. MSE is the default because it
+is what "round-off error" of a round trip most commonly denotes and what downstream PTQ
+(BRECQ/AdaRound) minimizes. Under the uniform-noise model ``QE_b/QE_8 ≈ ((2^8−1)/(2^b−1))²``
+(b=7: 4.03, 6: 16.4, 5: 67.7, 4: 289, 3: 1327, 2: 7225) for *every* layer (tested), so with MSE a
+QEM in the single digits gives int7/int8 almost everywhere and mixed precision appears only where
+the noise model breaks (heavy-tailed layers, whose ratio is smaller, get fewer bits); ``mae`` has
+ratios ≈ ``255/(2^b−1)`` (2.0, 4.05, 8.2, 17, 36, 85), so single-digit QEMs reach int5. Another
+metric is one ``metric=`` option away, with no code change.
 
 Complexity: ``O(|candidates| · Σ_l |W_l|)`` with the vectorized error kernel
 (:func:`qpasses.algorithms.sensitivity.weight_quant_errors`), a fraction of a second for ResNet-50.

@@ -12,10 +12,10 @@ import torch.fx
 from torch import nn
 
 from qpasses.errors import AnnotationError
-from qpasses.modules.fake_quant import wrapper_class
+from qpasses.modules.fake_quant_layers import unwrap_layer, wrapper_class
 from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import QMeta, get_qmeta, update_qmeta
-from qpasses.passes.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
+from qpasses.ir.joins import is_join, layer_input, scale_sharing_groups
 
 
 def searchable_layers(gm: torch.fx.GraphModule, pass_name: str, layers: Sequence[LayerInfo],
@@ -84,3 +84,22 @@ def write_input_widths(gm: torch.fx.GraphModule, a_bits: dict[str, int], origin:
                 update_qmeta(nodes[t], origin=origin,
                              output=spec.replace(bits=width, scale=None, zero_point=None))
     return raised
+
+
+def remove_search_modules(gm: torch.fx.GraphModule, layer_modules: Any,
+                          node_modules: Any) -> None:
+    """Undo a search pass's surgery: the layers at ``layer_modules`` back to their float classes
+    (same Parameters: trained weights kept), the nodes calling ``node_modules`` (activation
+    quantizers, taps) bypassed and erased, and their top-level containers deleted."""
+    for target in layer_modules:
+        gm.set_submodule(target, unwrap_layer(gm.get_submodule(target)))
+    node_modules = set(node_modules)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target) in node_modules:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+    for top in {t.split(".")[0] for t in node_modules}:
+        if top in gm._modules:
+            delattr(gm, top)
+    gm.graph.lint()
+    gm.recompile()

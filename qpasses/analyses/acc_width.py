@@ -1,4 +1,5 @@
-"""``acc-width``: accumulator widths per layer (reference §5.7), worst case and data-aware.
+"""``acc-width``: accumulator widths per layer (docs/algorithms.md,
+"Cost accounting"), worst case and data-aware.
 
 For every layer whose weights and input activation are both quantized (bits > 0):
 
@@ -150,9 +151,9 @@ def compute_acc_width(gm, am) -> AccWidthResult:
 
 @register_analysis
 class AccWidthAnalysis(Analysis):
-    """Worst-case and data-aware signed accumulator widths per layer and kernel (§5.7)."""
+    """Worst-case and data-aware signed accumulator widths per layer and kernel."""
     name = "acc-width"
-    summary = "worst-case and data-aware accumulator widths per layer/kernel (reference 5.7)"
+    summary = "worst-case and data-aware accumulator widths per layer/kernel"
     depends_on = frozenset({"structure", "annotations", "weights"})
 
     def compute(self, gm, am):

@@ -1,6 +1,7 @@
 """``bitops``: BitOPs per layer and in total, from the bit annotations and the one cost model.
 
-``BitOPs = Σ_k MACs_k · w_k · a`` over output kernels k (FracBits, reference §1.5/§7), exactly as
+``BitOPs = Σ_k MACs_k · w_k · a`` over output kernels k (FracBits; docs/algorithms.md,
+"Cost accounting"), exactly as
 :func:`qpasses.algorithms.cost_model.layer_bitops` computes it: per-kernel bit vectors are summed per
 kernel, 0-bit and pruned kernels cost nothing, dead producer channels remove the consumer's input
 channels, the first layers' input counts as 8 bits, unannotated layers count as fp32 (32 × 32).

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from passes_registry import AnalysisError, register_analysis
+from passes_registry import AnalysisError, get_record, register_analysis
 from passes_registry.analysis_manager import Analysis
 
-from qpasses.modules.int_sim import INT_SIM_META_KEY, kernel_table
+from qpasses.ir.records import INT_SIM_KEY
+from qpasses.modules.int_sim_layers import kernel_table
 
 __all__ = ["IntSimKernels", "IntSimKernelRow", "IntSimKernelsResult"]
 
@@ -48,17 +49,17 @@ class IntSimKernels(Analysis):
     """Per integer layer: kernel in use, provably exact fast kernel, bound and widths."""
     name = "int-sim-kernels"
     summary = "kernel per integer layer of a lowered graph, with the bound that proves it exact"
-    depends_on = frozenset({"structure", "weights"})
+    depends_on = frozenset({"structure", "weights", "records"})
 
     def compute(self, gm, am):
-        rec = gm.meta.get(INT_SIM_META_KEY)
+        rec = get_record(gm, INT_SIM_KEY)
         if rec is None:
             raise AnalysisError("int-sim-kernels needs a lowered graph: run lower-to-int-sim "
                                 "first")
         rows = tuple(IntSimKernelRow(r["layer"], r["kernel"], r["fast_kernel"], r["acc_bound"],
                                      r["acc_bits"], r["x_bits"], r["w_bits"], r["reason"])
                      for r in kernel_table(gm))
-        return IntSimKernelsResult(rows, rec.get("rounding", "?"), rec.get("backend", "?"))
+        return IntSimKernelsResult(rows, rec.rounding, rec.backend)
 
     def format(self, result, gm):
         body = [[r.name, r.kernel, r.fast_kernel, r.acc_bound, r.acc_bits, r.x_bits, r.w_bits]

@@ -1,6 +1,7 @@
 """``model-size``: storage per layer and in total, from the bit annotations and the one cost model.
 
-``size = Σ_k params_k · w_k + #bias · 32`` bits (FracBits, reference §1.5): weights at their
+``size = Σ_k params_k · w_k + #bias · 32`` bits (FracBits; docs/algorithms.md,
+"Cost accounting"): weights at their
 (per-kernel) bit-width, 0-bit/pruned kernels and weights on dead input channels cost nothing,
 biases are fp32, BN is not counted, unannotated layers are fp32. MB = 1e6 bytes.
 """

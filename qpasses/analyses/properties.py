@@ -1,12 +1,19 @@
-"""IR properties qpasses passes require and establish, each with a checker run by verify-each."""
+"""IR properties of the quantization flow that several passes require, each with a checker that
+verify-each runs after a pass establishes it. Properties that belong to one pass family
+(``canonical``, ``bn-folded``, ``fracbits-inserted``, ``gmpq-supernet``) are registered next to
+the pass that establishes them."""
 from __future__ import annotations
 
 import torch.fx
 
 from passes_registry import register_property
 
-from qpasses.ir.layers import quantizable_layers
+from qpasses.algorithms.int_sim_check import check_int_sim as int_sim_problems
 from qpasses.ir.annotations import get_qmeta
+from qpasses.ir.joins import is_join
+from qpasses.ir.layers import quantizable_layers
+from qpasses.modules.fake_quant_layers import fake_quant_modules
+from qpasses.modules.lookup import join_output_fq_node, layer_act_fq_node, layer_weight_quantizer
 
 
 def check_bits_annotated(gm: torch.fx.GraphModule) -> list[str]:
@@ -29,30 +36,9 @@ register_property("bits-annotated", check_bits_annotated,
                   summary="every quantizable layer carries weight/activation bit-widths")
 
 
-def check_bn_folded(gm: torch.fx.GraphModule) -> list[str]:
-    """No BatchNorm directly follows a conv/linear it could be folded into."""
-    from qpasses.passes.fold_batch_norm import check_bn_folded as check
-    return check(gm)
-
-
-def check_canonical(gm: torch.fx.GraphModule) -> list[str]:
-    """No node matches a canonicalization rule (one spelling per operation)."""
-    from qpasses.passes.canonicalize import check_canonical as check
-    return check(gm)
-
-
-register_property("bn-folded", check_bn_folded,
-                  summary="no BatchNorm directly follows a conv/linear it could be folded into")
-register_property("canonical", check_canonical,
-                  summary="one spelling per operation: no canonicalization rule applies")
-
-
 def check_fake_quant_inserted(gm: torch.fx.GraphModule) -> list[str]:
     """Every annotated layer has a weight quantizer and, with an ``act`` spec, a quantized input;
     every annotated add/cat join has a quantized output."""
-    from qpasses.passes.annotate_bitwidths import is_join
-    from qpasses.passes.insert_fake_quant import (join_output_fq_node, layer_act_fq_node,
-                                                    layer_weight_quantizer)
     nodes = {n.name: n for n in gm.graph.nodes}
     out = []
     for info in quantizable_layers(gm):
@@ -74,8 +60,6 @@ def check_fake_quant_inserted(gm: torch.fx.GraphModule) -> list[str]:
 
 def check_calibrated(gm: torch.fx.GraphModule) -> list[str]:
     """Every fake-quant module has finite, positive scales (and QMeta carries them)."""
-    from qpasses.modules.fake_quant import fake_quant_modules
-    from qpasses.passes.insert_fake_quant import layer_act_fq_node, layer_weight_quantizer
     out = []
     for name, q in fake_quant_modules(gm).items():
         out += [f"'{name}': {p}" for p in q.calibration_problems()]
@@ -102,8 +86,7 @@ register_property("calibrated", check_calibrated,
 def check_int_sim(gm: torch.fx.GraphModule) -> list[str]:
     """Integer-only between the input quantize and the output dequantize (or explicit float
     islands); fast kernels only where their bound proves them exact."""
-    from qpasses.algorithms.int_sim_check import check_int_sim as check
-    return check(gm)
+    return int_sim_problems(gm)
 
 
 register_property("int-sim", check_int_sim,

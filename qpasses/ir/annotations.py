@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch.fx
 
 from qpasses.errors import AnnotationError
+from qpasses.numerics.quantizers import MAX_BITS
 
 QMETA_KEY = "qpasses"
 SCHEMA_VERSION = 1
-MAX_BITS = 32
 
 Scheme = Literal["symmetric", "asymmetric", "unsigned", "dorefa", "pact", "lsq"]
 SCHEMES = ("symmetric", "asymmetric", "unsigned", "dorefa", "pact", "lsq")

@@ -1,13 +1,16 @@
-"""torch.fx helpers of the canonicalize family: argument binding, attributes, shapes."""
+"""torch.fx helpers every pass uses: argument access, attribute resolution, node shapes and
+dtypes, value metadata, containers for inserted modules, and inserting a module call into the
+graph. One implementation each; passes never keep their own copies."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Union
 
 import torch
 import torch.fx
 from torch import nn
 
-_MISSING = object()
+MISSING = object()  # returned by attribute lookups for an absent attribute
 
 
 def bind(node: torch.fx.Node, names: tuple[str, ...], defaults: dict[str, Any] | None = None
@@ -46,8 +49,16 @@ def set_arg(node: torch.fx.Node, names: tuple[str, ...], name: str, value: Any) 
         node.kwargs = kwargs
 
 
-def shape_of(node: Any) -> tuple[int, ...] | None:
-    """The traced shape of a node's value (``tensor_meta`` from ShapeProp, or ``val``)."""
+def node_arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given positionally at ``index`` or as a keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The traced shape of a node's value (``tensor_meta`` from ShapeProp, or ``val``), or None
+    for anything that is not a node with one tensor value."""
     if not isinstance(node, torch.fx.Node):
         return None
     tm = node.meta.get("tensor_meta")
@@ -71,21 +82,34 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return None
 
 
+def is_tensor_node(node: Any) -> bool:
+    """Whether ``node`` is a graph value with a recorded tensor shape."""
+    return node_shape(node) is not None
+
+
+def attr_value(gm: torch.nn.Module, target: str, default: Any = None) -> Any:
+    """The object at dotted path ``target`` under ``gm`` (a submodule, parameter, buffer or plain
+    attribute), or ``default`` when any step of the path is missing."""
+    value = resolve_attr(gm, target)[2]
+    return default if value is MISSING else value
+
+
 def resolve_attr(gm: torch.nn.Module, target: str) -> tuple[Any, str, Any]:
-    """``(owner, attribute name, value)`` of a dotted ``get_attr`` target; value may be _MISSING."""
+    """``(owner, attribute name, value)`` of a dotted ``get_attr`` target; value may be MISSING,
+    owner None when the path to it is missing."""
     *path, attr = target.split(".")
     owner: Any = gm
     for part in path:
         owner = getattr(owner, part, None)
         if owner is None:
-            return None, attr, _MISSING
-    return owner, attr, getattr(owner, attr, _MISSING)
+            return None, attr, MISSING
+    return owner, attr, getattr(owner, attr, MISSING)
 
 
 def get_attr_value(gm: torch.nn.Module, node: Any) -> Any:
-    """The object a ``get_attr`` node reads, or _MISSING when ``node`` is not one."""
+    """The object a ``get_attr`` node reads, or MISSING when ``node`` is not one."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
-        return _MISSING
+        return MISSING
     return resolve_attr(gm, str(node.target))[2]
 
 
@@ -96,8 +120,8 @@ def replace_tensor_attr(owner: nn.Module, attr: str, value: torch.Tensor) -> Non
     model, tied weights) keep their values, and weight fingerprints see the change. ``value``
     must be a tensor the caller owns (it is stored, not copied).
     """
-    old = owner._parameters.get(attr, _MISSING) if hasattr(owner, "_parameters") else _MISSING
-    if old is not _MISSING:
+    old = owner._parameters.get(attr, MISSING) if hasattr(owner, "_parameters") else MISSING
+    if old is not MISSING:
         rg = old.requires_grad if old is not None else True
         owner._parameters[attr] = nn.Parameter(value.detach(), requires_grad=rg)
         return
@@ -168,3 +192,95 @@ def tensor_meta_for(t: torch.Tensor) -> Any:
         return _extract_tensor_metadata(t)
     except Exception:  # noqa: BLE001 - private helper; shape metadata is optional
         return None
+
+
+def graph_device(gm: torch.nn.Module) -> torch.device:
+    """The device of the graph's first parameter or buffer (CPU for a graph without tensors)."""
+    for t in gm.parameters():
+        return t.device
+    for t in gm.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def num_graph_inputs(gm: torch.fx.GraphModule) -> int:
+    """How many inputs the graph takes (its placeholders; at least 1)."""
+    return max(1, sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
+
+
+def copy_value_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
+    """Give ``dst`` the value metadata (shape, dtype, example value) of ``src``: for a node that
+    computes a value of the same shape, e.g. a quantizer inserted on ``src``."""
+    for key in ("tensor_meta", "val"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def module_container(gm: torch.fx.GraphModule, name: str) -> tuple[str, nn.ModuleDict]:
+    """The ``nn.ModuleDict`` at ``gm.<name>`` that holds modules a pass inserts, created when
+    absent; when ``name`` is taken by something else, ``name_1``, ``name_2``, ... Returns
+    ``(attribute name, container)``."""
+    cand, i = name, 0
+    while True:
+        existing = getattr(gm, cand, None)
+        if isinstance(existing, nn.ModuleDict):
+            return cand, existing
+        if existing is None and cand not in gm._modules:
+            box = nn.ModuleDict()
+            gm.add_module(cand, box)
+            return cand, box
+        i += 1
+        cand = f"{name}_{i}"
+
+
+def unique_key(box: nn.ModuleDict, key: str) -> str:
+    """A key for a new entry of ``box`` derived from ``key`` (dots replaced, ``_1``, ``_2``, ...
+    appended until it is free)."""
+    key = key.replace(".", "_") or "t"
+    out, i = key, 0
+    while out in box:
+        i += 1
+        out = f"{key}_{i}"
+    return out
+
+
+ModuleOrFactory = Union[nn.Module, Callable[[str], nn.Module]]
+
+
+def add_inserted_module(gm: torch.fx.GraphModule, container: str, key: str,
+                        module: ModuleOrFactory) -> str:
+    """Store a module in the container ``container`` of ``gm`` under a fresh key derived from
+    ``key``; returns its qualified name (the ``call_module`` target). ``module`` may be a
+    factory called with that name (for modules that carry their own name)."""
+    box_name, box = module_container(gm, container)
+    k = unique_key(box, key)
+    target = f"{box_name}.{k}"
+    box[k] = module if isinstance(module, nn.Module) else module(target)
+    return target
+
+
+def call_module_on(gm: torch.fx.GraphModule, target: str, value: torch.fx.Node, *,
+                   before: torch.fx.Node | None = None, after: torch.fx.Node | None = None
+                   ) -> torch.fx.Node:
+    """A new node ``call_module[target](value)`` placed right before ``before`` or right after
+    ``after``, carrying ``value``'s shape metadata. Rewiring users is the caller's choice."""
+    if (before is None) == (after is None):
+        raise ValueError("call_module_on: give exactly one of before= and after=")
+    where = gm.graph.inserting_before(before) if before is not None \
+        else gm.graph.inserting_after(after)
+    with where:
+        node = gm.graph.call_module(target, (value,))
+    copy_value_meta(value, node)
+    return node
+
+
+def insert_module_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node,
+                         value: torch.fx.Node, container: str, key: str,
+                         module: ModuleOrFactory) -> torch.fx.Node:
+    """Put ``module`` in front of ``consumer``'s input ``value``: store it in ``container``
+    (fresh key from ``key``), call it on ``value`` right before ``consumer`` and make
+    ``consumer`` (only) read its output. Returns the new node."""
+    target = add_inserted_module(gm, container, key, module)
+    node = call_module_on(gm, target, value, before=consumer)
+    consumer.replace_input_with(value, node)
+    return node

@@ -16,6 +16,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from qpasses.ir.fx import attr_value, node_arg, node_shape
+
 CONV_MODULES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 LINEAR_MODULES: dict[type, str] = {nn.Linear: "linear"}
 CONV_FUNCTIONS: dict[Any, str] = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
@@ -98,7 +100,7 @@ def _unwrap_weight(gm: torch.fx.GraphModule, w: Any) -> Any:
     """Look through a weight fake-quant node (``call_module`` on a module flagged
     ``is_weight_quantizer``) to the ``get_attr`` it quantizes."""
     if isinstance(w, torch.fx.Node) and w.op == "call_module" and w.args:
-        mod = _get_attr(gm, str(w.target))
+        mod = attr_value(gm, str(w.target))
         if getattr(mod, "is_weight_quantizer", False):
             return w.args[0]
     return w
@@ -110,24 +112,8 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return (int(v),) * n
 
 
-def node_shape(node: Any) -> tuple[int, ...] | None:
-    """The tensor shape recorded on a node (fx ``tensor_meta`` or ``val``), or None."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "shape"):
-        return tuple(tm.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
-    return None
-
-
 def _arg(node: torch.fx.Node, names: tuple[str, ...], name: str, default: Any) -> Any:
-    i = names.index(name)
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+    return node_arg(node, names.index(name), name, default)
 
 
 def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | None:
@@ -156,7 +142,7 @@ def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | Non
             return None
         if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
             return None
-        weight = _get_attr(gm, str(w.target))
+        weight = attr_value(gm, str(w.target))
         if not isinstance(weight, torch.Tensor) or in_shape is None or out_shape is None:
             return None
         attr = str(w.target)
@@ -177,15 +163,6 @@ def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | Non
     return None
 
 
-def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def quantizable_layers(gm: torch.fx.GraphModule) -> list[LayerInfo]:
     """Every conv/linear layer of the graph, in graph (topological) order."""
     out = []
@@ -197,11 +174,11 @@ def quantizable_layers(gm: torch.fx.GraphModule) -> list[LayerInfo]:
 
 
 def layer_weight(gm: torch.fx.GraphModule, info: LayerInfo) -> torch.Tensor:
-    return _get_attr(gm, info.weight_attr)
+    return attr_value(gm, info.weight_attr)
 
 
 def layer_bias(gm: torch.fx.GraphModule, info: LayerInfo) -> torch.Tensor | None:
-    return _get_attr(gm, info.bias_attr) if info.bias_attr else None
+    return attr_value(gm, info.bias_attr) if info.bias_attr else None
 
 
 # prune-zero-bit-channels folds the constants of removed channels into consumer biases in

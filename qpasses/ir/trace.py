@@ -18,9 +18,10 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qpasses.errors import InputError, TraceError
+from passes_registry import get_record, set_record
 
-MODEL_KEY = "qpasses.model"
+from qpasses.errors import InputError, TraceError
+from qpasses.ir.records import MODEL_KEY
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -93,7 +94,7 @@ def trace(model: torch.nn.Module, example_inputs: Any,
         raise err from e
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
-    gm.meta[MODEL_KEY] = name
+    set_record(gm, MODEL_KEY, name)
     propagate_shapes(gm, inputs)
     return gm
 
@@ -115,7 +116,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
         cause = e.__cause__ if e.__cause__ is not None else e
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputError(
-            f"running {gm.meta.get(MODEL_KEY, type(gm).__name__)} on example inputs of shape "
+            f"running {get_record(gm, MODEL_KEY, type(gm).__name__)} on example inputs of shape "
             f"{shapes} failed at node '{failing}': {type(cause).__name__}: {cause}\n  hint: check "
             "the example input shape (batch, channels, height, width) and dtype") from e
 

@@ -1,4 +1,4 @@
-"""Training-time fake-quantization modules: weight and activation quantizers and layer wrappers.
+"""Training-time fake-quantization modules: the weight and activation quantizers.
 
 These are the ``nn.Module`` s that ``insert-fake-quant`` puts into a GraphModule; they are usable on
 their own too. The math comes from :mod:`qpasses.numerics` (or :func:`fast_fake_quant`, which
@@ -19,45 +19,41 @@ statistics, and two mode flags as uint8 buffers (the torch.ao convention):
 Python-side copies of the flags and bits (refreshed by the setters and after ``load_state_dict``)
 keep ``forward`` free of device syncs. Change modes through :meth:`FakeQuantize.enable_fake_quant` /
 :meth:`FakeQuantize.enable_observer` (or :func:`set_fake_quant` / :func:`set_observing` on a whole
-model), not by writing the buffers.
+model, :mod:`qpasses.modules.fake_quant_layers`), not by writing the buffers. The layer wrappers
+(``FakeQuantConv2d``...) that hold a weight quantizer are in that module too.
 
 Fast path: weights with one bit-width per tensor (per-channel scales) and per-tensor activations
-(affine and PACT) go through :func:`fast_fake_quant`, a straight-through fake quantizer bit-identical
-to torch's fused ``torch.fake_quantize_per_{tensor,channel}_affine`` kernels and to
-``numerics.quantize_dequantize`` (all multiply by the float32 reciprocal of the scale and round half
-to even) but written as a few vectorized ATen ops, which on CPU is 4-10x faster than the fused
-kernels (they round element by element with a scalar ``nearbyint``). Per-kernel bit vectors (0-bit
-kernels exactly 0), other rounding modes and codes wider than 16 bits use the vectorized numerics
-path. There are no Python loops over channels.
+(affine and PACT) go through :func:`~qpasses.numerics.fast_fake_quant.fast_fake_quant`, a straight-
+through fake quantizer bit-identical to torch's fused
+``torch.fake_quantize_per_{tensor,channel}_affine`` kernels and to ``numerics.quantize_dequantize``
+(all multiply by the float32 reciprocal of the scale and round half to even) but written as a few
+vectorized ATen ops, which on CPU is 4-10x faster than the fused kernels (they round element by
+element with a scalar ``nearbyint``). Per-kernel bit vectors (0-bit kernels exactly 0), other
+rounding modes and codes wider than 16 bits use the vectorized numerics path. There are no Python
+loops over channels.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qpasses.errors import CalibrationError, NumericsError
+from qpasses.modules.schemes import grid_scheme
+from qpasses.numerics.fast_fake_quant import FAST_DTYPES, FAST_MAX_BITS, fast_fake_quant
 from qpasses.numerics.observers import MinMaxObserver, Observer
-from qpasses.numerics.quantizers import (ROUNDING_MODES, calc_qparams, dorefa_weight, fake_quantize,
+from qpasses.numerics.quantizers import (MAX_BITS, ROUNDING_MODES, calc_qparams, dorefa_weight, fake_quantize,
                                   lsq_fake_quant, quantize_dequantize, scheme_qrange)
 
 __all__ = [
     "FakeQuantize", "WeightFakeQuant", "ActFakeQuant", "AffineActFakeQuant", "PACTActFakeQuant",
-    "LSQActFakeQuant", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
-    "WEIGHT_SCHEMES", "ACT_SCHEMES", "check_bits", "fake_quant_modules", "is_fake_quant_layer",
-    "set_fake_quant", "set_observing", "unwrap_layer", "wrap_layer",
+    "LSQActFakeQuant", "WEIGHT_SCHEMES", "ACT_SCHEMES", "check_bits",
 ]
 
-MAX_BITS = 32
 WEIGHT_SCHEMES = ("symmetric", "asymmetric", "dorefa")
 AFFINE_ACT_SCHEMES = ("symmetric", "asymmetric", "asymmetric_signed", "unsigned")
 ACT_SCHEMES = AFFINE_ACT_SCHEMES + ("pact", "lsq")
-# Widest codes the fast path handles (float32 represents every code and zero point exactly).
-_FAST_MAX_BITS = 16
-_FAST_DTYPES = (torch.float32,)
 
 
 def _where(name: str) -> str:
@@ -173,83 +169,6 @@ def _after_load(module: nn.Module, incompatible: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the fast path: vectorized composite fake quantization
-# ------------------------------------------------------------------------------------------------
-#
-# torch's fused fake-quant kernels (torch.fake_quantize_per_*_affine) round with a scalar
-# std::nearbyint per element; on CPU they are 4-10x slower than the same arithmetic written as a
-# handful of vectorized ATen ops, and their backward (grad * mask.to(float)) adds a conversion
-# pass. The composite below computes exactly what the kernels compute -- ``q = clamp(rne(x * (1/s))
-# + z, qmin, qmax)``, ``out = (q - z) * s`` with the float32 reciprocal, the mask ``qmin <= rne(x/s) +
-# z <= qmax`` -- so values and gradients are bit-identical to torch.ao's fake quantization and to
-# ``numerics.quantize_dequantize`` (tests check both), in 5-6 vectorized passes.
-
-
-def _fq_composite(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                  need_mask: bool) -> tuple[Tensor, Tensor | None]:
-    """``x``: (N, K) or any shape with per-tensor ``scale`` (1,); per-channel callers pass x as
-    (C, K) and ``scale``/``zero_point`` as (C, 1). ``zero_point`` None means 0."""
-    r = torch.mul(x, 1.0 / scale).round_()
-    if zero_point is not None:
-        r.add_(zero_point)
-    if need_mask:
-        q = r.clamp(qmin, qmax)
-        mask: Tensor | None = q == r
-    else:
-        q, mask = r.clamp_(qmin, qmax), None
-    if zero_point is not None:
-        q.sub_(zero_point)
-    return q.mul_(scale), mask
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,  # type: ignore[override]
-                qmax: int, shape: Any) -> Tensor:
-        out, mask = _fq_composite(x, scale, zero_point, qmin, qmax, True)
-        ctx.save_for_backward(mask)
-        return out if shape is None else out.view(shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad.reshape(mask.shape) * mask, None, None, None, None, None
-
-
-def fast_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int,
-                    axis: int | None = None) -> Tensor:
-    """Straight-through fake quantization, bit-identical to ``torch.fake_quantize_per_tensor_affine``
-    (``axis=None``, ``scale`` with one element) or ``torch.fake_quantize_per_channel_affine`` along
-    ``axis`` (``scale``/``zero_point`` with one entry per channel). ``zero_point=None`` is 0. The
-    gradient wrt ``x`` is 1 where the code was not clamped, else 0; the qparams get none."""
-    shape = None
-    if axis is not None:
-        if axis != 0:
-            x = x.movedim(axis, 0)
-        c = x.shape[0]
-        shape = x.shape if axis == 0 else None
-        x2 = x.reshape(c, -1)
-        scale = scale.reshape(c, 1)
-        zero_point = zero_point.reshape(c, 1) if zero_point is not None else None
-    else:
-        x2 = x
-        scale = scale.reshape(())
-        zero_point = zero_point.reshape(()) if zero_point is not None else None
-    scale = scale.detach().to(x.dtype)
-    if zero_point is not None:
-        zero_point = zero_point.detach().to(x.dtype)
-    if torch.is_grad_enabled() and x2.requires_grad:
-        out = _FakeQuantSTE.apply(x2, scale, zero_point, qmin, qmax, shape)
-    else:
-        out, _ = _fq_composite(x2, scale, zero_point, qmin, qmax, False)
-        if shape is not None:
-            out = out.view(shape)
-    if axis is not None and axis != 0:
-        out = out.reshape(x.shape).movedim(0, axis)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------
 
@@ -300,12 +219,10 @@ class WeightFakeQuant(FakeQuantize):
         self._seen: tuple[int, int] | None = None
         self._cache_bits()
 
-    # Numerics scheme name of the integer grid.
+    # Numerics scheme name of the integer grid (DoReFa has none; its codes are symmetric).
     @property
     def _ns_scheme(self) -> str:
-        if self.scheme == "asymmetric":
-            return "asymmetric_signed" if self.signed else "asymmetric"
-        return "symmetric"
+        return "symmetric" if self.scheme == "dorefa" else grid_scheme(self.scheme, self.signed)
 
     def _cache_bits(self) -> None:
         b = self.bits
@@ -380,8 +297,8 @@ class WeightFakeQuant(FakeQuantize):
             raise CalibrationError(f"{_where(self.qname)} has no scale: its observer is disabled "
                                    "and it was never calibrated (run calibrate, or "
                                    "enable_observer(True))")
-        if (self._uniform is not None and 0 < self._uniform <= _FAST_MAX_BITS
-                and self.rounding == "rne" and w.dtype in _FAST_DTYPES):
+        if (self._uniform is not None and 0 < self._uniform <= FAST_MAX_BITS
+                and self.rounding == "rne" and w.dtype in FAST_DTYPES):
             zp = None if self._ns_scheme == "symmetric" else self.zero_point
             return fast_fake_quant(w, self.scale, zp, int(self._qmin), int(self._qmax), axis=0)
         return quantize_dequantize(w, self.scale, self.zero_point, self._bits_arg,  # type: ignore[arg-type]
@@ -435,11 +352,21 @@ class ActFakeQuant(FakeQuantize):
     @property
     def range_scheme(self) -> str:
         """The numerics scheme of the integer grid (``symmetric``/``asymmetric``/``unsigned``...)."""
-        return "symmetric" if self.signed else "unsigned"
+        return grid_scheme("symmetric", self.signed)
 
     @property
     def narrow(self) -> bool:
         return False
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code of the grid (from ``bits`` and the range scheme)."""
+        return int(self._qmin)
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code of the grid."""
+        return int(self._qmax)
 
     def _cache_bits(self) -> None:
         b = int(self.bits)
@@ -472,7 +399,7 @@ class ActFakeQuant(FakeQuantize):
         raise NotImplementedError
 
     def _fast_ok(self, x: Tensor) -> bool:
-        return self._bits <= _FAST_MAX_BITS and self.rounding == "rne" and x.dtype in _FAST_DTYPES
+        return self._bits <= FAST_MAX_BITS and self.rounding == "rne" and x.dtype in FAST_DTYPES
 
     def extra_repr(self) -> str:
         return f"bits={self._bits}, scheme={self.scheme}, signed={self.signed}"
@@ -662,139 +589,3 @@ class LSQActFakeQuant(ActFakeQuant):
             raise CalibrationError(f"{_where(self.qname)}: the LSQ step was never initialized")
         scale = self.step.detach().abs().reshape(1).clone()
         return scale, torch.zeros(1, dtype=torch.int64, device=scale.device)
-
-
-# ------------------------------------------------------------------------------------------------
-# layer wrappers: subclasses of the float layer that fake-quantize their weight
-# ------------------------------------------------------------------------------------------------
-
-def _conv_forward(self: Any, input: Tensor) -> Tensor:
-    return self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias)
-
-
-def _linear_forward(self: Any, input: Tensor) -> Tensor:
-    return F.linear(input, self.weight_fake_quant(self.weight), self.bias)
-
-
-class FakeQuantConv1d(nn.Conv1d):
-    """``nn.Conv1d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
-    _FLOAT_MODULE = nn.Conv1d
-    weight_fake_quant: WeightFakeQuant
-    forward = _conv_forward
-
-
-class FakeQuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
-    _FLOAT_MODULE = nn.Conv2d
-    weight_fake_quant: WeightFakeQuant
-    forward = _conv_forward
-
-
-class FakeQuantConv3d(nn.Conv3d):
-    """``nn.Conv3d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
-    _FLOAT_MODULE = nn.Conv3d
-    weight_fake_quant: WeightFakeQuant
-    forward = _conv_forward
-
-
-class FakeQuantLinear(nn.Linear):
-    """``nn.Linear`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
-    _FLOAT_MODULE = nn.Linear
-    weight_fake_quant: WeightFakeQuant
-    forward = _linear_forward
-
-
-_STATIC_WRAPPERS: dict[type, type] = {nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d,
-                                      nn.Conv3d: FakeQuantConv3d, nn.Linear: FakeQuantLinear}
-_DYNAMIC_WRAPPERS: dict[type, type] = {}
-
-
-def is_fake_quant_layer(mod: nn.Module) -> bool:
-    return isinstance(getattr(mod, "weight_fake_quant", None), WeightFakeQuant) and \
-        hasattr(type(mod), "_FLOAT_MODULE")
-
-
-def _float_base(cls: type) -> type | None:
-    for base in cls.__mro__:
-        if base in _STATIC_WRAPPERS:
-            return base
-    return None
-
-
-def wrapper_class(cls: type) -> type | None:
-    """The fake-quant subclass for a float layer class, or None when it cannot be wrapped (not a
-    conv/linear, or a subclass with its own ``forward`` that we cannot see into)."""
-    if cls in _STATIC_WRAPPERS:
-        return _STATIC_WRAPPERS[cls]
-    base = _float_base(cls)
-    if base is None or cls.forward is not base.forward:
-        return None
-    if cls not in _DYNAMIC_WRAPPERS:
-        fwd = _linear_forward if base is nn.Linear else _conv_forward
-        _DYNAMIC_WRAPPERS[cls] = type(f"FakeQuant{cls.__name__}", (cls,),
-                                      {"_FLOAT_MODULE": cls, "forward": fwd,
-                                       "__module__": __name__,
-                                       "__doc__": f"Fake-quant {cls.__qualname__}."})
-    return _DYNAMIC_WRAPPERS[cls]
-
-
-def wrap_layer(mod: nn.Module, weight_fake_quant: WeightFakeQuant) -> nn.Module:
-    """A fake-quant copy of ``mod`` sharing its parameters, buffers, submodules and hooks, with
-    ``weight_fake_quant`` attached. Raises NumericsError when the class cannot be wrapped."""
-    cls = wrapper_class(type(mod))
-    if cls is None:
-        raise NumericsError(f"cannot fake-quantize {type(mod).__qualname__}: not a conv/linear "
-                            "layer, or it overrides forward()")
-    new = _same_state_as(mod, cls)
-    new.weight_fake_quant = weight_fake_quant
-    return new
-
-
-def _same_state_as(mod: nn.Module, cls: type) -> nn.Module:
-    """A ``cls`` instance sharing ``mod``'s parameters, buffers, submodules and hooks (shallow
-    copies of the containers, same tensors)."""
-    new = cls.__new__(cls)
-    new.__dict__.update({k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
-                         for k, v in mod.__dict__.items()})
-    return new
-
-
-def unwrap_layer(mod: nn.Module) -> nn.Module:
-    """The inverse of :func:`wrap_layer`: a copy of a fake-quant layer as its float class (same
-    parameters, buffers, hooks), without ``weight_fake_quant``; other modules as they are."""
-    base = getattr(type(mod), "_FLOAT_MODULE", None)
-    if base is None:
-        return mod
-    new = _same_state_as(mod, base)
-    new._modules.pop("weight_fake_quant", None)
-    return new
-
-
-# ------------------------------------------------------------------------------------------------
-# whole-model helpers
-# ------------------------------------------------------------------------------------------------
-
-def fake_quant_modules(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
-    """Every fake-quant module of ``model`` by qualified name, in module order."""
-    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize))
-
-
-def _select(model: nn.Module, weights: bool, activations: bool) -> Iterable[FakeQuantize]:
-    for m in fake_quant_modules(model).values():
-        if (m.is_weight_quantizer and weights) or (not m.is_weight_quantizer and activations):
-            yield m
-
-
-def set_fake_quant(model: nn.Module, enabled: bool = True, *, weights: bool = True,
-                   activations: bool = True) -> None:
-    """Switch fake quantization on/off for the selected quantizers of ``model``."""
-    for m in _select(model, weights, activations):
-        m.enable_fake_quant(enabled)
-
-
-def set_observing(model: nn.Module, enabled: bool = True, *, weights: bool = True,
-                  activations: bool = True) -> None:
-    """Switch range observation on/off (e.g. ``set_observing(gm, True, weights=False)`` to let
-    activation ranges follow the data again during QAT)."""
-    for m in _select(model, weights, activations):
-        m.enable_observer(enabled)

@@ -1,6 +1,6 @@
-"""FracBits (Yang & Jin, AAAI 2021) training-time modules, penalty and freezing helpers.
+"""FracBits (Yang & Jin, AAAI 2021) training-time modules and the helpers a training loop uses.
 
-Spec: reference/algorithms.md §1. The graph surgery lives in the passes
+Spec: docs/algorithms.md, "FracBits". The graph surgery lives in the passes
 (:mod:`qpasses.passes.insert_fracbits`): this module holds what a user's training loop
 touches.
 
@@ -10,37 +10,32 @@ touches.
   the kernel is exactly zero.
 - :class:`FracBitsActQuant`: PACT on a layer's input with a learnable clip α (FracBits' α
   gradient) and a learnable λ_a (one per layer).
-- :func:`penalty`: the L1 resource loss of Eq. 6-7, ``kappa * |cost(λ) - target|`` with cost in
-  GBitOPs (``target_bitops``) or MB (``target_size``), computed by :mod:`qpasses.algorithms.cost_model`
-  (the functions behind the ``bitops`` / ``model-size`` analyses) from the current λ.
 - :func:`clamp_lambdas`: clamp every λ parameter into its candidate range (call after
   ``optimizer.step()``; the forward clamps too, with zero gradient outside the range).
-- :func:`lambda_maps` / :func:`fracbits_lambdas`: the current λ by layer name.
 
-Deliberate deviation from the official code (§1.3): ``hi = min(floor(λ) + 1, max(B))`` instead of
+The resource penalty of Eq. 6-7 and the model cost as a function of λ are in
+:mod:`qpasses.algorithms.fracbits` (``penalty``, ``model_cost``, ``lambda_maps``).
+
+Deliberate deviation from the official code: ``hi = min(floor(λ) + 1, max(B))`` instead of
 ``ceil(λ)``, so the task loss still has a λ-gradient at integer λ.
 """
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits, cost_layers,
-                           model_bitops, model_size_bits)
+from passes_registry import get_record
+
 from qpasses.errors import AnnotationError, NumericsError
+from qpasses.ir.records import FRACBITS_META, FROZEN_META, FracBitsRecord
 from qpasses.numerics.quantizers import dorefa_weight, pact
 
 __all__ = ["FracBitsWeightQuant", "FracBitsActQuant", "FRACBITS_META", "FROZEN_META",
-           "ACT_CONTAINER", "penalty", "clamp_lambdas", "lambda_maps", "fracbits_lambdas", "fracbits_modules",
-           "has_fracbits", "model_cost", "lambda_parameters"]
+           "ACT_CONTAINER", "clamp_lambdas", "fracbits_modules", "fracbits_record", "has_fracbits",
+           "lambda_parameters"]
 
-FRACBITS_META = "qpasses.fracbits"     # gm.meta key: {"layers": {...}, options}
 ACT_CONTAINER = "fracbits_act"         # ModuleDict holding the activation quantizers
-FROZEN_META = "qpasses.fracbits.frozen"  # gm.meta key written by freeze-fracbits: learned λ, α
 
 
 class FracBitsWeightQuant(nn.Module):
@@ -130,22 +125,28 @@ class FracBitsActQuant(nn.Module):
 # Access by layer
 
 
+def fracbits_record(gm: torch.fx.GraphModule) -> FracBitsRecord | None:
+    """The graph's FracBits record (written by insert-fracbits), None when it has none."""
+    return get_record(gm, FRACBITS_META)
+
+
 def has_fracbits(gm: torch.fx.GraphModule) -> bool:
-    return bool(getattr(gm, "meta", {}).get(FRACBITS_META, {}).get("layers"))
+    info = fracbits_record(gm)
+    return info is not None and bool(info.layers)
 
 
 def fracbits_modules(gm: torch.fx.GraphModule
                      ) -> dict[str, tuple[FracBitsWeightQuant, FracBitsActQuant | None]]:
     """``{layer name: (weight quantizer, activation quantizer or None)}`` in graph order."""
-    info = getattr(gm, "meta", {}).get(FRACBITS_META)
-    if not info or not info.get("layers"):
+    info = fracbits_record(gm)
+    if info is None or not info.layers:
         raise AnnotationError("the graph has no FracBits quantizers: run insert-fracbits first "
                               "(after annotate-bitwidths)")
     out = {}
-    for name, rec in info["layers"].items():
-        layer = gm.get_submodule(rec["module"])
+    for name, rec in info.layers.items():
+        layer = gm.get_submodule(rec.module)
         wq = layer.weight_fake_quant
-        aq = gm.get_submodule(rec["act"]) if rec.get("act") else None
+        aq = gm.get_submodule(rec.act) if rec.act else None
         out[name] = (wq, aq)
     return out
 
@@ -163,85 +164,9 @@ def lambda_parameters(gm: torch.fx.GraphModule) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def clamp_lambdas(gm: torch.fx.GraphModule) -> None:
-    """Clamp every λ into its candidate range (call after each optimizer step, §1.3)."""
+    """Clamp every λ into its candidate range (call after each optimizer step: the clamp in the
+    forward has zero gradient outside the range, so an overshooting λ would never come back)."""
     for wq, aq in fracbits_modules(gm).values():
         wq.clamp_()
         if aq is not None:
             aq.clamp_()
-
-
-def lambda_maps(gm: torch.fx.GraphModule, *, detach: bool = False
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(w_bits, a_bits)`` for the cost model: clamped λ tensors of the FracBits layers (with
-    gradient unless ``detach``) and the annotated bits of every other annotated layer."""
-    w_map, a_map = annotated_bits(gm)
-    for name, (wq, aq) in fracbits_modules(gm).items():
-        w = wq.bits()
-        w_map[name] = w.detach() if detach else w
-        if aq is not None:
-            a = aq.bits()
-            a_map[name] = a.detach() if detach else a
-    return w_map, a_map
-
-
-def fracbits_lambdas(gm: torch.fx.GraphModule, ctx: Any = None) -> dict[str, Any] | None:
-    """``{layer: λ_w}`` (float or per-kernel list), the ``lambda`` sensitivity's source."""
-    if not has_fracbits(gm):
-        return None
-    return {name: (wq.bits().detach().tolist()) for name, (wq, _) in fracbits_modules(gm).items()
-            if not wq.pinned}
-
-
-def _cost_layers(gm: torch.fx.GraphModule, conventions: CostConventions
-                 ) -> tuple[LayerCost, ...]:
-    cache = gm.meta.setdefault(FRACBITS_META, {}).setdefault("_cost_layers", {})
-    key = (id(gm.graph), len(gm.graph.nodes), conventions)
-    if key not in cache:
-        cache.clear()
-        cache[key] = cost_layers(gm, conventions)
-    return cache[key]
-
-
-def model_cost(gm: torch.fx.GraphModule, metric: str = "bitops", *,
-               conventions: CostConventions = FRACBITS, detach: bool = False) -> Tensor:
-    """Current cost from λ: GBitOPs (``metric="bitops"``) or MB (``"size"``), float64 scalar."""
-    w_map, a_map = lambda_maps(gm, detach=detach)
-    layers = _cost_layers(gm, conventions)
-    if metric == "bitops":
-        return model_bitops(layers, w_map, a_map, conventions).to(torch.float64) / 1e9
-    if metric == "size":
-        return model_size_bits(layers, w_map, conventions).to(torch.float64) / 8e6
-    raise NumericsError(f"unknown cost metric {metric!r}; valid: 'bitops', 'size'")
-
-
-def penalty(gm: torch.fx.GraphModule, target_bitops: float | None = None,
-            target_size: float | None = None, kappa: float = 1.0, *,
-            conventions: CostConventions = FRACBITS) -> Tensor:
-    """FracBits Eq. 6-7: ``kappa * |cost(λ) - target|`` (differentiable in every λ).
-
-    Give exactly one of ``target_bitops`` (GBitOPs, 1e9 BitOPs; use with quantized weights and
-    activations) or ``target_size`` (MB, 1e6 bytes: weights at λ bits plus fp32 biases; for
-    weight-only runs). ``kappa``: paper 0.1 (BitOPs) / 1 (size); official code 1.0. On a small
-    model the cost is tiny in these units, so scale kappa accordingly (e.g. ``c / target``).
-    """
-    if (target_bitops is None) == (target_size is None):
-        raise NumericsError("penalty: give exactly one of target_bitops (GBitOPs) or "
-                            "target_size (MB)")
-    target = target_bitops if target_bitops is not None else target_size
-    if not isinstance(target, (int, float)) or isinstance(target, bool) or \
-            not math.isfinite(target) or target <= 0:
-        raise NumericsError(f"penalty: the target must be a positive finite number, got "
-                            f"{target!r}")
-    if not math.isfinite(kappa) or kappa < 0:
-        raise NumericsError(f"penalty: kappa must be >= 0, got {kappa}")
-    cost = model_cost(gm, "bitops" if target_bitops is not None else "size",
-                      conventions=conventions)
-    return kappa * (cost - float(target)).abs()
-
-
-def _register_lambda_source() -> None:
-    from qpasses.algorithms.sensitivity import register_lambda_source
-    register_lambda_source(fracbits_lambdas)
-
-
-_register_lambda_source()

@@ -2,16 +2,16 @@
 
 Pure arithmetic on plain numbers and tensors; no graph code. A layer is described by
 ``c_in, c_out, groups, kernel (tuple), out_spatial (tuple)`` (a linear layer is a conv with
-``kernel=()`` and ``out_spatial=()``). Conventions follow ``reference/algorithms.md``:
+``kernel=()`` and ``out_spatial=()``). Conventions: docs/algorithms.md, "Cost accounting":
 
-* MACs (§0, §7): ``C_in/groups · C_out · prod(kernel) · prod(out_spatial)``; depthwise is the
+* MACs: ``C_in/groups · C_out · prod(kernel) · prod(out_spatial)``; depthwise is the
   ``groups == C_in`` case.
-* BitOPs (FracBits Eq. 4-5, §1.1.7): ``Σ_k MACs_k · b_w,k · b_a`` summed over output kernels k;
+* BitOPs (FracBits Eq. 4-5): ``Σ_k MACs_k · b_w,k · b_a`` summed over output kernels k;
   a 0-bit kernel is pruned and costs 0. Bits may be integers or real-valued torch tensors λ
   (differentiable); per-kernel bit vectors have one entry per output channel.
-* Size (§1.1.7, §1.5): ``Σ_k params_k · b_w,k + bias_count · bias_bits`` bits (fp32 biases by
+* Size (FracBits): ``Σ_k params_k · b_w,k + bias_count · bias_bits`` bits (fp32 biases by
   default, BN excluded); bytes = bits / 8, MB = 1e6 bytes.
-* Accumulator width (§5.7): the minimal signed two's-complement width holding every value the
+* Accumulator width: the minimal signed two's-complement width holding every value the
   accumulator ``Σ (w_q − z_w)(x_q − z_x) + bias`` can take, worst case from the operand ranges or
   data-aware from the actual integer weights.
 
@@ -201,7 +201,7 @@ def layer_size_bits(params_per_kernel: int | Sequence[int] | torch.Tensor,
                     num_kernels: int | None = None) -> int | float | torch.Tensor:
     """Storage of one layer in bits: ``Σ_k params_k · b_w,k + bias_count · bias_bits``.
 
-    FracBits' size convention (§1.1.7, §1.5): weights at their bit-width, biases as fp32
+    FracBits' size convention: weights at their bit-width, biases as fp32
     (``bias_bits=32``), BN parameters not counted (fold them first or leave them out).
     ``bias_count`` is the number of stored bias elements (the caller decides whether biases of
     pruned kernels are kept). Scalar ``params_per_kernel`` and ``w_bits`` need ``num_kernels``.
@@ -229,7 +229,7 @@ def to_giga(x: int | float | torch.Tensor) -> float | torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Accumulator width (§5.7)
+# Accumulator width
 # --------------------------------------------------------------------------------------------
 
 def _long(x: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -264,7 +264,7 @@ def signed_width(lo: int | torch.Tensor, hi: int | torch.Tensor) -> torch.Tensor
     """Minimal two's-complement width P (>= 1) with ``−2^{P−1} <= lo`` and ``hi <= 2^{P−1} − 1``.
 
     ``P = 1 + max(bitlen(max(hi, 0)), bitlen(max(−lo − 1, 0)))``, computed exactly on int64
-    (no floating log2). For a symmetric bound M = max|value| this is §5.7's
+    (no floating log2). For a symmetric bound M = max|value| this is
     ``ceil(log2(M + 1)) + 1``, one bit less only when the most negative value is exactly
     ``−2^{P−1}``.
     """
@@ -296,7 +296,7 @@ def acc_range_worst_case(w_bits: int | Sequence[int] | torch.Tensor,
                          a_narrow: bool = False,
                          bias_abs_max: int | Sequence[int] | torch.Tensor = 0,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``(min, max)`` of ``Σ_{i<K} (w_i − z_w)(x_i − z_x) + b`` over all codes (§5.7).
+    """Exact ``(min, max)`` of ``Σ_{i<K} (w_i − z_w)(x_i − z_x) + b`` over all codes.
 
     Each factor ranges over ``[qmin − z, qmax − z]`` (see :func:`int_range`); every term takes
     values in ``[p_min, p_max]`` = the extreme corner products, and all K terms can reach the
@@ -328,9 +328,9 @@ def acc_bits_worst_case(w_bits: int | Sequence[int] | torch.Tensor,
                         a_zero_point: int | torch.Tensor = 0, w_narrow: bool = False,
                         a_narrow: bool = False,
                         bias_abs_max: int | Sequence[int] | torch.Tensor = 0) -> torch.Tensor:
-    """Data-free minimal signed accumulator width (§5.7), per kernel when bits are per kernel.
+    """Data-free minimal signed accumulator width, per kernel when bits are per kernel.
 
-    ``signed_width(*acc_range_worst_case(...))``. Example (§5.7): K = 3·3·512, W8 signed, A8
+    ``signed_width(*acc_range_worst_case(...))``. Example: K = 3·3·512, W8 signed, A8
     unsigned → range ``[−4608·128·255, 4608·127·255]`` → 29 bits. Returns an int64 tensor
     (0-d for scalar inputs); the layer's width is its max. A pruned kernel's accumulator is
     constant (its bias), 1 bit when there is no bias.
@@ -341,7 +341,7 @@ def acc_bits_worst_case(w_bits: int | Sequence[int] | torch.Tensor,
 
 
 def acc_bits_distiller(w_bits: int, a_bits: int, fan_in: int) -> int:
-    """Distiller's conservative rule (§5.7): ``n_w + n_a + ceil(log2 K)``.
+    """Distiller's conservative rule: ``n_w + n_a + ceil(log2 K)``.
 
     Never below :func:`acc_bits_worst_case` when at least one operand is signed and zero points
     are 0; for unsigned × unsigned operands into a *signed* accumulator it can be one bit short
@@ -356,7 +356,7 @@ def acc_range_data(int_weight: torch.Tensor, a_qmin: int, a_qmax: int, a_zero_po
                    int_bias: torch.Tensor | Sequence[int] | None = None,
                    w_zero_point: int | Sequence[int] | torch.Tensor = 0,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tight per-channel ``(min, max)`` of the accumulator given the integer weights (§5.7).
+    """Tight per-channel ``(min, max)`` of the accumulator given the integer weights.
 
     With ``v = w − z_w`` for output channel j (flattened over its fan-in), activation offsets
     ``x − z_x ∈ [lo, hi] = [a_qmin − z_x, a_qmax − z_x]`` chosen independently per term, and
@@ -365,7 +365,7 @@ def acc_range_data(int_weight: torch.Tensor, a_qmin: int, a_qmax: int, a_zero_po
         max_j = S⁺_j·hi − S⁻_j·lo + b_j,    min_j = S⁺_j·lo − S⁻_j·hi + b_j.
 
     Both are attained (set x = hi where v > 0 and lo where v < 0, and vice versa), so the bound
-    is tight; for unsigned inputs with z_x = 0 it is §5.7's ``max(S⁺, S⁻)·(2^N − 1) + |b|``
+    is tight; for unsigned inputs with z_x = 0 it is the A2Q-style ``max(S⁺, S⁻)·(2^N − 1) + |b|``
     refined to the sign-aware interval. Returns int64 tensors of shape ``(C_out,)``.
     """
     w = _long(int_weight)
@@ -390,7 +390,7 @@ def acc_range_data(int_weight: torch.Tensor, a_qmin: int, a_qmax: int, a_zero_po
 def acc_bits_data(int_weight: torch.Tensor, a_qmin: int, a_qmax: int, a_zero_point: int = 0,
                   int_bias: torch.Tensor | Sequence[int] | None = None,
                   w_zero_point: int | Sequence[int] | torch.Tensor = 0) -> torch.Tensor:
-    """Data-aware minimal signed accumulator width per output channel (§5.7).
+    """Data-aware minimal signed accumulator width per output channel.
 
     ``signed_width(*acc_range_data(...))``; always <= :func:`acc_bits_worst_case` for the same
     ranges. Report ``.max()`` per layer. Shape ``(C_out,)``, int64.

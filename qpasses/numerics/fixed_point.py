@@ -1,6 +1,6 @@
 """Fixed-point requantization: multiplier/shift decomposition and named rounding contracts.
 
-Pure tensor math (no torch.fx). Specification: ``reference/algorithms.md`` sections 0 and 5.
+Pure tensor math (no torch.fx). Specification: docs/int-sim.md, "Integer arithmetic".
 
 Conventions
 -----------
@@ -222,7 +222,7 @@ def fbgemm_scale(input_scale: ScaleLike, weight_scale: ScaleLike,
                  output_scale: ScaleLike) -> Tensor:
     """fbgemm's float32 requantization multiplier ``float32(float32(s_x*s_w) / float32(s_y))``.
 
-    The operation order and float32 precision matter for bit-exactness with PyTorch (section 5.3).
+    The operation order and float32 precision matter for bit-exactness with PyTorch.
     """
     sx = _as_scale(input_scale, "input_scale").to(torch.float32)
     sw = _as_scale(weight_scale, "weight_scale").to(torch.float32)

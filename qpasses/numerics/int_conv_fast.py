@@ -42,8 +42,8 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 
-from qpasses.numerics import int_sim_math
-from qpasses.numerics.int_sim_math import scratch_like, workspace
+from qpasses.numerics import fast_requant
+from qpasses.numerics.fast_requant import scratch_like, workspace
 
 __all__ = ["PreparedConv", "PreparedLinear", "RowBlocks", "channels_last", "conv_blocks",
            "conv_rows", "fast_conv", "fast_linear", "input_offset", "linear_blocks", "linear_rows",
@@ -272,7 +272,7 @@ def conv_blocks(x: Tensor, p: PreparedConv, x_zero_point: int,
     # a 1x1 stride-1 convolution reads its channels-last input in place
     direct = p.groups == 1 and all(k == 1 for k in p.kernel_size) and \
         all(st == 1 for st in p.stride) and not any(p.padding)
-    target = max(1, (block_elems or int_sim_math.CHUNK_ELEMS) // max(o, 1))
+    target = max(1, (block_elems or fast_requant.CHUNK_ELEMS) // max(o, 1))
     if direct:
         spans = [(r, min(r + target, rows)) for r in range(0, rows, target)]
     elif per_image >= target:       # blocks of output rows of one image
@@ -375,7 +375,7 @@ def linear_blocks(x: Tensor, p: PreparedLinear, x_zero_point: int,
             a = a - x_zero_point
         a, offset = a.contiguous(), None
     rows = a.shape[0]
-    target = max(1, (block_elems or int_sim_math.CHUNK_ELEMS) // max(o, 1))
+    target = max(1, (block_elems or fast_requant.CHUNK_ELEMS) // max(o, 1))
     acc_dt = torch.int32 if p.kernel == "int8-mm" else p.w_mat.dtype
 
     def blocks() -> Iterator[tuple[int, int, Tensor]]:

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from qpasses.errors import CalibrationError, NumericsError
-from qpasses.numerics.quantizers import (DEFAULT_EPS, Bits, Scheme, _check_bits, _check_scheme,
-                                         calc_qparams, round_tensor, scheme_qrange)
+from qpasses.numerics.quant_utils import Bits, Scheme, check_bits, check_scheme
+from qpasses.numerics.quantizers import DEFAULT_EPS, calc_qparams, round_tensor, scheme_qrange
 
 __all__ = [
     "ACIQ_GAUSS", "ACIQ_GAUSS_HALF", "ACIQ_LAPLACE", "ACIQ_LAPLACE_HALF", "OBSERVERS",
@@ -26,7 +26,8 @@ __all__ = [
     "aciq_clip", "make_observer",
 ]
 
-# ACIQ optimal clip multipliers by bit-width (algorithms.md §6.1.6, Distiller's tables):
+# ACIQ optimal clip multipliers by bit-width (Distiller's tables; docs/algorithms.md,
+# "Range-linear PTQ"):
 # alpha = b * table (Laplace scale b) or sigma * table (Gauss). The half-range columns are for
 # post-ReLU tensors.
 ACIQ_LAPLACE = {0: 1.05, 1: 1.86, 2: 2.83, 3: 3.89, 4: 5.03, 5: 6.2, 6: 7.41, 7: 8.64, 8: 9.89}
@@ -47,7 +48,7 @@ def _aciq_multiplier(bits: Bits, dist: str, half_range: bool,
                      device: torch.device | None = None) -> Tensor:
     """Table lookup for an int or a per-kernel bits tensor (one gather, no loop over channels)."""
     table = _aciq_table(dist, half_range)
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     lo, hi = min(table), max(table)
     b = torch.as_tensor(bits, device=device)
     if bool((b < lo).any()) or bool((b > hi).any()):
@@ -110,7 +111,7 @@ class Observer(nn.Module):
     def clip_range(self, bits: Bits = 8, scheme: Scheme = "symmetric") -> tuple[Tensor, Tensor]:
         """The real range ``(lo, hi)`` to quantize (0-D per-tensor, ``(C,)`` per-channel)."""
         _check_ready(self)
-        _check_scheme(scheme)
+        check_scheme(scheme)
         lo, hi = self._range(bits, scheme)
         return self._shape(lo), self._shape(hi)
 
@@ -207,7 +208,7 @@ class MovingAverageMinMaxObserver(Observer):
 class AvgMinMaxObserver(Observer):
     """Distiller's AVG clipping: the mean over samples of each sample's min / max (``batch_axis`` is
     the sample dimension). A correct per-sample average, not Distiller's element-weighted running mean
-    (algorithms.md §6.3). Tensors with one element per sample (per channel) contribute the batch
+    (docs/algorithms.md, "Range-linear PTQ"). Tensors with one element per sample (per channel) contribute the batch
     min / max as a single sample, as in Distiller."""
 
     def __init__(self, axis: int | None = None, batch_axis: int = 0) -> None:
@@ -487,7 +488,8 @@ class KLObserver(HistogramObserverBase):
 
 
 class ACIQObserver(Observer):
-    """ACIQ analytic clipping (Banner et al.; Distiller GAUSS / LAPLACE clip modes, §6.1.6).
+    """ACIQ analytic clipping (Banner et al., "Post training 4-bit quantization of convolutional
+    networks for rapid-deployment"; Distiller's GAUSS / LAPLACE clip modes).
 
     Tracks count, mean, standard deviation (exact, float64 sums) and the Laplace scale
     ``b = mean |x - mean|`` (each batch uses its own mean; for i.i.d. batches this matches the

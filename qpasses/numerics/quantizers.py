@@ -1,7 +1,7 @@
 """Uniform quantizers: integer ranges, rounding, affine (fake-)quantization, STE/LSQ, DoReFa, PACT and
 FracBits fractional bit-widths.
 
-Conventions (reference/algorithms.md §0): ``q = clamp(rnd(x / s) + z, qmin, qmax)`` and
+Conventions (docs/algorithms.md, "Conventions"): ``q = clamp(rnd(x / s) + z, qmin, qmax)`` and
 ``x_hat = s * (q - z)`` (PyTorch convention; Distiller's multiplier is ``1 / s`` and its zero point
 ``-z``). ``x / s`` is evaluated as ``x * (1 / s)`` in the scale's precision, exactly as torch's
 fake_quantize kernels do, so codes agree with torch.ao bit for bit. One consequence: the float32 scale
@@ -16,110 +16,27 @@ A bit-width of 0 means "pruned": such a channel quantizes to exactly 0 whatever 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from qpasses.errors import NumericsError
+from qpasses.numerics.quant_utils import (Bits, MAX_BITS, ROUNDING_MODES, Rounding, SCHEMES,
+                                          Scheme, along_axis, check_bits, check_rounding,
+                                          check_scheme, is_compiling, normalize_axis, reduce_to,
+                                          straight_through)
 
 __all__ = [
-    "ROUNDING_MODES", "SCHEMES", "DEFAULT_EPS",
+    "ROUNDING_MODES", "SCHEMES", "MAX_BITS", "DEFAULT_EPS",
     "round_tensor", "qrange", "scheme_qrange", "calc_qparams", "minmax_qparams",
     "quantize", "dequantize", "quantize_dequantize", "fake_quantize", "lsq_fake_quant",
     "unit_quantize", "fracbits_interp", "dorefa_normalize", "dorefa_weight", "pact",
 ]
 
-Rounding = Literal["rne", "rha", "rhu", "trunc", "floor"]
-Scheme = Literal["symmetric", "asymmetric", "asymmetric_signed", "unsigned"]
-Bits = Union[int, Tensor]
-
-ROUNDING_MODES: tuple[str, ...] = ("rne", "rha", "rhu", "trunc", "floor")
-# symmetric: signed range, z = 0. asymmetric: unsigned range [0, 2^b-1] with an integral zero point
-# (PyTorch quint8 / Distiller ASYMMETRIC_UNSIGNED). asymmetric_signed: signed range with a zero point
-# (Distiller ASYMMETRIC_SIGNED). unsigned: [0, 2^b-1] with z = 0 (non-negative data, e.g. post-ReLU).
-SCHEMES: tuple[str, ...] = ("symmetric", "asymmetric", "asymmetric_signed", "unsigned")
 _SIGNED_SCHEMES = {"symmetric": True, "asymmetric": False, "asymmetric_signed": True, "unsigned": False}
-MAX_BITS = 32
 # Same floor as torch.ao observers: keeps scales strictly positive for zero-range / all-zero inputs.
 DEFAULT_EPS: float = float(torch.finfo(torch.float32).eps)
-
-
-# --------------------------------------------------------------------------------------------------
-# validation and broadcasting helpers
-# --------------------------------------------------------------------------------------------------
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-def _check_rounding(rounding: str) -> None:
-    if rounding not in ROUNDING_MODES:
-        raise NumericsError(f"unknown rounding mode {rounding!r}; valid: {', '.join(ROUNDING_MODES)}")
-
-
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise NumericsError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
-
-
-def _check_bits(bits: Bits, name: str = "bits") -> Bits:
-    """Validate an int or 1-D integer tensor of bit-widths in 0..32; returns int or int64 tensor."""
-    if isinstance(bits, bool):
-        raise NumericsError(f"{name} must be an int or a 1-D integer tensor, got a bool")
-    if isinstance(bits, numbers.Integral):  # int, numpy integers
-        if not 0 <= int(bits) <= MAX_BITS:
-            raise NumericsError(f"{name}={bits} is outside the valid range 0..{MAX_BITS}")
-        return int(bits)
-    if isinstance(bits, Tensor):
-        if bits.dtype.is_floating_point or bits.dtype.is_complex or bits.dtype == torch.bool:
-            raise NumericsError(
-                f"{name} must be an integer tensor, got dtype {bits.dtype}; fractional bit-widths "
-                "go through fracbits_interp (or pass a floating lambda to dorefa_weight/pact)")
-        if bits.dim() > 1:
-            raise NumericsError(f"{name} must be 0-D or 1-D (one entry per channel), got shape "
-                                f"{tuple(bits.shape)}")
-        if bits.numel() == 0:
-            raise NumericsError(f"{name} is an empty tensor; give one bit-width per channel")
-        if not _is_compiling():
-            lo, hi = int(bits.min()), int(bits.max())
-            if lo < 0 or hi > MAX_BITS:
-                raise NumericsError(f"{name} has entries outside the valid range 0..{MAX_BITS} "
-                                    f"(min {lo}, max {hi})")
-        return bits.to(torch.int64)
-    raise NumericsError(f"{name} must be an int or a 1-D integer tensor, got {type(bits).__name__}")
-
-
-def _normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
-    if ndim == 0:
-        raise NumericsError(f"per-channel {name}={axis} needs a tensor with at least one dimension")
-    if not -ndim <= axis < ndim:
-        raise NumericsError(f"{name}={axis} is out of range for a {ndim}-D tensor")
-    return axis % ndim
-
-
-def _along(t: Tensor | float | int, x: Tensor, axis: int, name: str) -> Tensor:
-    """Broadcast a scalar / 1-element / per-channel 1-D tensor against ``x`` along ``axis``."""
-    if not isinstance(t, Tensor):
-        return torch.as_tensor(t, device=x.device)
-    if t.numel() == 1:
-        return t.reshape(())
-    if t.dim() != 1:
-        raise NumericsError(f"{name} must be a scalar or a 1-D per-channel tensor, got shape "
-                            f"{tuple(t.shape)}")
-    ax = _normalize_axis(axis, x.dim())
-    if t.shape[0] != x.shape[ax]:
-        raise NumericsError(f"{name} has {t.shape[0]} entries but the tensor has {x.shape[ax]} "
-                            f"channels along axis {axis}; give one entry per channel")
-    shape = [1] * x.dim()
-    shape[ax] = t.shape[0]
-    return t.reshape(shape)
-
-
-def _scalar_or_tensor(v: Tensor | float | int, like: Tensor) -> Tensor:
-    return v if isinstance(v, Tensor) else torch.as_tensor(v, device=like.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,13 +44,14 @@ def _scalar_or_tensor(v: Tensor | float | int, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def round_tensor(x: Tensor, mode: Rounding = "rne") -> Tensor:
-    """Round to an integer-valued tensor with an explicit tie rule (algorithms.md §0).
+    """Round to an integer-valued tensor with an explicit tie rule (docs/algorithms.md,
+    "Conventions").
 
     ``rne`` half to even, ``rha`` half away from zero, ``rhu`` half up (toward +inf), ``trunc``
     toward zero, ``floor`` toward -inf. ``rha``/``rhu`` compare the exact fractional part with 0.5
     instead of computing ``floor(x + 0.5)``, which misrounds 0.49999997 (x + 0.5 rounds up to 1).
     """
-    _check_rounding(mode)
+    check_rounding(mode)
     if not x.dtype.is_floating_point:
         return x
     if mode == "rne":
@@ -155,7 +73,7 @@ def qrange(bits: Bits, signed: bool, narrow: bool = False) -> tuple[Bits, Bits]:
     """Integer range of a ``bits``-wide code: signed ``[-2^(b-1), 2^(b-1)-1]`` (narrow drops the most
     negative code), unsigned ``[0, 2^b-1]``; 0 bits gives ``(0, 0)``. Ints in, ints out; a per-kernel
     bits tensor gives int64 tensors of the same shape."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     if narrow and not signed:
         raise NumericsError("narrow=True is defined only for signed ranges (it drops -2^(b-1)); "
                             "use narrow=False for unsigned ranges")
@@ -178,7 +96,7 @@ def qrange(bits: Bits, signed: bool, narrow: bool = False) -> tuple[Bits, Bits]:
 
 def scheme_qrange(bits: Bits, scheme: Scheme = "symmetric", narrow: bool = False) -> tuple[Bits, Bits]:
     """``qrange`` for a named scheme (signed for symmetric / asymmetric_signed)."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     return qrange(bits, _SIGNED_SCHEMES[scheme], narrow)
 
 
@@ -202,8 +120,8 @@ def calc_qparams(min_val: Tensor | float, max_val: Tensor | float, bits: Bits,
     ``eps`` so zero-range / all-zero inputs never give 0 or NaN; 0-bit channels get ``s = 1, z = 0``.
     Returns ``(scale, zero_point)`` as (float, int64) tensors.
     """
-    _check_scheme(scheme)
-    bits = _check_bits(bits)
+    check_scheme(scheme)
+    bits = check_bits(bits)
     if narrow and scheme == "unsigned":
         raise NumericsError("narrow=True is not defined for scheme 'unsigned' (z = 0 would fall "
                             "outside the range); use 'symmetric' or 'asymmetric_signed'")
@@ -216,7 +134,7 @@ def calc_qparams(min_val: Tensor | float, max_val: Tensor | float, bits: Bits,
     mx = torch.as_tensor(max_val, device=mn.device)
     dtype = mn.dtype if mn.dtype.is_floating_point else torch.get_default_dtype()
     mn, mx = mn.to(dtype), mx.to(dtype)
-    if not _is_compiling():
+    if not is_compiling():
         if not (bool(torch.isfinite(mn).all()) and bool(torch.isfinite(mx).all())):
             raise NumericsError("min_val / max_val must be finite (was the observer ever run?)")
         if bool((mn > mx).any()):
@@ -256,56 +174,10 @@ def minmax_qparams(x: Tensor, bits: Bits, scheme: Scheme = "symmetric", *, axis:
     if axis is None:
         mn, mx = torch.aminmax(xd)
     else:
-        ax = _normalize_axis(axis, x.dim())
+        ax = normalize_axis(axis, x.dim())
         flat = xd.movedim(ax, 0).reshape(x.shape[ax], -1)
         mn, mx = torch.aminmax(flat, dim=1)
     return calc_qparams(mn, mx, bits, scheme, narrow=narrow, eps=eps)
-
-
-# --------------------------------------------------------------------------------------------------
-# straight-through autograd primitives
-# --------------------------------------------------------------------------------------------------
-
-class _MaskedStraightThrough(torch.autograd.Function):
-    """Forward returns ``value`` exactly; backward passes the gradient to ``src`` where ``mask``.
-
-    An autograd.Function instead of ``src + (value - src).detach()`` because that trick is off by an
-    ulp (the output would not be exactly on the grid) and gives NaN for infinite inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, src: Tensor, value: Tensor,  # type: ignore[override]
-                mask: Tensor | None) -> Tensor:
-        ctx.save_for_backward(mask if mask is not None else torch.empty(0))
-        ctx.has_mask = mask is not None
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        if ctx.has_mask:
-            grad = torch.where(mask, grad, torch.zeros_like(grad))
-        return grad, None, None
-
-
-def _straight_through(src: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
-    if value.shape != src.shape:
-        value = value.expand(src.shape)
-    if mask is not None and mask.shape != src.shape:
-        mask = mask.expand(src.shape)
-    return _MaskedStraightThrough.apply(src, value.detach(), mask)
-
-
-def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Sum a broadcast gradient back to the shape of the operand it came from."""
-    if grad.shape == shape:
-        return grad
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for d, n in enumerate(shape):
-        if n == 1 and grad.shape[d] != 1:
-            grad = grad.sum(d, keepdim=True)
-    return grad.reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +185,7 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def _check_scale(scale: Tensor, levels: Tensor) -> None:
-    if _is_compiling():
+    if is_compiling():
         return
     scale, levels = torch.broadcast_tensors(scale, levels)
     bad = ~(torch.isfinite(scale) & (scale > 0)) & (levels > 0)
@@ -340,17 +212,17 @@ def _affine_codes(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
                   axis: int, rounding: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Shared core: broadcast qparams; return (codes q, scale, zero point, unclamped codes,
     single-level mask), all in the working dtype."""
-    _check_rounding(rounding)
+    check_rounding(rounding)
     if not x.dtype.is_floating_point:
         raise NumericsError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() > 0:
-        _normalize_axis(axis, x.dim())
+        normalize_axis(axis, x.dim())
     dt = _work_dtype(x.dtype, qmin, qmax)
-    s = _along(scale, x, axis, "scale").detach().to(dt)
-    z = _along(zero_point, x, axis, "zero_point").detach().to(dt)
-    lo = _along(qmin, x, axis, "qmin").to(dt)
-    hi = _along(qmax, x, axis, "qmax").to(dt)
-    if not _is_compiling() and bool((lo > hi).any()):
+    s = along_axis(scale, x, axis, "scale").detach().to(dt)
+    z = along_axis(zero_point, x, axis, "zero_point").detach().to(dt)
+    lo = along_axis(qmin, x, axis, "qmin").to(dt)
+    hi = along_axis(qmax, x, axis, "qmax").to(dt)
+    if not is_compiling() and bool((lo > hi).any()):
         raise NumericsError("qmin must be <= qmax")
     single = hi == lo
     _check_scale(s, hi - lo)
@@ -378,7 +250,7 @@ def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, qm
     # Inside the range iff the unclamped code was not clamped; a pruned (single-level) channel is a
     # constant 0 and passes no gradient.
     mask = (raw == q) & ~single
-    return _straight_through(x, value, mask)
+    return straight_through(x, value, mask)
 
 
 def quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, bits: Bits,
@@ -395,8 +267,8 @@ def dequantize(q: Tensor, scale: Tensor | float, zero_point: Tensor | int, *, ax
     """``s * (q - z)`` in ``dtype``; per-channel qparams along ``axis``."""
     if q.dtype.is_floating_point and not bool((q == torch.round(q)).all()):
         raise NumericsError("dequantize expects integer codes; q has non-integral entries")
-    s = _along(scale, q, axis, "scale").to(dtype)
-    z = _along(zero_point, q, axis, "zero_point").to(dtype)
+    s = along_axis(scale, q, axis, "scale").to(dtype)
+    z = along_axis(zero_point, q, axis, "zero_point").to(dtype)
     return (q.to(dtype) - z) * s
 
 
@@ -432,7 +304,7 @@ class _LSQ(torch.autograd.Function):
         grad_x = torch.where(inside, grad, torch.zeros_like(grad))
         # d(out)/ds: round(v) - v inside, qmin below, qmax above (LSQ Eq. 3), scaled by g.
         ds = torch.where(below, qmin.expand_as(v), torch.where(above, qmax.expand_as(v), r - v))
-        grad_s = _reduce_to(grad * ds * g, ctx.s_shape)
+        grad_s = reduce_to(grad * ds * g, ctx.s_shape)
         return grad_x, grad_s, None, None, None, None
 
 
@@ -445,13 +317,13 @@ def lsq_fake_quant(x: Tensor, step: Tensor, qmin: Bits, qmax: Bits,
     outside; ``step`` gets ``(round(x/s) - x/s)`` inside, ``qmin``/``qmax`` outside, times
     ``grad_scale`` (default LSQ's ``1/sqrt(N * qmax)``, N = elements per step).
     """
-    _check_rounding(rounding)
+    check_rounding(rounding)
     if not isinstance(step, Tensor):
         raise NumericsError("step must be a tensor (a learnable parameter)")
-    s = _along(step, x, axis, "step").to(x.dtype)
-    lo = _along(qmin, x, axis, "qmin").to(x.dtype)
-    hi = _along(qmax, x, axis, "qmax").to(x.dtype)
-    if not _is_compiling():
+    s = along_axis(step, x, axis, "step").to(x.dtype)
+    lo = along_axis(qmin, x, axis, "qmin").to(x.dtype)
+    hi = along_axis(qmax, x, axis, "qmax").to(x.dtype)
+    if not is_compiling():
         if not bool((step.detach() > 0).all()):
             raise NumericsError("step must be > 0 everywhere")
         if bool((lo >= hi).any()):
@@ -471,14 +343,14 @@ def lsq_fake_quant(x: Tensor, step: Tensor, qmin: Bits, qmax: Bits,
 def unit_quantize(u: Tensor, bits: Bits, *, axis: int = 0, rounding: Rounding = "rne") -> Tensor:
     """FracBits Eq. 3/8 on ``u`` in [0, 1]: ``rnd((2^k-1) u) / (2^k-1)`` for k >= 1 and 0.5 for
     k = 0, with a straight-through gradient (``dq/du := 1``). ``bits`` per kernel along ``axis``."""
-    _check_rounding(rounding)
-    bits = _check_bits(bits)
-    k = _along(bits, u, axis, "bits").to(u.dtype)
+    check_rounding(rounding)
+    bits = check_bits(bits)
+    k = along_axis(bits, u, axis, "bits").to(u.dtype)
     a = torch.pow(2.0, k) - 1
     a_safe = torch.where(a > 0, a, torch.ones_like(a))
     value = torch.where(a > 0, round_tensor(u.detach() * a_safe, rounding) / a_safe,
                         torch.full_like(a, 0.5))
-    return _straight_through(u, value)
+    return straight_through(u, value)
 
 
 def _check_lambda(lam: Tensor, name: str) -> None:
@@ -486,7 +358,7 @@ def _check_lambda(lam: Tensor, name: str) -> None:
         raise NumericsError(f"{name} must be a floating-point tensor (a fractional bit-width)")
     if lam.dim() > 1:
         raise NumericsError(f"{name} must be 0-D or 1-D (one per kernel), got shape {tuple(lam.shape)}")
-    if not _is_compiling():
+    if not is_compiling():
         d = lam.detach()
         if not bool(torch.isfinite(d).all()) or bool((d < 0).any()) or bool((d > MAX_BITS).any()):
             raise NumericsError(f"{name} must be finite and within 0..{MAX_BITS}")
@@ -497,7 +369,7 @@ def fracbits_interp(u: Tensor, lam: Tensor | float, *, min_bits: int | None = No
     """FracBits Eq. 1: ``(1-f) q_lo(u) + f q_hi(u)`` with ``lo = floor(lam)``, ``f = lam - lo``.
 
     ``hi = lo + 1``, capped at ``max_bits`` when given (deliberate deviation from the official
-    ``ceil``, algorithms.md §1.3: at an integer lambda the forward is ``q_lam`` but the lambda-gradient
+    ``ceil``, docs/algorithms.md, "FracBits": at an integer lambda the forward is ``q_lam`` but the lambda-gradient
     ``q_hi - q_lo`` (Eq. 2) stays non-zero). ``lam`` is clamped to ``[min_bits, max_bits]`` first
     (zero gradient outside). ``lam`` may be a per-kernel vector along ``axis``; lo = 0 uses the 0-bit
     candidate ``q_0 = 0.5`` (Eq. 8). ``u`` gets a straight-through gradient.
@@ -517,7 +389,7 @@ def fracbits_interp(u: Tensor, lam: Tensor | float, *, min_bits: int | None = No
         lo_arg, hi_arg = lo_i, hi_i
     q_lo = unit_quantize(u, lo_arg, axis=axis, rounding=rounding)
     q_hi = unit_quantize(u, hi_arg, axis=axis, rounding=rounding)
-    f = _along(lam_t - lo, u, axis, "lam").to(u.dtype)
+    f = along_axis(lam_t - lo, u, axis, "lam").to(u.dtype)
     return q_lo + f * (q_hi - q_lo)
 
 
@@ -535,7 +407,7 @@ def _unit_q(u: Tensor, bits: Bits | float | Tensor, max_bits: int | None, axis: 
 
 def dorefa_normalize(w: Tensor) -> Tensor:
     """DoReFa map to [0, 1]: ``tanh(w) / (2 max|tanh(w)|) + 1/2``, max over the whole tensor
-    (also in kernel-wise mode, algorithms.md §1.1.5). An all-zero ``w`` maps to 0.5, not NaN."""
+    (also in kernel-wise mode, as FracBits). An all-zero ``w`` maps to 0.5, not NaN."""
     t = torch.tanh(w)
     m = t.abs().max().clamp(min=torch.finfo(t.dtype).tiny)
     return t / (2 * m) + 0.5
@@ -565,7 +437,7 @@ def pact(x: Tensor, alpha: Tensor, bits: Bits | float | Tensor, *, double_sided:
     (``-sign(alpha)`` below ``-a`` when double-sided) and 0 inside. ``"fracbits"``: autograd through the
     divisions as in the official FracBits code, ``sign(alpha) (Q(u) - u)`` inside (double-sided:
     ``sign(alpha) (2Q(u) - 1 - (2u - 1))``) and ``sign(alpha)`` / ``-sign(alpha)`` when clipped — use
-    this one to reproduce FracBits (algorithms.md §1.1.6). ``x`` gets 1 inside, 0 when clipped.
+    this one to reproduce FracBits. ``x`` gets 1 inside, 0 when clipped.
     """
     if alpha_grad not in ("pact", "fracbits"):
         raise NumericsError(f"alpha_grad={alpha_grad!r} is invalid; valid: 'pact', 'fracbits'")
@@ -573,14 +445,14 @@ def pact(x: Tensor, alpha: Tensor, bits: Bits | float | Tensor, *, double_sided:
         raise NumericsError("alpha must be a tensor (a learnable parameter)")
     if _is_fractional(bits):
         lam = bits if isinstance(bits, Tensor) else torch.tensor(float(bits))
-        if not _is_compiling() and bool((lam.detach() < 1).any()):
+        if not is_compiling() and bool((lam.detach() < 1).any()):
             raise NumericsError("PACT activations need a bit-width lambda >= 1 (0 bits is weights only)")
     else:
-        b = _check_bits(bits)  # type: ignore[arg-type]
+        b = check_bits(bits)  # type: ignore[arg-type]
         if (b < 1) if isinstance(b, int) else bool((b < 1).any()):
             raise NumericsError("PACT activations need bits >= 1 (0 bits is for weights only)")
     a = alpha.abs()
-    if not _is_compiling() and not bool((a.detach() > 0).all()):
+    if not is_compiling() and not bool((a.detach() > 0).all()):
         raise NumericsError("alpha must be non-zero")
     if double_sided:
         y = torch.maximum(torch.minimum(x, a), -a)
@@ -599,7 +471,7 @@ def pact(x: Tensor, alpha: Tensor, bits: Bits | float | Tensor, *, double_sided:
         qv = a_d * (2 * _unit_q((u_d + 1) / 2, bits, max_bits, axis, rounding) - 1)
     else:
         qv = a_d * _unit_q(u_d, bits, max_bits, axis, rounding)
-    out = _straight_through(y, qv)
+    out = straight_through(y, qv)
     if qv.requires_grad:  # fractional lambda: add an exact zero that carries d/d lambda
         out = out + (qv - qv.detach())
     return out

@@ -16,14 +16,12 @@ import dataclasses
 import difflib
 import fnmatch
 import json
-import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import networkx as nx
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -33,13 +31,15 @@ from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError
 
 from qpasses.errors import ConfigError, ConfigWarning
+from qpasses.ir import ops
+from qpasses.ir.fx import node_arg
+from qpasses.ir.joins import is_join, layer_input, share_components
 from qpasses.ir.layers import LayerInfo, first_last_layers, quantizable_layers
 from qpasses.ir.annotations import MAX_BITS, QMeta, QuantSpec, get_qmeta, update_qmeta
 
 __all__ = [
     "AnnotateBitwidths", "AnnotateBitwidthsOptions", "BitwidthConfig", "ConfigEntry",
-    "LayerBits", "SKIP_ISLAND_PREFIX", "is_join", "join_inputs", "layer_input",
-    "load_config", "nonnegative_nodes", "resolve_layer_bits", "scale_sharing_groups",
+    "LayerBits", "SKIP_ISLAND_PREFIX", "load_config", "nonnegative_nodes", "resolve_layer_bits",
 ]
 
 PASS_NAME = "annotate-bitwidths"
@@ -68,7 +68,7 @@ class AnnotateBitwidthsOptions:
     act_bits: int = field(default=8, metadata={
         "help": f"default bit-width of every layer's input activation (1..{MAX_BITS})"})
     first_last_bits: int | None = field(default=8, metadata={
-        "help": "FracBits pinning (reference 1.1.11): the first layers' weights and inputs and "
+        "help": "FracBits pinning: the first layers' weights and inputs and "
                 "the last layers' weights get this width (the last layers' inputs keep act-bits); "
                 "none disables pinning"})
     granularity: Literal["layer", "kernel"] = field(default="layer", metadata={
@@ -270,61 +270,6 @@ def resolve_layer_bits(names: Iterable[str], *, weight_bits: int, act_bits: int,
 # ---------------------------------------------------------------------------------------------
 # Non-negativity (unsigned activations)
 
-# Outputs are >= 0 whatever the input.
-_NONNEG_MODULES: tuple[type, ...] = (nn.ReLU, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d,
-                                     nn.Softplus)
-_NONNEG_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid,
-                     F.hardsigmoid, torch.softmax, F.softmax, torch.exp, torch.abs, operator.abs,
-                     F.softplus}
-_NONNEG_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "softmax", "exp", "abs", "abs_"}
-# Outputs are >= 0 when the (first) input is: shape-only and order-statistic / averaging ops.
-_PRESERVING_MODULES: tuple[type, ...] = tuple(
-    getattr(nn, n) for n in (
-        "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-        "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
-        "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d", "Flatten", "Unflatten",
-        "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "PixelShuffle",
-        "PixelUnshuffle", "ChannelShuffle", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d")
-    if hasattr(nn, n))
-_PRESERVING_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
-    torch.t, torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.chunk,
-    torch.split, torch.narrow, torch.select, torch.clone, torch.detach, operator.getitem,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool1d, torch.max_pool2d,
-    torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d, torch.adaptive_max_pool1d,
-    torch.dropout, torch.channel_shuffle, torch.flip, torch.roll,
-}
-_PRESERVING_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
-    "t", "contiguous", "squeeze", "unsqueeze", "mean", "sum", "amax", "amin", "max",
-    "expand", "expand_as", "repeat", "clone", "detach", "float", "chunk", "split",
-    "narrow", "select", "flip", "roll", "__getitem__",
-}
-# Outputs are >= 0 when every operand (tensor or number) is.
-_ARITH_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
-_ARITH_METHODS = {"add", "add_", "mul", "mul_"}
-# torch.min(a, b) is elementwise: >= 0 only when every tensor operand is (dims do not matter).
-_MIN_FUNCTIONS = {torch.min, torch.minimum}
-_MIN_METHODS = {"min", "minimum"}
-_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
-_CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min}
-_CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
-_INTERP_SAFE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
-
-# Joins whose inputs and output share one spec (integer add/cat need one scale).
-_JOIN_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_JOIN_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, complex)
 
@@ -354,53 +299,53 @@ def _node_nonneg(gm: torch.fx.GraphModule, n: torch.fx.Node, nonneg: set[str]) -
             return False
         if isinstance(mod, nn.Hardtanh):  # includes ReLU6
             return _min_at_least_zero(mod.min_val)
-        if isinstance(mod, _NONNEG_MODULES):
+        if isinstance(mod, ops.NONNEGATIVE_MODULES):
             return True
         if isinstance(mod, nn.Upsample):
-            return mod.mode in _INTERP_SAFE_MODES and _value_nonneg(first, nonneg)
-        if isinstance(mod, _PRESERVING_MODULES):
+            return mod.mode in ops.INTERPOLATION_CONVEX_MODES and _value_nonneg(first, nonneg)
+        if isinstance(mod, ops.SIGN_PRESERVING_MODULES):
             return _value_nonneg(first, nonneg)
         return False
     if n.op == "call_function":
         t = n.target
-        if t in _NONNEG_FUNCTIONS:
+        if t in ops.NONNEGATIVE_FUNCTIONS:
             return True
-        if t is F.hardtanh or t is F.hardtanh_:
-            return _min_at_least_zero(_arg(n, 1, "min_val", -1.0))
-        if t in _CLAMP_FUNCTIONS:
-            return _min_at_least_zero(_arg(n, 1, "min", None))
+        if t in ops.HARDTANH_FUNCTIONS:
+            return _min_at_least_zero(node_arg(n, 1, "min_val", -1.0))
+        if t in ops.LOWER_CLAMP_FUNCTIONS:
+            return _min_at_least_zero(node_arg(n, 1, "min", None))
         if t is F.threshold:
-            return (_min_at_least_zero(_arg(n, 1, "threshold", None))
-                    and _min_at_least_zero(_arg(n, 2, "value", None)))
+            return (_min_at_least_zero(node_arg(n, 1, "threshold", None))
+                    and _min_at_least_zero(node_arg(n, 2, "value", None)))
         if t is F.interpolate:
-            return (_arg(n, 3, "mode", "nearest") in _INTERP_SAFE_MODES
+            return (node_arg(n, 3, "mode", "nearest") in ops.INTERPOLATION_CONVEX_MODES
                     and _value_nonneg(first, nonneg))
         if t is F.pad:
-            mode, value = _arg(n, 2, "mode", "constant"), _arg(n, 3, "value", None)
+            mode, value = node_arg(n, 2, "mode", "constant"), node_arg(n, 3, "value", None)
             fill_ok = mode != "constant" or value is None or _min_at_least_zero(value)
             return fill_ok and mode in ("constant", "reflect", "replicate", "circular") \
                 and _value_nonneg(first, nonneg)
-        if t in _PRESERVING_FUNCTIONS:
+        if t in ops.SIGN_PRESERVING_FUNCTIONS:
             return _value_nonneg(first, nonneg)
-        if t in _MIN_FUNCTIONS:
+        if t in ops.MIN_FUNCTIONS:
             return all(_value_nonneg(a, nonneg) for a in n.all_input_nodes)
-        if t in _CAT_FUNCTIONS:
-            return _value_nonneg(_arg(n, 0, "tensors", None), nonneg)
-        if t in _ARITH_FUNCTIONS:
+        if t in ops.CAT_FUNCTIONS or t in ops.STACK_FUNCTIONS:
+            return _value_nonneg(node_arg(n, 0, "tensors", None), nonneg)
+        if t in ops.ADD_FUNCTIONS or t in ops.MUL_FUNCTIONS:
             return all(_value_nonneg(a, nonneg) for a in n.args) and \
                 all(_value_nonneg(v, nonneg) for v in n.kwargs.values())
         return False
     if n.op == "call_method":
         t = str(n.target)
-        if t in _NONNEG_METHODS:
+        if t in ops.NONNEGATIVE_METHODS:
             return True
-        if t in _CLAMP_METHODS:
-            return _min_at_least_zero(_arg(n, 1, "min", None))
-        if t in _PRESERVING_METHODS:
+        if t in ops.LOWER_CLAMP_METHODS:
+            return _min_at_least_zero(node_arg(n, 1, "min", None))
+        if t in ops.SIGN_PRESERVING_METHODS:
             return _value_nonneg(first, nonneg)
-        if t in _MIN_METHODS:
+        if t in ops.MIN_METHODS:
             return all(_value_nonneg(a, nonneg) for a in n.all_input_nodes)
-        if t in _ARITH_METHODS:
+        if t in ops.ADD_METHODS or t in ops.MUL_METHODS:
             return all(_value_nonneg(a, nonneg) for a in n.args) and \
                 all(_value_nonneg(v, nonneg) for v in n.kwargs.values())
         return False
@@ -421,92 +366,6 @@ def nonnegative_nodes(gm: torch.fx.GraphModule) -> frozenset[str]:
         if _node_nonneg(gm, n, nonneg):
             nonneg.add(n.name)
     return frozenset(nonneg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Joins and scale sharing
-
-
-def _is_tensor_node(v: Any) -> bool:
-    if not isinstance(v, torch.fx.Node):
-        return False
-    tm = v.meta.get("tensor_meta")
-    if tm is not None:
-        return hasattr(tm, "shape") and hasattr(tm, "dtype")
-    return isinstance(v.meta.get("val"), torch.Tensor)
-
-
-def join_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The tensor inputs of an add/cat join, in argument order, without duplicates."""
-    if node.op == "call_function" and node.target in _JOIN_CAT_FUNCTIONS:
-        tensors = _arg(node, 0, "tensors", ())
-        cand = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
-    else:
-        cand = list(node.args[:2]) + [node.kwargs.get("other")]
-    out = []
-    for c in cand:
-        if _is_tensor_node(c) and c not in out:
-            out.append(c)
-    return out
-
-
-def is_join(node: torch.fx.Node) -> bool:
-    """operator.add / torch.add / Tensor.add of two tensors, or torch.cat (concat) of tensors.
-
-    Adds with a scalar operand are elementwise ops, not joins.
-    """
-    if not _is_tensor_node(node):
-        return False
-    if node.op == "call_function" and node.target in _JOIN_CAT_FUNCTIONS:
-        return len(join_inputs(node)) >= 1
-    if (node.op == "call_function" and node.target in _JOIN_ADD_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in ("add", "add_")):
-        args = list(node.args[:2]) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
-        return sum(_is_tensor_node(a) for a in args) >= 2
-    return False
-
-
-def layer_input(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The input activation of a conv/linear node (module or functional form)."""
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    return x if isinstance(x, torch.fx.Node) else None
-
-
-def _share_components(gm: torch.fx.GraphModule, layer_inputs: Iterable[torch.fx.Node],
-                      joins: Iterable[torch.fx.Node]) -> list[tuple[str, ...]]:
-    """Connected components over tensors: a join is connected to each of its inputs."""
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    g = nx.Graph()
-    for x in layer_inputs:
-        g.add_node(x.name)
-    for j in joins:
-        g.add_node(j.name)
-        for x in join_inputs(j):
-            g.add_edge(j.name, x.name)
-    comps = [tuple(sorted(c, key=order.__getitem__)) for c in nx.connected_components(g)]
-    return sorted(comps, key=lambda c: order[c[0]])
-
-
-def scale_sharing_groups(gm: torch.fx.GraphModule) -> list[tuple[str, ...]]:
-    """Groups of node names whose output tensors share one activation spec (and so one scale).
-
-    Read from an annotated graph: the inputs of layers that carry an ``act`` spec, and every join
-    with its tensor inputs. Tensors read by several layers, and the inputs and output of an add/cat
-    join, land in one group. Groups are sorted by graph position (members too). annotate-bitwidths
-    writes identical specs for all members: ``act`` on the layers reading a member, ``output`` on
-    the joins; a join's inputs are quantized with the join's ``output`` spec. Call it on the graph
-    as annotate-bitwidths left it: fake-quant nodes inserted later are not looked through, so
-    afterwards each quantizer node is its own tensor.
-    """
-    nodes = {n.name: n for n in gm.graph.nodes}
-    inputs = []
-    for info in quantizable_layers(gm):
-        node = nodes[info.node]
-        x = layer_input(node)
-        if x is not None and get_qmeta(node).act is not None:
-            inputs.append(x)
-    joins = [n for n in gm.graph.nodes if is_join(n)]
-    return _share_components(gm, inputs, joins)
 
 
 def _act_spec(bits: int, signed: bool) -> QuantSpec:
@@ -542,12 +401,12 @@ class AnnotateBitwidths(Pass):
       alone (no specs written).
 
     **Resolution order** per layer, each key (weight, act) independently, lowest first:
-    defaults (``weight-bits``, ``act-bits``) < FracBits pinning (reference §1.1.11; first layers,
+    defaults (``weight-bits``, ``act-bits``) < FracBits pinning (docs/algorithms.md, "FracBits"; first layers,
     i.e. no quantizable layer upstream: weights *and* input at ``first-last-bits``; last layers, no
     quantizable layer downstream: weights only, the input keeps ``act-bits``) < ``config`` entries
     in file order, a later matching glob overriding an earlier one for the keys it sets (CSS-like
     "last writer wins"). ``skip`` beats all of them. This is the opposite of Distiller's override
-    order (reference §6.1.8: an exact name wins, else the *first* matching pattern), so a Distiller
+    order (docs/algorithms.md, "Range-linear PTQ": an exact name wins, else the *first* matching pattern), so a Distiller
     override list converts by reversing it (and listing exact names last). Globs are
     ``fnmatch.fnmatchcase`` on module paths (``LayerInfo.name``, e.g. ``layer1.*.conv1``; ``*``
     also matches dots).
@@ -611,12 +470,11 @@ class AnnotateBitwidths(Pass):
                                       last=last, entries=config.entries if config else ())
 
         active = [info for info in layers if info.node not in skipped and info.node not in foreign]
-        active_nodes = {info.node for info in active}
         all_layer_nodes = {info.node for info in layers}
         inputs = {info.node: layer_input(nodes[info.node]) for info in active}
         joins = [n for n in gm.graph.nodes if is_join(n)]
         join_names = {j.name for j in joins}
-        groups = _share_components(gm, [x for x in inputs.values() if x is not None], joins)
+        groups = share_components(gm, [x for x in inputs.values() if x is not None], joins)
         group_of = {m: gi for gi, comp in enumerate(groups) for m in comp}
         nonneg = nonnegative_nodes(gm)
 

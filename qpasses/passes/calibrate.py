@@ -40,7 +40,7 @@ above, a batch with NaN/inf (names the batch and input index), a quantizer that 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,19 +53,14 @@ from passes_registry.errors import OptionError
 
 from qpasses.errors import CalibrationError, NumericsError
 from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
-from qpasses.ir.layers import _get_attr, quantizable_layers
-from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
-from qpasses.passes.annotate_bitwidths import is_join
-from qpasses.passes.insert_fake_quant import (act_fq_module, is_act_fq_node,
-                                join_output_fq_node, layer_act_fq_node, layer_weight_quantizer,
-                                make_act_observer)
+from qpasses.ir.batches import batch_inputs, calibration_batches
+from qpasses.ir.fx import attr_value, graph_device, num_graph_inputs
+from qpasses.ir.layers import quantizable_layers
+from qpasses.modules.lookup import layer_weight_quantizer, make_act_observer, write_qmeta
 
-__all__ = ["Calibrate", "CalibrateOptions", "INPUT_KEYS", "batch_inputs", "write_qmeta"]
+__all__ = ["Calibrate", "CalibrateOptions"]
 
 PASS_NAME = "calibrate"
-INPUT_KEYS = ("x", "input", "inputs", "image")
-_FORMS = ("a tensor, a tuple/list whose first items are the inputs (e.g. (x, y)), or a dict with "
-          f"one of the keys {', '.join(repr(k) for k in INPUT_KEYS)}")
 
 
 @dataclass(frozen=True)
@@ -86,55 +81,6 @@ class CalibrateOptions:
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(PASS_NAME, "percentile",
                               f"must be in (50, 100], got {self.percentile}")
-
-
-def batch_inputs(batch: Any, index: int, num_inputs: int) -> tuple[torch.Tensor, ...]:
-    """The model inputs of one calibration batch (forms in the module docstring)."""
-    if isinstance(batch, torch.Tensor):
-        items: tuple = (batch,)
-    elif isinstance(batch, Mapping):
-        key = next((k for k in INPUT_KEYS if k in batch), None)
-        if key is None:
-            raise CalibrationError(f"calibration batch {index} is a dict without an input key "
-                                   f"(has {sorted(map(str, batch))}); expected {_FORMS}")
-        v = batch[key]
-        items = tuple(v) if isinstance(v, (tuple, list)) else (v,)
-    elif isinstance(batch, (tuple, list)):
-        items = tuple(batch[:num_inputs])
-    else:
-        raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; "
-                               f"expected {_FORMS}")
-    if len(items) < num_inputs or not all(isinstance(t, torch.Tensor) for t in items[:num_inputs]):
-        raise CalibrationError(f"calibration batch {index} does not hold {num_inputs} input "
-                               f"tensor(s); expected {_FORMS}")
-    return items[:num_inputs]
-
-
-def calibration_batches(ctx: Any, pass_name: str) -> Iterable:
-    """``ctx.calibration_data``, checked to be an iterable of batches; CalibrationError naming
-    ``pass_name`` and the PassContext field to set otherwise. Shared by every data-driven pass."""
-    data = getattr(ctx, "calibration_data", None)
-    if data is None:
-        raise CalibrationError(
-            f"pass '{pass_name}' needs calibration data: run the pipeline under "
-            "PassContext(calibration_data=...) with an iterable of batches (a DataLoader, a "
-            f"list of tensors...; each batch {_FORMS})")
-    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise CalibrationError(
-            f"PassContext(calibration_data=...) must be an iterable of batches, got "
-            f"{type(data).__name__}" + (" (wrap a single batch in a list: [x])"
-                                        if isinstance(data, torch.Tensor) else ""))
-    return data
-
-
-def _num_inputs(gm: torch.fx.GraphModule) -> int:
-    return max(1, sum(1 for n in gm.graph.nodes if n.op == "placeholder"))
-
-
-def _device(gm: torch.fx.GraphModule) -> torch.device:
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _show_progress(ctx: Any) -> bool:
@@ -223,7 +169,7 @@ class Calibrate(Pass):
             total = None
         if total is not None and limit is not None:
             total = min(total, limit)
-        k, device = _num_inputs(gm), _device(gm)
+        k, device = num_graph_inputs(gm), graph_device(gm)
         seen = 0
         with torch.no_grad(), tqdm(total=total, desc=self.name, unit="batch",
                                    disable=not _show_progress(ctx), leave=False) as bar:
@@ -264,28 +210,12 @@ class Calibrate(Pass):
             wq = layer_weight_quantizer(gm, nodes[info.node])
             if wq is None:
                 continue
-            w = _get_attr(gm, info.weight_attr)
+            w = attr_value(gm, info.weight_attr)
             wq.observe(w)
 
 
 def _serves(q: ActFakeQuant) -> str:
     return ("input of " + ", ".join(q.consumers)) if q.consumers else "no recorded consumer"
-
-
-def _floats(t: torch.Tensor) -> tuple[float, ...]:
-    return tuple(float(v) for v in t.detach().reshape(-1).tolist())
-
-
-def _ints(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(v) for v in t.detach().reshape(-1).tolist())
-
-
-def _with_qparams(spec: QuantSpec, scale: torch.Tensor, zp: torch.Tensor | None) -> QuantSpec:
-    s = _floats(scale)
-    z = _ints(zp) if zp is not None else None
-    if spec.axis is None and len(set(s)) <= 1 and (z is None or len(set(z)) <= 1):
-        s, z = s[:1], (z[:1] if z is not None else None)
-    return spec.replace(scale=s, zero_point=z)
 
 
 def _keep_trained_ranges(gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant]) -> None:
@@ -303,58 +233,3 @@ def _keep_trained_ranges(gm: torch.fx.GraphModule, acts: dict[str, ActFakeQuant]
                                    f"({_serves(q)}) has scale {scale.flatten()[:4].tolist()}; "
                                    "calibrate it with data (method=inserted) instead")
         q.enable_observer(False)
-
-
-def write_qmeta(gm: torch.fx.GraphModule, origin: str = PASS_NAME) -> int:
-    """Export the quantizers' current scales/zero points into QMeta (layers, joins and activation
-    nodes). Quantizers without a usable scale are skipped. Returns the number of nodes updated."""
-    count = 0
-    nodes = {n.name: n for n in gm.graph.nodes}
-
-    def act_qparams(node: torch.fx.Node | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if node is None:
-            return None
-        q = act_fq_module(gm, node)
-        try:
-            scale, zp = q.qparams()
-        except CalibrationError:
-            return None
-        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-            return None
-        return scale, zp
-
-    for info in quantizable_layers(gm):
-        node = nodes[info.node]
-        q = get_qmeta(node)
-        if q.float_island is not None:
-            continue
-        changes: dict[str, Any] = {}
-        wq = layer_weight_quantizer(gm, node)
-        if q.weight is not None and wq is not None:
-            try:
-                scale, zp = wq.qparams()
-            except CalibrationError:
-                scale = zp = None  # type: ignore[assignment]
-            if scale is not None and bool(torch.isfinite(scale).all()):
-                changes["weight"] = _with_qparams(q.weight, scale,
-                                                  None if wq.scheme == "dorefa" else zp)
-        qp = act_qparams(layer_act_fq_node(gm, node))
-        if q.act is not None and qp is not None:
-            changes["act"] = _with_qparams(q.act, *qp)
-        if changes:
-            update_qmeta(node, origin=origin, **changes)
-            count += 1
-    for n in list(gm.graph.nodes):
-        q = get_qmeta(n)
-        if q.output is None:
-            continue
-        if is_act_fq_node(gm, n):
-            qp = act_qparams(n)
-        elif is_join(n) or any(is_act_fq_node(gm, u) for u in n.users):
-            qp = act_qparams(join_output_fq_node(gm, n))
-        else:
-            qp = None
-        if qp is not None:
-            update_qmeta(n, origin=origin, output=_with_qparams(q.output, *qp))
-            count += 1
-    return count

@@ -30,7 +30,7 @@ class CheckAccWidthOptions:
 
 
 @register_pass
-class CheckAccWidthPass(Pass):
+class CheckAccWidth(Pass):
     """Report the layers whose accumulator exceeds ``target`` bits (``acc-width`` analysis).
 
     Prints a table of the offending layers (worst-case and data-aware widths) to the context's

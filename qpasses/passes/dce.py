@@ -125,7 +125,7 @@ def _delete_unused_tensors(gm: torch.fx.GraphModule) -> int:
 
 
 @register_pass
-class DcePass(Pass):
+class DCE(Pass):
     """Remove dead nodes, unused submodules and unused parameters/buffers.
 
     Nodes whose value is never used are erased (torch.fx ``eliminate_dead_code``) unless they
@@ -164,4 +164,4 @@ class DcePass(Pass):
             "num_tensors_removed": tensors_removed})
 
 
-__all__ = ["DcePass", "is_impure"]
+__all__ = ["DCE", "is_impure"]

@@ -9,10 +9,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass
+from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass, register_property
 
 from qpasses.ir.fx import (add_tensor_attr, bind, get_attr_value, replace_tensor_attr,
-                       resolve_attr, set_arg, shape_of, tensor_meta_for, tensor_use_counts)
+                       resolve_attr, set_arg, node_shape, tensor_meta_for, tensor_use_counts)
 
 # --------------------------------------------------------------------------------------------
 # What counts as a BatchNorm and as a foldable producer
@@ -207,7 +207,7 @@ def _layer(gm: torch.fx.GraphModule, node: Any, counts: dict[int, int]) -> _Laye
         return f"the output of '{node.name}' has other users besides the BatchNorm"
     if counts.get(id(weight), 0) != 1 or (bias is not None and counts.get(id(bias), 0) != 1):
         return f"the weights of '{node.name}' are shared with another part of the graph"
-    shape = shape_of(node)
+    shape = node_shape(node)
     if shape is None:
         return f"'{node.name}' has no shape information (trace the model with qpasses.trace)"
     # BatchNorm normalizes dim 1: that must be the layer's output-feature dimension.
@@ -297,7 +297,7 @@ def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Te
 
 
 @register_pass
-class FoldBatchNormPass(Pass):
+class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNorm into the preceding conv/linear.
 
     A BatchNorm1d/2d/3d (module, ``F.batch_norm`` or ``torch.batch_norm`` with constant
@@ -385,4 +385,8 @@ def check_bn_folded(gm: torch.fx.GraphModule) -> list[str]:
             "folded into it" for c in candidates]
 
 
-__all__ = ["Candidate", "FoldBatchNormPass", "analyze", "check_bn_folded", "fold_weights"]
+__all__ = ["Candidate", "FoldBatchNorm", "analyze", "check_bn_folded", "fold_weights"]
+
+
+register_property("bn-folded", check_bn_folded,
+                  summary="no BatchNorm directly follows a conv/linear it could be folded into")

@@ -1,4 +1,5 @@
-"""freeze-fracbits: round the learned FracBits λ to integer bit annotations (reference §1.1.13).
+"""freeze-fracbits: round the learned FracBits λ to integer bit annotations (docs/algorithms.md,
+"FracBits").
 
 Rounding modes:
 
@@ -17,7 +18,7 @@ Rounding modes:
   sensitivity).
 
 Targets (offset-bisection, solver): ``target-bitops`` (GBitOPs) or ``target-size`` (MB), the
-units of :func:`qpasses.modules.fracbits.penalty`.
+units of :func:`qpasses.algorithms.fracbits.penalty`.
 
 What is written: ``QMeta.weight.bits`` (and ``bits_per_kernel`` for kernel-wise search; 0 means a
 pruned kernel), ``QMeta.act.bits`` of searched inputs; pinned layers keep their pinned width.
@@ -25,8 +26,8 @@ Then the FracBits modules are removed: layers are restored to their float classe
 Parameters: the trained weights are kept) and the activation quantizer nodes are removed, so the
 standard passes apply unchanged (``insert-fake-quant{weight-scheme=dorefa act-scheme=pact}`` to
 finetune, ``calibrate``, ``prune-zero-bit-channels``, ``lower-to-int-sim``). The learned values
-are kept in ``gm.meta["qpasses.fracbits.frozen"]``: ``{layer: {"lambda_w", "lambda_a",
-"w_bits", "a_bits", "alpha"}}``; PACT α is not an annotation, but
+are kept in the ``qpasses.fracbits.frozen`` graph record (``FrozenFracBitsRecord``: per layer
+``lambda_w``, ``lambda_a``, ``w_bits``, ``a_bits``, ``alpha``); PACT α is not an annotation, but
 ``insert-fake-quant{act-scheme=pact}`` (without ``pact-alpha``) starts each PACT clip from it.
 Establishes ``bits-annotated``.
 
@@ -46,18 +47,20 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from passes_registry import (Pass, PassResult, PreservedAnalyses, pop_record, register_pass,
+                             set_record)
 from passes_registry.errors import OptionError
 
 from qpasses.algorithms.cost_model import (FRACBITS, annotated_bits, cost_layers, layer_bitops,
                             layer_size_bits, model_bitops, model_size_bits)
 from qpasses.errors import AnnotationError, BudgetError
-from qpasses.modules.fake_quant import unwrap_layer
-from qpasses.modules.fracbits import (FRACBITS_META, FROZEN_META, _cost_layers, fracbits_modules,
-                                has_fracbits, lambda_maps)
+from qpasses.ir.records import (FRACBITS_META, FROZEN_META, FracBitsRecord, FrozenFracBitsLayer,
+                                FrozenFracBitsRecord)
+from qpasses.algorithms.fracbits import fracbits_cost_layers, lambda_maps
+from qpasses.modules.fracbits import fracbits_modules, fracbits_record, has_fracbits
 from qpasses.algorithms.solver import solve_pairs
-from qpasses.algorithms.search_layers import write_input_widths
-from qpasses.passes.solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
+from qpasses.algorithms.search_layers import remove_search_modules, write_input_widths
+from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
            "layer_pair_costs", "remove_search_modules", "round_lambdas"]
@@ -118,13 +121,17 @@ def _rounded(gm: torch.fx.GraphModule, delta: float) -> tuple[dict[str, Any], di
             la = aq.bits().detach().double()
             a_bits[name] = int(torch.round(la + delta).clamp(aq.min_bits, aq.max_bits))
     # layers reading one scale-sharing group get one width (the max), as insert-fake-quant does
-    for g in gm.meta[FRACBITS_META].get("act_groups", ()):
-        members = [n for n in g["layers"] if n in a_bits]
+    for g in fracbits_record(gm).act_groups:
+        members = [n for n in g.layers if n in a_bits]
         if len(members) > 1:
             top = max(a_bits[n] for n in members)
             for n in members:
                 a_bits[n] = top
     return w_bits, a_bits
+
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 def round_lambdas(gm: torch.fx.GraphModule, delta: float = 0.0
@@ -137,7 +144,7 @@ def _cost(gm: torch.fx.GraphModule, w: dict[str, Any], a: dict[str, Any], metric
     w_map, a_map = lambda_maps(gm, detach=True)
     w_map.update(w)
     a_map.update(a)
-    layers = _cost_layers(gm, FRACBITS)
+    layers = fracbits_cost_layers(gm, FRACBITS)
     if metric == "bitops":
         return float(model_bitops(layers, w_map, a_map)) / 1e9
     return float(model_size_bits(layers, w_map)) / 8e6
@@ -222,25 +229,6 @@ def layer_pair_costs(gm: torch.fx.GraphModule, w_choices: dict[str, tuple],
     return costs, fixed
 
 
-def remove_search_modules(gm: torch.fx.GraphModule, layer_modules: Any,
-                          node_modules: Any) -> None:
-    """Undo a search pass's surgery: the layers at ``layer_modules`` back to their float classes
-    (same Parameters: trained weights kept), the nodes calling ``node_modules`` (activation
-    quantizers, taps) bypassed and erased, and their top-level containers deleted."""
-    for target in layer_modules:
-        gm.set_submodule(target, unwrap_layer(gm.get_submodule(target)))
-    node_modules = set(node_modules)
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and str(n.target) in node_modules:
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-    for top in {t.split(".")[0] for t in node_modules}:
-        if top in gm._modules:
-            delattr(gm, top)
-    gm.graph.lint()
-    gm.recompile()
-
-
 @register_pass
 class FreezeFracBits(Pass):
     """Round the learned FracBits λ to integer bit annotations and remove the FracBits modules.
@@ -254,7 +242,7 @@ class FreezeFracBits(Pass):
     kernel-wise search, 0 = pruned kernel) and ``QMeta.act`` / join ``output`` bits, restores the
     float layer classes (trained weights kept) and removes the activation quantizer nodes, so
     insert-fake-quant, calibrate, prune-zero-bit-channels apply unchanged. Learned λ and PACT α
-    are kept in ``gm.meta["qpasses.fracbits.frozen"]``. Requires nothing statically (a graph
+    are kept in the ``qpasses.fracbits.frozen`` graph record. Requires nothing statically (a graph
     without FracBits quantizers is an ``AnnotationError`` at run time, as is training-mode BN);
     establishes ``bits-annotated``; invalidates ``fracbits-inserted``.
 
@@ -267,6 +255,8 @@ class FreezeFracBits(Pass):
     establishes = frozenset({"bits-annotated"})
     invalidates = frozenset({"fracbits-inserted"})
     preserves = PreservedAnalyses.none()
+    reads_records = frozenset({FRACBITS_META})
+    writes_records = frozenset({FRACBITS_META, FROZEN_META})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: FreezeFracBitsOptions = self.options
@@ -275,7 +265,7 @@ class FreezeFracBits(Pass):
                                   "insert-fracbits (and train) before freezing")
         _check_bn_eval(gm)
         mods = fracbits_modules(gm)
-        info = gm.meta[FRACBITS_META]
+        info = fracbits_record(gm)
         delta = 0.0
         if opts.rounding == "offset-bisection":
             delta, w_bits, a_bits, _ = offset_bisection(
@@ -291,12 +281,12 @@ class FreezeFracBits(Pass):
 
         # remove the FracBits modules first (float layers back, activation nodes out), so the
         # cost model sees the graph the standard passes will see
-        remove_search_modules(gm, [rec["module"] for rec in info["layers"].values()],
-                              [rec["act"] for rec in info["layers"].values() if rec["act"]])
+        remove_search_modules(gm, [rec.module for rec in info.layers.values()],
+                              [rec.act for rec in info.layers.values() if rec.act])
 
         # activation bits (layers and their sharing joins), then weights
         write_input_widths(gm, a_bits, self.name)
-        if opts.rounding == "solver" and info["granularity"] == "layer":
+        if opts.rounding == "solver" and info.granularity == "layer":
             solved = self._solve_joint(gm, opts, info, mods, w_bits, a_bits, lam_w, lam_a)
             if solved is not None:
                 w_bits, a_bits = solved
@@ -307,10 +297,12 @@ class FreezeFracBits(Pass):
             w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
         self._write_weights(gm, w_bits, info)
 
-        frozen = {n: {"lambda_w": lam_w[n], "lambda_a": lam_a[n], "w_bits": w_bits[n],
-                      "a_bits": a_bits.get(n), "alpha": alphas[n]} for n in mods}
-        gm.meta.pop(FRACBITS_META, None)
-        gm.meta[FROZEN_META] = frozen
+        frozen = FrozenFracBitsRecord({
+            n: FrozenFracBitsLayer(lambda_w=_as_tuple(lam_w[n]), lambda_a=lam_a[n],
+                                   w_bits=_as_tuple(w_bits[n]), a_bits=a_bits.get(n),
+                                   alpha=alphas[n]) for n in mods})
+        pop_record(gm, FRACBITS_META)
+        set_record(gm, FROZEN_META, frozen)
         stats = {"num_layers": len(mods),
                  "num_zero_bit_kernels": sum(
                      (sum(1 for v in b if v == 0) if isinstance(b, tuple) else 0)
@@ -321,7 +313,7 @@ class FreezeFracBits(Pass):
         return PassResult(modified=True, stats=stats)
 
     def _solve_joint(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions,
-                     info: dict[str, Any], mods: dict[str, Any], w_bits: dict[str, Any],
+                     info: FracBitsRecord, mods: dict[str, Any], w_bits: dict[str, Any],
                      a_bits: dict[str, int], lam_w: dict[str, Any],
                      lam_a: dict[str, float | None]
                      ) -> tuple[dict[str, Any], dict[str, int]] | None:
@@ -332,11 +324,11 @@ class FreezeFracBits(Pass):
         at ``rne(λ_a)``) often cannot. Layers reading one scale-sharing group share one
         activation width. None when infeasible (the caller falls back to solve-bitwidths on
         weights, which raises the budget error)."""
-        cands = tuple(c for c in sorted(info["candidates"]) if c > 0)
+        cands = tuple(c for c in sorted(info.candidates) if c > 0)
         names = [n for n in mods if n in {c.name for c in cost_layers(gm, FRACBITS)}]
         if not names:
             return None
-        pinned = {n for n in names if info["layers"][n]["pinned"]}
+        pinned = {n for n in names if info.layers[n].pinned}
         w_choices = {n: ((w_bits[n],) if n in pinned else cands) for n in names}
         a_choices = {}
         for n in names:
@@ -349,8 +341,8 @@ class FreezeFracBits(Pass):
                    + ((a - lam_a[n]) ** 2 if len(a_choices[n]) > 1 else 0.0))
                   for w in w_choices[n] for a in a_choices[n]] for n in names]
         index = {n: i for i, n in enumerate(names)}
-        groups = [[index[n] for n in g["layers"] if n in index and len(a_choices[n]) > 1]
-                  for g in info.get("act_groups", ())]
+        groups = [[index[n] for n in g.layers if n in index and len(a_choices[n]) > 1]
+                  for g in info.act_groups]
         scale = 1e9 if opts.metric == "bitops" else 8e6
         chosen = solve_pairs(items, [g for g in groups if len(g) > 1],
                              opts.target * scale - fixed,
@@ -364,17 +356,17 @@ class FreezeFracBits(Pass):
                 a_new[n] = a
         return w_new, a_new
 
-    def _solve(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions, info: dict[str, Any],
+    def _solve(self, gm: torch.fx.GraphModule, opts: FreezeFracBitsOptions, info: FracBitsRecord,
                w_bits: dict[str, Any], lam_w: dict[str, Any], ctx: Any) -> dict[str, Any]:
         """solve-bitwidths with the λ prior. Its item costs are separable (no credit for input
         channels of consumers that 0-bit kernels kill), so the real cost can be lower: the budget
         is raised by the shortfall and re-solved (a few rounds) to land in [0.99, 1] x target."""
-        pinned = {n for n, rec in info["layers"].items() if rec["pinned"]}
+        pinned = {n for n, rec in info.layers.items() if rec.pinned}
         searched = [n for n in w_bits if n not in pinned]
         if not searched:
             return w_bits
-        cands = tuple(sorted(info["candidates"]))
-        gran = info["granularity"]
+        cands = tuple(sorted(info.candidates))
+        gran = info.granularity
         if gran == "layer":
             cands = tuple(c for c in cands if c > 0) or (1,)
         self._write_weights(gm, {n: w_bits[n] for n in pinned}, info)
@@ -408,7 +400,7 @@ class FreezeFracBits(Pass):
         return best[1]
 
     def _write_weights(self, gm: torch.fx.GraphModule, w_bits: dict[str, Any],
-                       info: dict[str, Any]) -> None:
+                       info: FracBitsRecord) -> None:
         # write_bits needs a per-kernel tuple for kernel-wise layers and an int otherwise
         norm = {}
         for n, b in w_bits.items():

@@ -39,31 +39,29 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
-from torch import nn
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from passes_registry import Pass, PassResult, PreservedAnalyses, get_record, register_pass
 from passes_registry.errors import OptionError
 
 from qpasses.errors import AnnotationError
-from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, FakeQuantize, LSQActFakeQuant,
-                           PACTActFakeQuant, WeightFakeQuant, is_fake_quant_layer, wrap_layer,
-                           wrapper_class)
-from qpasses.ir.layers import LayerInfo, _get_attr, quantizable_layers
+from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, LSQActFakeQuant,
+                                        PACTActFakeQuant, WeightFakeQuant)
+from qpasses.modules.fake_quant_layers import is_fake_quant_layer, wrap_layer, wrapper_class
+from qpasses.ir.fx import (add_inserted_module, attr_value, call_module_on, graph_device,
+                          module_container, unique_key)
+from qpasses.modules.schemes import act_spec_scheme, grid_scheme
+from qpasses.modules.lookup import (is_act_fq_node, join_output_fq_node, layer_weight_quantizer,
+                                    make_act_observer)
+from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
-from qpasses.numerics.observers import ACIQ_LAPLACE, Observer, make_observer
-from qpasses.modules.fracbits import FROZEN_META
-from qpasses.passes.annotate_bitwidths import is_join, join_inputs, layer_input
+from qpasses.ir.records import FROZEN_META, FrozenFracBitsRecord
+from qpasses.ir.joins import is_join, join_inputs, layer_input
 
-__all__ = ["InsertFakeQuant", "InsertFakeQuantOptions", "ACT_CONTAINER", "WEIGHT_CONTAINER",
-           "OBSERVER_METHODS", "act_fq_module", "is_act_fq_node", "join_output_fq_node",
-           "layer_act_fq_node", "layer_weight_quantizer", "make_act_observer"]
+__all__ = ["InsertFakeQuant", "InsertFakeQuantOptions", "ACT_CONTAINER", "WEIGHT_CONTAINER"]
 
 PASS_NAME = "insert-fake-quant"
 ACT_CONTAINER = "activation_fake_quant"
 WEIGHT_CONTAINER = "weight_fake_quant"
-# Option spelling (kebab-case) -> numerics observer name.
-OBSERVER_METHODS = {"minmax": "minmax", "moving-average": "moving_average", "avg": "avg",
-                    "percentile": "percentile", "mse": "mse", "aciq": "aciq", "kl": "kl"}
 ObserverName = Literal["minmax", "moving-average", "avg", "percentile", "mse", "aciq", "kl"]
 
 
@@ -100,104 +98,6 @@ class InsertFakeQuantOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with calibrate
-
-
-def make_act_observer(method: str, signed: bool, *, percentile: float = 99.99,
-                      bits: int | None = None, where: str = "") -> Observer:
-    """A per-tensor observer by option name; ACIQ uses its half-range table for unsigned tensors."""
-    name = OBSERVER_METHODS.get(method, method)
-    if name == "aciq":
-        if bits is not None and bits > max(ACIQ_LAPLACE):
-            raise OptionError(PASS_NAME, "observer",
-                              f"the aciq tables cover 1..{max(ACIQ_LAPLACE)} bits but {where} is "
-                              f"quantized to {bits} bits; use another observer for it")
-        return make_observer("aciq", dist="laplace", half_range=not signed)
-    if name == "percentile":
-        return make_observer("percentile", percentile=percentile)
-    return make_observer(name)
-
-
-def is_act_fq_node(gm: torch.fx.GraphModule, node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_module" and \
-        isinstance(_submodule(gm, str(node.target)), ActFakeQuant)
-
-
-def act_fq_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ActFakeQuant:
-    return gm.get_submodule(str(node.target))  # type: ignore[return-value]
-
-
-def layer_act_fq_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
-    """The activation fake-quant node feeding a layer node, or None."""
-    x = layer_input(node)
-    return x if is_act_fq_node(gm, x) else None
-
-
-def join_output_fq_node(gm: torch.fx.GraphModule, join: torch.fx.Node) -> torch.fx.Node | None:
-    for u in join.users:
-        if is_act_fq_node(gm, u) and u.args and u.args[0] is join:
-            return u
-    return None
-
-
-def layer_weight_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> WeightFakeQuant | None:
-    """The weight quantizer of a layer node (module wrapper or functional weight node), or None."""
-    if node.op == "call_module":
-        mod = _submodule(gm, str(node.target))
-        return mod.weight_fake_quant if mod is not None and is_fake_quant_layer(mod) else None
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if isinstance(w, torch.fx.Node) and w.op == "call_module":
-        mod = _submodule(gm, str(w.target))
-        if isinstance(mod, WeightFakeQuant):
-            return mod
-    return None
-
-
-def _submodule(gm: torch.fx.GraphModule, target: str) -> Any:
-    try:
-        return gm.get_submodule(target)
-    except AttributeError:
-        return None
-
-
-def _container(gm: torch.fx.GraphModule, name: str) -> tuple[str, nn.ModuleDict]:
-    cand, i = name, 0
-    while True:
-        existing = getattr(gm, cand, None)
-        if isinstance(existing, nn.ModuleDict):
-            return cand, existing
-        if existing is None and cand not in gm._modules:
-            box = nn.ModuleDict()
-            gm.add_module(cand, box)
-            return cand, box
-        i += 1
-        cand = f"{name}_{i}"
-
-
-def _unique_key(box: nn.ModuleDict, key: str) -> str:
-    key = key.replace(".", "_") or "t"
-    out, i = key, 0
-    while out in box:
-        i += 1
-        out = f"{key}_{i}"
-    return out
-
-
-def _device(gm: torch.fx.GraphModule) -> torch.device:
-    for t in gm.parameters():
-        return t.device
-    for t in gm.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _copy_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
-    for key in ("tensor_meta", "val"):
-        if key in src.meta:
-            dst.meta[key] = src.meta[key]
-
-
-# ---------------------------------------------------------------------------------------------
 # specs
 
 
@@ -214,14 +114,8 @@ def act_spec(base: QuantSpec, opts: InsertFakeQuantOptions) -> QuantSpec:
     """The activation spec the inserted quantizer implements (signedness from annotate-bitwidths:
     unsigned where the tensor is provably non-negative)."""
     signed = base.signed
-    if opts.act_scheme == "affine":
-        scheme, narrow = "asymmetric", False
-    elif opts.act_scheme == "symmetric":
-        scheme, narrow = ("symmetric" if signed else "unsigned"), False
-    elif opts.act_scheme == "pact":
-        scheme, narrow = "pact", signed
-    else:
-        scheme, narrow = "lsq", False
+    scheme = act_spec_scheme(opts.act_scheme, signed)
+    narrow = opts.act_scheme == "pact" and signed
     return QuantSpec(bits=base.bits, signed=signed, scheme=scheme, narrow_range=narrow)  # type: ignore[arg-type]
 
 
@@ -230,10 +124,7 @@ def _act_module(spec: QuantSpec, opts: InsertFakeQuantOptions, name: str,
     obs = make_act_observer(opts.observer, spec.signed, percentile=opts.percentile,
                             bits=spec.bits, where=f"tensor '{name}'")
     if opts.act_scheme in ("affine", "symmetric"):
-        if opts.act_scheme == "affine":
-            rs = "asymmetric_signed" if spec.signed else "asymmetric"
-        else:
-            rs = "symmetric" if spec.signed else "unsigned"
+        rs = grid_scheme(act_spec_scheme(opts.act_scheme, spec.signed), spec.signed)
         return AffineActFakeQuant(spec.bits, rs, observer=obs, rounding=opts.rounding, name=name)
     if opts.act_scheme == "pact":
         alpha = opts.pact_alpha if opts.pact_alpha is not None else (10.0 if linear_consumer
@@ -257,7 +148,8 @@ class InsertFakeQuant(Pass):
     The activation quantizers start in torch.ao's QAT mode (affine: observing and quantizing, the
     scale follows the data); run ``calibrate`` for post-training ranges. Stats: ``num_weight_fq``,
     ``num_act_fq`` (modules), ``num_act_nodes``, ``num_float_islands`` (layers the pass could not
-    wrap).
+    wrap), ``num_learned_alpha`` (PACT clips started from the ``qpasses.fracbits.frozen``
+    record's learned α, with ``act-scheme=pact`` and no ``pact-alpha``).
     """
     name = PASS_NAME
     summary = "insert weight/activation fake-quant modules (QAT-ready) from the bit annotations"
@@ -266,6 +158,8 @@ class InsertFakeQuant(Pass):
     establishes = frozenset({"fake-quant-inserted"})
     invalidates = frozenset({"calibrated"})
     preserves = PreservedAnalyses.none()
+    # act-scheme=pact without pact-alpha starts each PACT clip from the learned FracBits α
+    reads_records = frozenset({FROZEN_META})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: InsertFakeQuantOptions = self.options
@@ -315,13 +209,10 @@ class InsertFakeQuant(Pass):
             else:
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 if layer_weight_quantizer(gm, node) is None and isinstance(w, torch.fx.Node):
-                    box_name, box = _container(gm, WEIGHT_CONTAINER)
-                    key = _unique_key(box, info.name)
-                    weight = _get_attr(gm, info.weight_attr)
-                    box[key] = self._weight_fq(info, bits, spec).to(weight.device)
-                    with gm.graph.inserting_after(w):
-                        fq = gm.graph.call_module(f"{box_name}.{key}", (w,))
-                    _copy_meta(w, fq)
+                    weight = attr_value(gm, info.weight_attr)
+                    target = add_inserted_module(gm, WEIGHT_CONTAINER, info.name,
+                                                 self._weight_fq(info, bits, spec).to(weight.device))
+                    fq = call_module_on(gm, target, w, after=w)
                     node.replace_input_with(w, fq)
                     fresh.add(fq.name)
                     stats["num_weight_fq"] += 1
@@ -351,7 +242,7 @@ class InsertFakeQuant(Pass):
         # tensor name -> [(spec, consumer description)], and the rewiring to do
         demands: dict[str, list[tuple[QuantSpec, str]]] = {}
         reader_layers: dict[str, list[str]] = {}       # tensor -> layers reading it
-        frozen = gm.meta.get(FROZEN_META) or {}
+        frozen: FrozenFracBitsRecord = get_record(gm, FROZEN_META, FrozenFracBitsRecord({}))
         layer_uses: list[tuple[torch.fx.Node, torch.fx.Node]] = []      # (layer node, tensor)
         join_uses: list[tuple[torch.fx.Node, torch.fx.Node]] = []       # (join, input tensor)
         join_outs: list[torch.fx.Node] = []
@@ -406,8 +297,8 @@ class InsertFakeQuant(Pass):
         for t in sorted(demands, key=order.__getitem__):
             groups.setdefault(find(t), []).append(t)
 
-        box_name, box = _container(gm, ACT_CONTAINER)
-        device = _device(gm)
+        box_name, box = module_container(gm, ACT_CONTAINER)
+        device = graph_device(gm)
         module_of: dict[str, str] = {}   # tensor -> module key
         spec_of: dict[str, QuantSpec] = {}
         for members in sorted(groups.values(), key=lambda m: order[m[0]]):
@@ -421,14 +312,15 @@ class InsertFakeQuant(Pass):
                               UserWarning, stacklevel=2)
                 base = base.replace(signed=any(s.signed for s, _ in wanted))
             spec = act_spec(base, opts)
-            key = _unique_key(box, members[0])
+            key = unique_key(box, members[0])
             mod = _act_module(spec, opts, f"{box_name}.{key}",
                               linear_consumer=any(t in linear_readers for t in members))
             mod.consumers = tuple(dict.fromkeys(who for _, who in wanted))
             if opts.act_scheme == "pact" and opts.pact_alpha is None:
                 # after freeze-fracbits: start from the clip FracBits learned for these readers
-                learned = [frozen[n]["alpha"] for t in members for n in reader_layers.get(t, ())
-                           if (frozen.get(n) or {}).get("alpha")]
+                learned = [frozen.layers[n].alpha for t in members
+                           for n in reader_layers.get(t, ())
+                           if n in frozen.layers and frozen.layers[n].alpha]
                 if learned:
                     with torch.no_grad():
                         mod.alpha.fill_(max(learned))
@@ -444,9 +336,7 @@ class InsertFakeQuant(Pass):
         for t in sorted(module_of, key=order.__getitem__):
             src = nodes[t]
             anchor = last_placeholder[-1] if src.op == "placeholder" else src
-            with graph.inserting_after(anchor):
-                fq = graph.call_module(f"{box_name}.{module_of[t]}", (src,))
-            _copy_meta(src, fq)
+            fq = call_module_on(gm, f"{box_name}.{module_of[t]}", src, after=anchor)
             update_qmeta(fq, origin=self.name, output=spec_of[t])
             qnode[t] = fq
             stats["num_act_nodes"] += 1
@@ -466,7 +356,3 @@ class InsertFakeQuant(Pass):
                 update_qmeta(j, origin=self.name, output=spec_of[j.name])
         return True
 
-
-def quantizer_modules(gm: torch.fx.GraphModule) -> dict[str, FakeQuantize]:
-    """Every fake-quant module of ``gm`` by qualified name."""
-    return {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}

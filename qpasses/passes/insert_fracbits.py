@@ -1,4 +1,4 @@
-"""insert-fracbits: install FracBits fractional-bit quantizers (reference/algorithms.md §1).
+"""insert-fracbits: install FracBits fractional-bit quantizers (docs/algorithms.md, "FracBits").
 
 Requires ``bits-annotated`` (run ``annotate-bitwidths`` first: it decides which layers are
 quantized, which inputs are provably non-negative and which layers are first/last); the annotated
@@ -10,7 +10,7 @@ FracBits graph by mistake.
 Graph surgery (the same conventions as ``insert-fake-quant``):
 
 - **Weights.** Every annotated call_module conv/linear is swapped, at the same module path, for
-  the fake-quant subclass of its class (``qpasses.modules.fake_quant.wrap_layer``, same Parameters) whose
+  the fake-quant subclass of its class (``qpasses.modules.fake_quant_layers.wrap_layer``, same Parameters) whose
   ``weight_fake_quant`` is a :class:`~qpasses.modules.fracbits.FracBitsWeightQuant` (DoReFa,
   learnable λ_w: a scalar for ``granularity=layer``, one per output kernel for ``kernel``).
   Functional layers and float islands are left as annotated (fixed cost, warned).
@@ -20,7 +20,7 @@ Graph surgery (the same conventions as ``insert-fake-quant``):
   conv input; joins are not quantized). Signed inputs use double-sided PACT. ``act-scheme=none``:
   no activation quantizers (weight-only search, e.g. under a size target); inputs keep their
   annotated bits.
-- **Pinning** (§1.1.11, ``pin-first-last=B``; ``none`` disables it): first layers get B-bit
+- **Pinning** (``pin-first-last=B``; ``none`` disables it): first layers get B-bit
   weights and no input quantizer (the image stays float, counted as 8-bit by the cost model);
   last layers get B-bit weights and a searched input. Pinned λ are fixed (not trainable).
 - Candidates must be contiguous integers (λ interpolates between neighbours); 0 is allowed only
@@ -28,7 +28,7 @@ Graph surgery (the same conventions as ``insert-fake-quant``):
   are the list without 0.
 
 After the pass the GraphModule trains with any loop; add
-``qpasses.modules.fracbits.penalty(gm, target_bitops=...)`` to the loss and call
+``qpasses.algorithms.fracbits.penalty(gm, target_bitops=...)`` to the loss and call
 ``clamp_lambdas(gm)`` after each optimizer step.
 """
 from __future__ import annotations
@@ -38,18 +38,21 @@ from typing import Any, Literal
 
 import torch
 import torch.fx
+from torch import nn
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass, register_property
+from passes_registry import (Pass, PassResult, PreservedAnalyses, register_pass,
+                             register_property, set_record)
 from passes_registry.errors import OptionError
 
-from qpasses.modules.fake_quant import wrap_layer
+from qpasses.modules.fake_quant_layers import wrap_layer
 from qpasses.ir.layers import first_last_layers, quantizable_layers
 from qpasses.ir.annotations import get_qmeta
-from qpasses.modules.fracbits import (ACT_CONTAINER, FRACBITS_META, FracBitsActQuant,
-                                FracBitsWeightQuant, has_fracbits)
+from qpasses.ir.records import FRACBITS_META, ActGroup, FracBitsLayer, FracBitsRecord
+from qpasses.modules.fracbits import (ACT_CONTAINER, FracBitsActQuant, FracBitsWeightQuant,
+                                      fracbits_record, has_fracbits)
 from qpasses.algorithms.search_layers import searchable_layers
-from qpasses.passes.annotate_bitwidths import is_join, layer_input, scale_sharing_groups
-from qpasses.passes.insert_fake_quant import _container, _copy_meta, _unique_key
+from qpasses.ir.joins import is_join, layer_input, scale_sharing_groups
+from qpasses.ir.fx import insert_module_before
 
 __all__ = ["InsertFracBits", "InsertFracBitsOptions", "check_fracbits_candidates"]
 
@@ -82,11 +85,11 @@ def check_fracbits_candidates(pass_name: str, candidates: Any, allow_zero: bool)
 def check_fracbits_inserted(gm: torch.fx.GraphModule) -> list[str]:
     """The FracBits record names existing layers with FracBits weight quantizers."""
     if not has_fracbits(gm):
-        return ["the graph has no FracBits quantizers (gm.meta['qpasses.fracbits'] is empty)"]
+        return ["the graph has no FracBits quantizers (no 'qpasses.fracbits' record)"]
     out = []
-    for name, rec in gm.meta[FRACBITS_META]["layers"].items():
+    for name, rec in fracbits_record(gm).layers.items():
         try:
-            wq = gm.get_submodule(rec["module"]).weight_fake_quant
+            wq = gm.get_submodule(rec.module).weight_fake_quant
         except AttributeError:
             out.append(f"layer '{name}' lost its FracBits weight quantizer")
             continue
@@ -119,7 +122,7 @@ class InsertFracBitsOptions:
                 "be removed by prune-zero-bit-channels after freeze-fracbits"})
     pin_first_last: int | None = field(default=8, metadata={
         "help": "first layers: weights at this width, input not quantized; last layers: weights "
-                "at this width, input searched (reference 1.1.11); none disables pinning"})
+                "at this width, input searched (FracBits); none disables pinning"})
     pact_alpha: float | None = field(default=None, metadata={
         "help": "initial PACT clip (default 8.0, 10.0 for linear-layer inputs)"})
 
@@ -138,7 +141,8 @@ class InsertFracBitsOptions:
 
 @register_pass
 class InsertFracBits(Pass):
-    """Install FracBits quantizers with learnable fractional bit-widths λ (reference §1).
+    """Install FracBits quantizers with learnable fractional bit-widths λ (docs/algorithms.md,
+    "FracBits").
 
     Every annotated call_module conv/linear is swapped at the same path for its fake-quant
     subclass with a DoReFa :class:`~qpasses.modules.fracbits.FracBitsWeightQuant` (λ_w per layer,
@@ -147,7 +151,7 @@ class InsertFracBits(Pass):
     :class:`~qpasses.modules.fracbits.FracBitsActQuant` node (learnable λ_a and α;
     ``fracbits_act.<layer>``). First layers: weights pinned at ``pin-first-last`` bits, input not
     quantized; last layers: weights pinned, input searched. Train with any loop, adding
-    ``qpasses.modules.fracbits.penalty(gm, target_bitops=...)`` to the loss and calling
+    ``qpasses.algorithms.fracbits.penalty(gm, target_bitops=...)`` to the loss and calling
     ``clamp_lambdas(gm)`` after each step; then run ``freeze-fracbits``. Requires
     ``bits-annotated``; establishes ``fracbits-inserted``; invalidates ``bits-annotated``,
     ``fake-quant-inserted`` and ``calibrated``.
@@ -164,6 +168,7 @@ class InsertFracBits(Pass):
     establishes = frozenset({"fracbits-inserted"})
     invalidates = frozenset({"bits-annotated", "fake-quant-inserted", "calibrated"})
     preserves = PreservedAnalyses.none()
+    writes_records = frozenset({FRACBITS_META})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         from qpasses.errors import AnnotationError
@@ -192,9 +197,8 @@ class InsertFracBits(Pass):
             names = [ln for t in g for ln in layer_of_input.get(t, [])]
             joins = [t for t in g if is_join(nodes[t]) and get_qmeta(nodes[t]).output is not None]
             if names or joins:
-                act_groups.append({"layers": names, "joins": joins})
-        records: dict[str, dict[str, Any]] = {}
-        box_name, box = None, None
+                act_groups.append(ActGroup(tuple(names), tuple(joins)))
+        records: dict[str, FracBitsLayer] = {}
         for info, node, mod, q in searchable_layers(gm, self.name, layers, stats):
             pin = opts.pin_first_last
             is_first, is_last = info.name in first, info.name in last
@@ -209,37 +213,34 @@ class InsertFracBits(Pass):
                 stats["num_lambdas"] += wq.lam.numel()
             wq = wq.to(mod.weight.device)
             gm.set_submodule(str(node.target), wrap_layer(mod, wq))
-            rec: dict[str, Any] = {"module": str(node.target), "node": node.name, "act": None,
-                                   "first": is_first, "last": is_last, "pinned": pinned_w}
             stats["num_layers"] += 1
             x = layer_input(node)
+            act = None
             quantize_input = q.act is not None and x is not None and \
                 not (pin is not None and is_first) and opts.act_scheme != "none"
             if quantize_input:
-                if box is None:
-                    box_name, box = _container(gm, ACT_CONTAINER)
-                key = _unique_key(box, info.name)
                 alpha = opts.pact_alpha if opts.pact_alpha is not None else \
                     (10.0 if info.op == "linear" else 8.0)
-                aq = FracBitsActQuant(opts.init_bits if opts.init_bits >= a_lo else a_lo,
-                                      a_lo, hi, signed=q.act.signed, alpha_init=alpha,
-                                      name=f"{box_name}.{key}", consumer=info.name)
-                box[key] = aq.to(mod.weight.device)
-                with gm.graph.inserting_before(node):
-                    fq = gm.graph.call_module(f"{box_name}.{key}", (x,))
-                _copy_meta(x, fq)
-                node.replace_input_with(x, fq)
-                rec["act"] = f"{box_name}.{key}"
+                bits0 = opts.init_bits if opts.init_bits >= a_lo else a_lo
+
+                def make(target: str, bits0: int = bits0, alpha: float = alpha,
+                         signed: bool = q.act.signed, consumer: str = info.name) -> nn.Module:
+                    return FracBitsActQuant(bits0, a_lo, hi, signed=signed, alpha_init=alpha,
+                                            name=target, consumer=consumer).to(mod.weight.device)
+
+                fq = insert_module_before(gm, node, x, ACT_CONTAINER, info.name, make)
+                act = str(fq.target)
                 stats["num_act_quantizers"] += 1
                 stats["num_lambdas"] += 1
-            records[info.name] = rec
+            records[info.name] = FracBitsLayer(module=str(node.target), node=node.name, act=act,
+                                               first=is_first, last=is_last, pinned=pinned_w)
         if not records:
             raise AnnotationError(f"{self.name}: no annotated call_module conv/linear layer to "
                                   "search (run annotate-bitwidths first)")
         gm.graph.lint()
         gm.recompile()
-        gm.meta[FRACBITS_META] = {
-            "layers": records, "granularity": opts.granularity, "candidates": tuple(cands),
-            "allow_zero": opts.allow_zero, "pin_first_last": opts.pin_first_last,
-            "act_groups": act_groups}
+        set_record(gm, FRACBITS_META, FracBitsRecord(
+            layers=records, granularity=opts.granularity, candidates=tuple(cands),
+            allow_zero=opts.allow_zero, pin_first_last=opts.pin_first_last,
+            act_groups=tuple(act_groups)))
         return PassResult(modified=True, stats=stats)

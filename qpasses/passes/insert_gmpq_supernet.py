@@ -1,5 +1,5 @@
 """insert-gmpq-supernet: turn every searchable layer into a GMPQ/EdMIPS composite layer
-(reference/algorithms.md §2.1-2.2).
+(docs/algorithms.md, "GMPQ").
 
 Requires ``bits-annotated`` (``annotate-bitwidths`` decides which layers are quantized, which
 inputs are signed and which layers are first/last); establishes ``gmpq-supernet`` and
@@ -10,7 +10,7 @@ supernet by mistake.
 Graph surgery (the conventions of ``insert-fake-quant`` / ``insert-fracbits``):
 
 - **Weights.** Each searched call_module conv/linear is swapped, at the same module path, for the
-  fake-quant subclass of its class (``qpasses.modules.fake_quant.wrap_layer``, same Parameters) whose
+  fake-quant subclass of its class (``qpasses.modules.fake_quant_layers.wrap_layer``, same Parameters) whose
   ``weight_fake_quant`` is a :class:`~qpasses.modules.gmpq.GMPQWeightMixer`: ``Σ_i π_w,i Q_i(W)``
   over ``w-candidates`` (HAQ linear, ``T = max|W|`` of the first forward).
 - **Activations.** Each searched layer's input gets its own
@@ -21,37 +21,40 @@ Graph surgery (the conventions of ``insert-fake-quant`` / ``insert-fracbits``):
   PACT.
 - **Pinning** (``pin-first-last``, default true): first and last layers (stem, classifier) are
   not searched and stay in float during the search (EdMIPS/GMPQ); they keep their annotations
-  and are left out of the expected BitOPs (``costs_model.GMPQ``).
+  and are left out of the expected BitOPs (``cost_model.GMPQ``).
 - **Feature tap.** An identity :class:`~qpasses.modules.gmpq.FeatureTap` node
   (``gmpq_feature_tap``) after the Grad-CAM feature map (``feature-node=auto``: the last
   N×C×H×W map feeding the classifier; or a named fx node / module path; ``none``: no tap, for an
   EdMIPS-style search without the attribution loss).
 
-After the pass, train with ``qpasses.modules.gmpq.search_loss(gm, x, y, teacher=make_teacher(
+After the pass, train with ``qpasses.algorithms.gmpq.search_loss(gm, x, y, teacher=make_teacher(
 model, gm), zeta=..., eta=...)`` (architecture logits from ``arch_parameters(gm)`` in their own
 optimizer), then run ``select-gmpq-policy``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass, register_property
+from passes_registry import (Pass, PassResult, PreservedAnalyses, register_pass,
+                             register_property, set_record)
 from passes_registry.errors import OptionError
 
-from qpasses.algorithms.cost_model import GMPQ
 from qpasses.errors import AnnotationError
-from qpasses.modules.fake_quant import wrap_layer
-from qpasses.ir.layers import first_last_layers, node_shape, quantizable_layers
-from qpasses.modules.gmpq import (ACT_CONTAINER, GMPQ_META, GMPQActMixer, GMPQWeightMixer,
-                            find_feature_node, has_supernet, install_tap)
+from qpasses.modules.fake_quant_layers import wrap_layer
+from qpasses.ir.fx import node_shape
+from qpasses.ir.layers import first_last_layers, quantizable_layers
+from qpasses.ir.records import GMPQ_META, GmpqLayer, GmpqSupernetRecord
+from qpasses.modules.gmpq import (ACT_CONTAINER, GMPQActMixer, GMPQWeightMixer, has_supernet,
+                                  supernet_record)
+from qpasses.algorithms.gmpq import find_feature_node, install_tap
 from qpasses.algorithms.search_layers import searchable_layers
-from qpasses.passes.annotate_bitwidths import layer_input
-from qpasses.passes.insert_fake_quant import _container, _copy_meta, _unique_key
+from qpasses.ir.joins import layer_input
+from qpasses.ir.fx import insert_module_before
 
 __all__ = ["InsertGMPQSupernet", "InsertGMPQSupernetOptions"]
 
@@ -72,10 +75,10 @@ def _check_candidates(option: str, cands: Any, lo: int, why: str) -> None:
 def check_gmpq_supernet(gm: torch.fx.GraphModule) -> list[str]:
     """The GMPQ record names existing layers whose weight quantizer is a GMPQ mixer."""
     if not has_supernet(gm):
-        return ["the graph has no GMPQ supernet (gm.meta['qpasses.gmpq'] is empty)"]
+        return ["the graph has no GMPQ supernet (no 'qpasses.gmpq' record)"]
     out = []
-    for name, rec in gm.meta[GMPQ_META]["layers"].items():
-        wm = getattr(gm.get_submodule(rec["module"]), "weight_fake_quant", None)
+    for name, rec in supernet_record(gm).layers.items():
+        wm = getattr(gm.get_submodule(rec.module), "weight_fake_quant", None)
         if not isinstance(wm, GMPQWeightMixer):
             out.append(f"layer '{name}' has no GMPQ weight mixer")
     return out
@@ -119,7 +122,7 @@ class InsertGMPQSupernetOptions:
 @register_pass
 class InsertGMPQSupernet(Pass):
     """Make every searchable layer a composite layer with per-layer architecture logits for
-    weights and activations (GMPQ Eq. 5 = EdMIPS' composite convolution, reference §2).
+    weights and activations (GMPQ Eq. 5 = EdMIPS' composite convolution; docs/algorithms.md, "GMPQ").
 
     Each annotated call_module conv/linear (except pinned first/last layers) is swapped at the
     same path for its fake-quant subclass whose ``weight_fake_quant`` is a
@@ -127,7 +130,7 @@ class InsertGMPQSupernet(Pass):
     input gets a :class:`~qpasses.modules.gmpq.GMPQActMixer` node (softmax-weighted PACT
     branches, ``gmpq_act.<layer>``); one convolution of the two sums equals the sum over all
     parallel branches. A :class:`~qpasses.modules.gmpq.FeatureTap` marks the Grad-CAM feature map
-    (``feature-node``). Train with ``qpasses.modules.gmpq.search_loss``, then run
+    (``feature-node``). Train with ``qpasses.algorithms.gmpq.search_loss``, then run
     ``select-gmpq-policy``. Requires ``bits-annotated``; establishes ``gmpq-supernet``;
     invalidates ``bits-annotated``, ``fake-quant-inserted`` and ``calibrated``.
 
@@ -144,6 +147,7 @@ class InsertGMPQSupernet(Pass):
     establishes = frozenset({"gmpq-supernet"})
     invalidates = frozenset({"bits-annotated", "fake-quant-inserted", "calibrated"})
     preserves = PreservedAnalyses.none()
+    writes_records = frozenset({GMPQ_META})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: InsertGMPQSupernetOptions = self.options
@@ -161,8 +165,7 @@ class InsertGMPQSupernet(Pass):
             feature = (node.name, node_shape(node))
         stats = {"num_layers": 0, "num_pinned": 0, "num_act_mixers": 0, "num_logits": 0,
                  "num_skipped": 0}
-        records: dict[str, dict[str, Any]] = {}
-        box_name, box = None, None
+        records: dict[str, GmpqLayer] = {}
         pinned = {i.name for i in layers
                   if opts.pin_first_last and (i.name in first or i.name in last)}
         stats["num_pinned"] = len(pinned)
@@ -170,31 +173,27 @@ class InsertGMPQSupernet(Pass):
                 gm, self.name, [i for i in layers if i.name not in pinned], stats):
             wm = GMPQWeightMixer(opts.w_candidates, logit_init=opts.logit_init, name=info.name)
             gm.set_submodule(str(node.target), wrap_layer(mod, wm.to(mod.weight.device)))
-            rec: dict[str, Any] = {"module": str(node.target), "node": node.name, "act": None}
             stats["num_layers"] += 1
             stats["num_logits"] += len(opts.w_candidates)
             x = layer_input(node)
+            act = None
             if q.act is not None and x is not None and q.act.signed and min(opts.a_candidates) < 2:
                 raise OptionError(self.name, "a-candidates",
                                   f"layer '{info.name}' reads a signed input, which needs >= 2 "
                                   "bits (the narrow signed grid of 1 bit is the constant 0): "
                                   "drop 1 from the candidates")
             if q.act is not None and x is not None:
-                if box is None:
-                    box_name, box = _container(gm, ACT_CONTAINER)
-                key = _unique_key(box, info.name)
-                box[key] = GMPQActMixer(opts.a_candidates, signed=q.act.signed,
+                def make(target: str, signed: bool = q.act.signed,
+                         consumer: str = info.name) -> nn.Module:
+                    return GMPQActMixer(opts.a_candidates, signed=signed,
                                         alpha_init=opts.pact_alpha, logit_init=opts.logit_init,
-                                        name=f"{box_name}.{key}", consumer=info.name
-                                        ).to(mod.weight.device)
-                with gm.graph.inserting_before(node):
-                    mix = gm.graph.call_module(f"{box_name}.{key}", (x,))
-                _copy_meta(x, mix)
-                node.replace_input_with(x, mix)
-                rec["act"] = f"{box_name}.{key}"
+                                        name=target, consumer=consumer).to(mod.weight.device)
+
+                mix = insert_module_before(gm, node, x, ACT_CONTAINER, info.name, make)
+                act = str(mix.target)
                 stats["num_act_mixers"] += 1
                 stats["num_logits"] += len(opts.a_candidates)
-            records[info.name] = rec
+            records[info.name] = GmpqLayer(module=str(node.target), node=node.name, act=act)
         if not records:
             raise AnnotationError(f"{self.name}: no searchable layer: every annotated layer is "
                                   "pinned, functional or a float island (set "
@@ -202,11 +201,10 @@ class InsertGMPQSupernet(Pass):
         gm.graph.lint()
         gm.recompile()
         tap = install_tap(gm, nodes[feature[0]]) if feature is not None else None
-        gm.meta[GMPQ_META] = {
-            "layers": records, "w_candidates": tuple(opts.w_candidates),
-            "a_candidates": tuple(opts.a_candidates), "pin_first_last": opts.pin_first_last,
-            "conventions": GMPQ if opts.pin_first_last
-            else dataclasses.replace(GMPQ, exclude_first_last=False),
-            "feature": feature[0] if feature else None,
-            "feature_shape": feature[1] if feature else None, "tap": tap}
+        set_record(gm, GMPQ_META, GmpqSupernetRecord(
+            layers=records, w_candidates=tuple(opts.w_candidates),
+            a_candidates=tuple(opts.a_candidates), pin_first_last=opts.pin_first_last,
+            feature=feature[0] if feature else None,
+            feature_shape=tuple(feature[1]) if feature and feature[1] is not None else None,
+            tap=tap))
         return PassResult(modified=True, stats=stats)

@@ -1,4 +1,5 @@
-"""ptq-bitsplit: Bit-split and stitching post-training weight quantization (algorithms.md §3).
+"""ptq-bitsplit: Bit-split and stitching post-training weight quantization (docs/algorithms.md,
+"Bit-split").
 
 Pipeline position: after ``insert-fake-quant`` (which creates the weight quantizers and their bit
 vectors), normally after ``calibrate`` too::
@@ -40,12 +41,13 @@ Bits: ``w-bits`` unset (default) uses the annotated bits, per kernel when annota
 overrides every handled layer's weight bits (quantizer and ``QMeta.weight``, per-kernel vectors
 dropped). Bit-split needs >= 2 bits per kernel (0-bit kernels stay pruned).
 
-``bn-reestimate=true`` (§3.1.12): afterwards, BatchNorm modules still in the graph (BN not folded)
+``bn-reestimate=true`` (as the official code does): afterwards, BatchNorm modules still in the graph (BN not folded)
 get their running statistics re-estimated from the calibration data in train mode, no grad, fake
 quant on (cumulative average). With BN folded it does nothing.
 
 Per-layer relative reconstruction errors ``||Y - X W_hat^T||^2 / ||Y||^2`` of the start
-(round-to-nearest, best MSE clip) and of the result are left in ``gm.meta["ptq_bitsplit"]``.
+(round-to-nearest, best MSE clip) and of the result are left in the ``ptq_bitsplit`` graph
+record (``BitsplitRecord``).
 
 Errors: no calibration data or an empty iterable (:class:`CalibrationError`), ``w-bits`` < 2 or
 1-bit kernels (:class:`OptionError`), a layer whose input no batch reached (:class:`CalibrationError`
@@ -67,21 +69,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass, set_record
 from passes_registry.errors import OptionError
 
 from qpasses.errors import CalibrationError, NumericsError, QpassesWarning
-from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant, is_fake_quant_layer
+from qpasses.ir.records import BITSPLIT_KEY, BitsplitLayerError, BitsplitRecord
+from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
+from qpasses.modules.fake_quant_layers import is_fake_quant_layer
 from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import get_qmeta, update_qmeta
 from qpasses.algorithms.bitsplit import bitsplit_solve, channel_error, rtn_mse_clip
-from qpasses.passes.calibrate import batch_inputs, calibration_batches, write_qmeta
-from qpasses.passes.insert_fake_quant import layer_weight_quantizer
+from qpasses.ir.batches import batch_inputs, calibration_batches
+from qpasses.modules.lookup import layer_weight_quantizer, write_qmeta
 
 __all__ = ["PtqBitsplit", "PtqBitsplitOptions"]
 
 PASS_NAME = "ptq-bitsplit"
-META_KEY = "ptq_bitsplit"
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ class PtqBitsplit(Pass):
     Options = PtqBitsplitOptions
     requires = frozenset({"fake-quant-inserted"})
     preserves = PreservedAnalyses.none()
+    writes_records = frozenset({BITSPLIT_KEY})
 
     # ----------------------------------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class PtqBitsplit(Pass):
         quantizers = {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
         saved = {n: (q.fake_quant_on, q.observing) for n, q in quantizers.items()}
         was_training = gm.training
-        errors: dict[str, dict[str, float]] = {}
+        errors: dict[str, BitsplitLayerError] = {}
         n_samples = 0
         t_collect = t_solve = 0.0
         try:
@@ -254,7 +258,7 @@ class PtqBitsplit(Pass):
         for L in layers:
             L.wq.enable_fake_quant(True)
         write_qmeta(gm, origin=self.name)
-        gm.meta[META_KEY] = errors
+        set_record(gm, BITSPLIT_KEY, BitsplitRecord(errors))
         if opts.bn_reestimate:
             self._bn_reestimate(gm, ctx, data)
         return PassResult(modified=True, stats={"num_layers": len(layers),
@@ -424,7 +428,7 @@ class PtqBitsplit(Pass):
 
     # -- solve and write --------------------------------------------------------------------------
 
-    def _solve(self, L: _Layer) -> dict[str, float]:
+    def _solve(self, L: _Layer) -> BitsplitLayerError:
         opts: PtqBitsplitOptions = self.options
         weight = L.mod.weight
         w = weight.detach().double().reshape(weight.shape[0], -1)
@@ -453,8 +457,8 @@ class PtqBitsplit(Pass):
         self._write(L, q, alpha)
         yy = float(L.yy.sum()) if L.yy is not None else 0.0  # type: ignore[union-attr]
         denom = yy if yy > 0 else 1.0
-        return {"rtn": float(e0.sum()) / denom, "bitsplit": float(e1.sum()) / denom,
-                "rows": float(L.rows)}
+        return BitsplitLayerError(rtn=float(e0.sum()) / denom, bitsplit=float(e1.sum()) / denom,
+                                  rows=float(L.rows))
 
     def _write(self, L: _Layer, q: Tensor, alpha: Tensor) -> None:
         weight = L.mod.weight

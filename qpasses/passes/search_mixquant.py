@@ -1,4 +1,5 @@
-"""search-mixquant: per-layer weight bit-widths from round-off error (MixQuant, reference §4).
+"""search-mixquant: per-layer weight bit-widths from round-off error (MixQuant; docs/algorithms.md,
+"MixQuant").
 
 See :mod:`qpasses.algorithms.mixquant` for the rule, what is reconstructed and why.
 """
@@ -19,7 +20,7 @@ from qpasses.errors import PassFailure
 from qpasses.ir.layers import layer_weight, quantizable_layers
 from qpasses.ir.annotations import get_qmeta
 from qpasses.algorithms.mixquant import MixQuantLayer, qe_metric_names, quantization_errors, select_bits
-from qpasses.passes.solve_bitwidths import check_candidates, write_bits
+from qpasses.algorithms.bit_allocation import check_candidates, write_bits
 
 __all__ = ["SearchMixQuant", "SearchMixQuantOptions", "mixquant"]
 
@@ -88,8 +89,8 @@ def mixquant(gm: torch.fx.GraphModule, options: SearchMixQuantOptions) -> list[M
 @register_pass
 class SearchMixQuant(Pass):
     """MixQuant: give every layer the smallest weight bit-width whose round-off error is within
-    ``qem`` times its int8 error (weight-only, per layer; reference §4, partly reconstructed,
-    see qpasses.algorithms.mixquant).
+    ``qem`` times its int8 error (weight-only, per layer; docs/algorithms.md, "MixQuant", says
+    which choices the paper leaves open and how each is an option).
 
     Writes ``QMeta.weight.bits`` of every annotated layer (not float islands; not the first/last
     layers with ``pin-first-last``); per-kernel bit vectors are replaced by the layer width and

@@ -1,5 +1,5 @@
 """select-gmpq-policy: the trained GMPQ/EdMIPS supernet's argmax policy as ordinary bit
-annotations (reference/algorithms.md §2.1.6, §2.2.6).
+annotations (docs/algorithms.md, "GMPQ").
 
 Per searched layer, ``b_w = B_w[argmax logits_w]`` and ``b_a = B_a[argmax logits_a]``,
 independently (ties go to the first candidate, i.e. the lowest bits when the list is sorted).
@@ -8,10 +8,10 @@ Written as ``QMeta.weight.bits`` and ``QMeta.act.bits``; layers reading one scal
 also written on the group's joins (``QMeta.output``), as ``annotate-bitwidths`` would. Then the
 supernet is removed: layers are restored to their float classes (trained weights kept), the
 activation mixer and feature tap nodes are removed, so ``insert-fake-quant``, ``calibrate``,
-``lower-to-int-sim`` apply unchanged. The learned values are kept in
-``gm.meta["qpasses.gmpq.selected"]``: ``{layer: {"w_candidates", "pi_w", "a_candidates",
-"pi_a", "alpha", "threshold", "w_bits", "a_bits"}}`` (``alpha``: the chosen branch's PACT clip,
-``threshold``: the weight range T).
+``lower-to-int-sim`` apply unchanged. The learned values are kept in the
+``qpasses.gmpq.selected`` graph record (``GmpqSelectedRecord``: per layer ``w_candidates``,
+``pi_w``, ``a_candidates``, ``pi_a``, ``alpha``, ``threshold``, ``w_bits``, ``a_bits``;
+``alpha``: the chosen branch's PACT clip, ``threshold``: the weight range T).
 
 ``target-bitops`` (beyond the paper): project the weights onto an exact BitOPs budget with
 ``solve-bitwidths`` (``sensitivity=gmpq-pi``): the most probable weight policy (max
@@ -26,6 +26,7 @@ an unreachable budget (``BudgetError`` with the reachable range).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import warnings
@@ -35,15 +36,17 @@ from typing import Any
 import torch
 import torch.fx
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from passes_registry import (Pass, PassResult, PreservedAnalyses, pop_record, register_pass,
+                             set_record)
 from passes_registry.errors import OptionError
 
 from qpasses.errors import BudgetError, QpassesWarning
 from qpasses.ir.annotations import get_qmeta
-from qpasses.modules.gmpq import GMPQ_META, SELECTED_META, supernet_modules
-from qpasses.algorithms.search_layers import write_input_widths
-from qpasses.passes.freeze_fracbits import remove_search_modules
-from qpasses.passes.solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths, write_bits
+from qpasses.ir.records import (GMPQ_META, SELECTED_META, GmpqSelectedLayer, GmpqSelectedRecord,
+                                GmpqSupernetRecord)
+from qpasses.modules.gmpq import supernet_modules, supernet_record
+from qpasses.algorithms.search_layers import remove_search_modules, write_input_widths
+from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["SelectGMPQPolicy", "SelectGMPQPolicyOptions"]
 
@@ -73,20 +76,21 @@ def _uniform(logits: torch.Tensor) -> bool:
     return bool((d == d[0]).all())
 
 
-def _remove_supernet(gm: torch.fx.GraphModule, info: dict[str, Any]) -> None:
+def _remove_supernet(gm: torch.fx.GraphModule, info: GmpqSupernetRecord) -> None:
     """Float layer classes back; act mixer and tap nodes out; their modules deleted."""
-    targets = [rec["act"] for rec in info["layers"].values() if rec["act"]]
-    remove_search_modules(gm, [rec["module"] for rec in info["layers"].values()],
-                          targets + ([info["tap"]] if info.get("tap") else []))
+    targets = [rec.act for rec in info.layers.values() if rec.act]
+    remove_search_modules(gm, [rec.module for rec in info.layers.values()],
+                          targets + ([info.tap] if info.tap else []))
 
 
-def _project(gm: torch.fx.GraphModule, target: float, info: dict[str, Any], ctx: Any) -> Any:
+def _project(gm: torch.fx.GraphModule, target: float, info: GmpqSupernetRecord,
+             ctx: Any) -> Any:
     """The most probable weight policy (max Σ log π_w) with BitOPs in [0.99, 1]·target where
     the grid allows: solve-bitwidths with ``-log π_w(b) - μ·cost share``, μ >= 0 bisected to the
     smallest value that uses 99% of the budget (the chosen cost grows with μ)."""
-    sopts = SolveBitwidthsOptions(target_bitops=target, candidates=tuple(info["w_candidates"]),
+    sopts = SolveBitwidthsOptions(target_bitops=target, candidates=tuple(info.w_candidates),
                                   granularity="layer", sensitivity="gmpq-pi",
-                                  pin_first_last=bool(info["pin_first_last"]))
+                                  pin_first_last=bool(info.pin_first_last))
 
     def solve(mu: float) -> Any:
         sctx = types.SimpleNamespace(config={"gmpq_cost_reward": mu},
@@ -140,11 +144,13 @@ class SelectGMPQPolicy(Pass):
     establishes = frozenset({"bits-annotated"})
     invalidates = frozenset({"gmpq-supernet"})
     preserves = PreservedAnalyses.none()
+    requires_records = frozenset({GMPQ_META})
+    writes_records = frozenset({GMPQ_META, SELECTED_META})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: SelectGMPQPolicyOptions = self.options
         mods = supernet_modules(gm)
-        info = gm.meta[GMPQ_META]
+        info = supernet_record(gm)
         uniform = [n for n, (wm, act) in mods.items()
                    if _uniform(wm.logits) or (act is not None and _uniform(act.logits))]
         if uniform:
@@ -159,18 +165,19 @@ class SelectGMPQPolicy(Pass):
         selected = {}
         for n, (wm, act) in mods.items():
             j = act.candidates.index(a_bits[n]) if act is not None else None
-            selected[n] = {
-                "w_candidates": wm.candidates, "pi_w": wm.probs().detach().tolist(),
-                "a_candidates": act.candidates if act is not None else (),
-                "pi_a": act.probs().detach().tolist() if act is not None else [],
-                "alpha": float(act.alpha.detach()[j].abs()) if act is not None else None,
-                "threshold": float(wm.threshold)}
+            selected[n] = GmpqSelectedLayer(
+                w_candidates=tuple(wm.candidates), pi_w=tuple(wm.probs().detach().tolist()),
+                a_candidates=tuple(act.candidates) if act is not None else (),
+                pi_a=tuple(act.probs().detach().tolist()) if act is not None else (),
+                alpha=float(act.alpha.detach()[j].abs()) if act is not None else None,
+                threshold=float(wm.threshold), w_bits=w_bits[n], a_bits=a_bits.get(n))
 
         _remove_supernet(gm, info)
         write_bits(gm, w_bits, self.name)
         raised = write_input_widths(gm, a_bits, self.name)
-        gm.meta.pop(GMPQ_META, None)
-        gm.meta[SELECTED_META] = selected
+        pop_record(gm, GMPQ_META)
+        # the gmpq-pi sensitivity of the projection below reads π from this record
+        set_record(gm, SELECTED_META, GmpqSelectedRecord(selected))
         stats = {"num_layers": len(mods), "num_uniform": len(uniform), "num_act_raised": raised}
         if opts.target_bitops is not None:
             res = _project(gm, opts.target_bitops, info, ctx)
@@ -178,8 +185,10 @@ class SelectGMPQPolicy(Pass):
             w_bits.update(res.bits)
             stats["budget_ppm"] = int(round(1e6 * res.utilisation))
         nodes = {n.name: n for n in gm.graph.nodes}
-        for n, rec in info["layers"].items():
-            q = get_qmeta(nodes[rec["node"]])
-            selected[n]["w_bits"] = w_bits[n]
-            selected[n]["a_bits"] = q.act.bits if q.act is not None else None
+        chosen = {}
+        for n, rec in info.layers.items():
+            q = get_qmeta(nodes[rec.node])
+            chosen[n] = dataclasses.replace(selected[n], w_bits=w_bits[n],
+                                            a_bits=q.act.bits if q.act is not None else None)
+        set_record(gm, SELECTED_META, GmpqSelectedRecord(chosen))
         return PassResult(modified=True, stats=stats)

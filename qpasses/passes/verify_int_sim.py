@@ -18,7 +18,7 @@ On ``samples`` inputs from ``PassContext.example_inputs`` / ``calibration_data``
    requantize, fed the fake-quant codes of the previous points), and on the outputs (max |diff|,
    top-1 agreement for 2-D logits).
 
-Stats (also stored in ``gm.meta["qpasses.int_sim"]["verify"]``): ``num_samples``,
+Stats (also stored in the int-sim record's ``verify``): ``num_samples``,
 ``num_nodes_checked``, ``num_int_nodes``, ``max_acc_bits_seen``, ``fq_points``,
 ``fq_points_exact``, ``codes_total``, ``codes_off_by_one``, ``codes_off_more``, ``max_lsb_diff``
 (whole-graph: differences cascade), ``local_points``, ``local_codes_off``,
@@ -28,21 +28,24 @@ rounding-contract difference alone), ``output_max_abs_diff``, ``top1_agree_pct``
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.fx
 
-from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass
+from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, get_record,
+                             register_pass, set_record)
 from passes_registry.errors import OptionError
 
 from qpasses.ir.layers import quantizable_layers
+from qpasses.ir.records import INT_SIM_KEY
 from qpasses.algorithms.int_sim_check import classify_nodes
-from qpasses.modules.int_sim import INT_SIM_META_KEY, IntLayer, IntSimModule, set_backend
+from qpasses.modules.int_sim import IntSimModule, set_backend
+from qpasses.modules.int_sim_layers import IntLayer
 from qpasses.algorithms.int_sim_reference import ReferenceInterpreter
-from qpasses.passes.lower_to_int_sim import context_batches
+from qpasses.ir.batches import context_batches
 
 __all__ = ["AccumulatorOverflowError", "IntSimMismatchError", "VerifyIntSim",
            "VerifyIntSimOptions", "record_run", "summary_line"]
@@ -161,13 +164,15 @@ def _as_np(v: Any) -> np.ndarray | None:
 class VerifyIntSim(Pass):
     """Check a lowered integer graph against an independent reference of its arithmetic, check
     ranges and accumulator widths, and measure the deviation from the fake-quant graph (module
-    docstring). Requires ``int-sim``; changes nothing (its findings go to stats and
-    ``gm.meta["qpasses.int_sim"]["verify"]``)."""
+    docstring). Requires ``int-sim``; changes nothing (its findings go to stats and the int-sim
+    record's ``verify``, which is not part of the record's value)."""
     name = PASS_NAME
     summary = "verify the integer graph bit for bit against an independent reference"
     Options = VerifyIntSimOptions
     requires = frozenset({"int-sim"})
     preserves = PreservedAnalyses.all()
+    reads_records = frozenset({INT_SIM_KEY})
+    writes_records = frozenset({INT_SIM_KEY})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: VerifyIntSimOptions = self.options
@@ -176,8 +181,8 @@ class VerifyIntSim(Pass):
             raise PassFailure("verify-int-sim needs inputs: run it under PassContext("
                               "example_inputs=...) or PassContext(calibration_data=...)")
         inputs = _take_samples(batches, opts.samples)
-        record = gm.meta.get(INT_SIM_META_KEY, {})
-        before = record.get("backend", "fast")
+        record = get_record(gm, INT_SIM_KEY)
+        before = record.backend if record is not None else "fast"
         switched = opts.backend != "lowered" and opts.backend != before
         if switched:
             set_backend(gm, opts.backend)
@@ -189,11 +194,12 @@ class VerifyIntSim(Pass):
             if switched:
                 set_backend(gm, before)
         stats["num_samples"] = int(inputs[0].shape[0]) if inputs[0].dim() else 1
-        source = record.get("fake_quant")
+        source = record.fake_quant if record is not None else None
         if source is not None:
-            stats.update(self._deviation(gm, source, values, inputs, record.get("fq_map", {})))
-        if isinstance(record, dict):
-            record["verify"] = dict(stats)
+            stats.update(self._deviation(gm, source, values, inputs, record.fq_map))
+        record = get_record(gm, INT_SIM_KEY)     # set_backend may have replaced it
+        if record is not None:
+            set_record(gm, INT_SIM_KEY, replace(record, verify=dict(stats)))
         if opts.print:
             stream = getattr(ctx, "stream", None) or sys.stdout
             stream.write(summary_line(stats) + "\n")
@@ -259,7 +265,8 @@ class VerifyIntSim(Pass):
             kinds, _ = classify_nodes(gm)
             ref = ReferenceInterpreter(gm).run(*inputs, trusted=values, kinds=kinds)
         else:
-            before = gm.meta.get(INT_SIM_META_KEY, {}).get("backend", "fast")
+            record = get_record(gm, INT_SIM_KEY)
+            before = record.backend if record is not None else "fast"
             set_backend(gm, "reference")
             try:
                 ref = record_run(gm, inputs)

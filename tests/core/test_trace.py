@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import qpasses
+from passes_registry import get_record
 from qpasses.errors import InputError, TraceError
 
 
@@ -44,7 +45,7 @@ def test_trace_records_shapes_and_dtypes_on_every_node():
             assert "tensor_meta" in n.meta, n.name
     conv = next(n for n in gm.graph.nodes if n.target == "conv")
     assert tuple(conv.meta["tensor_meta"].shape) == (2, 4, 8, 8)
-    assert gm.meta["qpasses.model"] == "SmallNet"
+    assert get_record(gm, "qpasses.model") == "SmallNet"
 
 
 def test_user_model_is_never_touched():

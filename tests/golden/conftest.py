@@ -24,131 +24,29 @@ Output matched by CHECK lines:
 - without ``build()``: the canonical text of the parsed pipeline (``--dump-pipeline``);
 - with ``EXPECT-ERROR``: the error message (so CHECK/CHECK-NEXT can pin the caret line).
 
-This conftest also registers the ``test-golden-*`` passes, analysis and property that the
-``errors/`` cases use.
+The ``test-*`` passes, analysis and property that the ``errors/`` cases use are registered by
+tests/fake_passes.py (imported here).
 """
 from __future__ import annotations
 
 import io
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.testing import FileCheck
 
 import qpasses
-from passes_registry import (Analysis, Instrument, Pass, PassContext, PassesError, PassFailure,
-                             PassManager, PassResult, PreservedAnalyses, fingerprint, print_graph,
-                             register_analysis, register_pass, register_property)
+import tests.fake_passes  # noqa: F401  (registers the test-* passes the cases run)
+from passes_registry import (Instrument, PassContext, PassesError, PassManager, fingerprint,
+                             print_graph)
 
 HERE = Path(__file__).parent
-
-# ---------------------------------------------------------------------------------------------
-# test-golden-* registrations
-
-
-class GoldenMode(Enum):
-    A = "a"
-    B = "b"
-
-
-@register_pass
-class GoldenOptionsPass(Pass):
-    """Does nothing; has one option of each kind for option-error goldens."""
-    name = "test-golden-options"
-    summary = "No-op pass with int/float/bool/enum/list options"
-    preserves = PreservedAnalyses.all()
-
-    @dataclass(frozen=True)
-    class Options:
-        count: int = field(default=1, metadata={"help": "an int"})
-        ratio: float = field(default=0.5, metadata={"help": "a float"})
-        flag: bool = field(default=False, metadata={"help": "a bool"})
-        mode: GoldenMode = field(default=GoldenMode.A, metadata={"help": "an enum"})
-        sizes: tuple[int, ...] = field(default=(), metadata={"help": "a list of ints"})
-
-        def __post_init__(self) -> None:
-            if self.count < 0:
-                raise ValueError("count must be >= 0")
-
-    def run(self, gm, ctx, am):
-        return PassResult(modified=False)
-
-
-register_property("test-golden-prop", summary="set by test-golden-makes-prop")
-
-
-@register_pass
-class GoldenMakesPropPass(Pass):
-    """Establishes test-golden-prop (without changing the graph)."""
-    name = "test-golden-makes-prop"
-    summary = "Establishes test-golden-prop"
-    establishes = frozenset({"test-golden-prop"})
-    preserves = PreservedAnalyses.all()
-
-    def run(self, gm, ctx, am):
-        return PassResult(modified=False)
-
-
-@register_pass
-class GoldenNeedsPropPass(Pass):
-    """Requires test-golden-prop."""
-    name = "test-golden-needs-prop"
-    summary = "Requires test-golden-prop"
-    requires = frozenset({"test-golden-prop"})
-    preserves = PreservedAnalyses.all()
-
-    def run(self, gm, ctx, am):
-        return PassResult(modified=False)
-
-
-@register_pass
-class GoldenFailPass(Pass):
-    """Fails with a typed PassFailure naming the first placeholder."""
-    name = "test-golden-fail"
-    summary = "Always fails"
-
-    def run(self, gm, ctx, am):
-        first = next(iter(gm.graph.nodes))
-        raise PassFailure("this pass always fails", node=first.name)
-
-
-@register_pass
-class GoldenDishonestPass(Pass):
-    """Rewrites relu to sigmoid but claims it changed nothing (caught by verify-each)."""
-    name = "test-golden-dishonest"
-    summary = "Changes the graph, reports modified=False"
-
-    def run(self, gm, ctx, am):
-        for n in gm.graph.nodes:
-            if n.op == "call_function" and n.target in (torch.relu, F.relu):
-                n.target = torch.sigmoid
-        return PassResult(modified=False)
-
-
-@register_analysis
-class GoldenNodeCount(Analysis):
-    """Number of nodes per fx op kind."""
-    name = "test-golden-node-count"
-    summary = "Nodes per op kind"
-    depends_on = frozenset({"structure"})
-
-    def compute(self, gm, am):
-        counts: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            counts[n.op] = counts.get(n.op, 0) + 1
-        return tuple(sorted(counts.items()))
-
-    def format(self, result, gm):
-        return "\n".join(f"{op}: {k}" for op, k in result)
-
 
 # ---------------------------------------------------------------------------------------------
 # Parsing golden files

@@ -13,8 +13,9 @@ from passes_registry import (ALL, Instrument, PassContext, PassFailure, PassMana
                              VerificationError, graph_history, graph_properties)
 from qpasses.errors import AnnotationError
 
-from . import helpers
-from .helpers import relu_graph
+from tests import fake_passes
+from tests.fake_passes import relu_nodes
+from tests.models import relu_graph
 
 
 def test_requires_checked_statically_names_the_establishing_pass():
@@ -46,7 +47,7 @@ def test_add_checks_requires_too():
 
 def test_run_modifies_in_place_and_records_history():
     gm = relu_graph()
-    pm = PassManager.parse("graph(test-infra-relu-to-sigmoid)")
+    pm = PassManager.parse("graph(test-relu-to-sigmoid{limit=1})")
     out = pm.run(gm)
     assert out is gm
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(torch.sigmoid) == 1
@@ -54,18 +55,18 @@ def test_run_modifies_in_place_and_records_history():
     assert torch.equal(gm(x), torch.relu(torch.sigmoid(x) + 1))  # recompiled by the manager
     hist = graph_history(gm)
     assert hist["pipeline"] == [str(pm)]
-    assert [p["name"] for p in hist["passes"]] == ["test-infra-relu-to-sigmoid"]
+    assert [p["name"] for p in hist["passes"]] == ["test-relu-to-sigmoid"]
 
 
 def test_fixpoint_converges_and_reports_nonconvergence_and_cycles():
     gm = relu_graph()
-    PassManager.parse("graph(fixpoint{max-iterations=5}(test-infra-relu-to-sigmoid))").run(gm)
-    assert not helpers._relu_nodes(gm)
+    PassManager.parse("graph(fixpoint{max-iterations=5}(test-relu-to-sigmoid{limit=1}))").run(gm)
+    assert not relu_nodes(gm)
     with pytest.raises(VerificationError, match="did not converge in 1 iterations"):
-        PassManager.parse("graph(fixpoint{max-iterations=1}(test-infra-relu-to-sigmoid))").run(
+        PassManager.parse("graph(fixpoint{max-iterations=1}(test-relu-to-sigmoid{limit=1}))").run(
             relu_graph())
     with pytest.warns(RuntimeWarning, match="did not converge"):
-        PassManager.parse("graph(fixpoint{max-iterations=1}(test-infra-relu-to-sigmoid))").run(
+        PassManager.parse("graph(fixpoint{max-iterations=1}(test-relu-to-sigmoid{limit=1}))").run(
             relu_graph(), PassContext(verify_each=False))
     with pytest.raises(VerificationError, match="cycles"):
         PassManager.parse("graph(fixpoint{max-iterations=50}(test-infra-flip-flop))").run(
@@ -80,11 +81,11 @@ def test_repeat_runs_body_count_times():
 
 def test_dishonest_and_fake_change_passes_are_caught():
     with pytest.raises(VerificationError, match="reported modified=False but changed"):
-        PassManager.parse("graph(test-infra-dishonest)").run(relu_graph())
+        PassManager.parse("graph(test-dishonest)").run(relu_graph())
     with pytest.raises(VerificationError, match="reported modified=True but"):
         PassManager.parse("graph(test-infra-fake-change)").run(relu_graph())
     # With verification off, the manager trusts the pass.
-    PassManager.parse("graph(test-infra-dishonest)").run(relu_graph(),
+    PassManager.parse("graph(test-dishonest)").run(relu_graph(),
                                                           PassContext(verify_each=False))
 
 
@@ -94,13 +95,13 @@ def test_property_checker_runs_under_verify_each():
 
 
 def test_failures_are_typed_with_pass_position_and_pipeline():
-    pm = PassManager.parse("graph(test-infra-mark,test-infra-failing)")
+    pm = PassManager.parse("graph(test-infra-mark,test-fail)")
     with pytest.raises(PassFailure) as info:
         pm.run(relu_graph())
     err = info.value
-    assert err.pass_name == "test-infra-failing" and err.position == 1
+    assert err.pass_name == "test-fail" and err.position == 1
     assert err.pipeline == str(pm) and err.node == "x"
-    assert "pass 'test-infra-failing' (element 1 of the pipeline) failed: at node 'x': " \
+    assert "pass 'test-fail' (element 1 of the pipeline) failed: at node 'x': " \
            "this pass always fails" in str(err)
 
 
@@ -128,10 +129,10 @@ def test_typed_user_errors_keep_their_type_and_gain_context():
 def test_reproducer_written_on_failure(tmp_path):
     d = tmp_path / "repro"
     with pytest.raises(PassFailure) as info:
-        PassManager.parse("graph(test-infra-relu-to-sigmoid,test-infra-failing)").run(
+        PassManager.parse("graph(test-relu-to-sigmoid{limit=1},test-fail)").run(
             relu_graph(), PassContext(reproducer_dir=str(d)))
     assert info.value.reproducer == str(d)
-    assert (d / "pipeline.txt").read_text().startswith("graph(test-infra-relu-to-sigmoid")
+    assert (d / "pipeline.txt").read_text().startswith("graph(test-relu-to-sigmoid{limit=1}")
     code = (d / "graph.py").read_text()
     assert "sigmoid" in code  # the graph just before the failing pass
     assert (d / "state_dict.pt").exists() and "qpass_opt" in (d / "command.txt").read_text()
@@ -161,43 +162,44 @@ def test_instruments_before_in_order_after_in_reverse():
 
 class SkipMarks(Instrument):
     def should_run(self, p, gm):
-        return p.name != "test-infra-relu-to-sigmoid"
+        return p.name != "test-relu-to-sigmoid"
 
 
 def test_should_run_disabled_and_bisect_but_required_always_runs():
     gm = relu_graph()
-    PassManager.parse("graph(test-infra-relu-to-sigmoid)").run(gm, PassContext(instruments=(SkipMarks(),)))
-    assert len(helpers._relu_nodes(gm)) == 2
-    PassManager.parse("graph(test-infra-relu-to-sigmoid)").run(
-        gm, PassContext(disabled={"test-infra-relu-to-sigmoid"}))
-    assert len(helpers._relu_nodes(gm)) == 2
-    pm = PassManager.parse("graph(test-infra-relu-to-sigmoid,test-infra-required,"
-                           "test-infra-relu-to-sigmoid)")
+    PassManager.parse("graph(test-relu-to-sigmoid{limit=1})").run(
+        gm, PassContext(instruments=(SkipMarks(),)))
+    assert len(relu_nodes(gm)) == 2
+    PassManager.parse("graph(test-relu-to-sigmoid{limit=1})").run(
+        gm, PassContext(disabled={"test-relu-to-sigmoid"}))
+    assert len(relu_nodes(gm)) == 2
+    pm = PassManager.parse("graph(test-relu-to-sigmoid{limit=1},test-infra-required,"
+                           "test-relu-to-sigmoid{limit=1})")
     pm.run(gm, PassContext(bisect_limit=1, disabled={"test-infra-required"}))
-    assert len(helpers._relu_nodes(gm)) == 1 and gm.meta["required_ran"] == 1
+    assert len(relu_nodes(gm)) == 1 and gm.meta["required_ran"] == 1
 
 
 def test_print_ir_after_all_change_and_failure():
     buf = io.StringIO()
-    PassManager.parse("graph(test-infra-mark,test-infra-relu-to-sigmoid)").run(
+    PassManager.parse("graph(test-infra-mark,test-relu-to-sigmoid{limit=1})").run(
         relu_graph(), PassContext(print_after=ALL, print_stream=buf))
     text = buf.getvalue()
     assert text.count("IR Dump After") == 2
-    assert "// -----// IR Dump After ReluToSigmoidOnce (test-infra-relu-to-sigmoid) //----- //" in text
+    assert "// -----// IR Dump After ReluToSigmoid (test-relu-to-sigmoid) //----- //" in text
     buf = io.StringIO()
-    PassManager.parse("graph(test-infra-mark,test-infra-relu-to-sigmoid)").run(
+    PassManager.parse("graph(test-infra-mark,test-relu-to-sigmoid{limit=1})").run(
         relu_graph(), PassContext(print_after_change=True, print_stream=buf))
     assert buf.getvalue().count("IR Dump After") == 1
     buf = io.StringIO()
     with pytest.raises(PassFailure):
-        PassManager.parse("graph(test-infra-failing)").run(
+        PassManager.parse("graph(test-fail)").run(
             relu_graph(), PassContext(print_after_failure=True, print_stream=buf))
     assert "IR Dump After Failure" in buf.getvalue()
 
 
 def test_timing_and_statistics_reports():
     buf = io.StringIO()
-    PassManager.parse("graph(fixpoint(test-infra-relu-to-sigmoid),print<test-infra-relu-share>)").run(
+    PassManager.parse("graph(fixpoint(test-relu-to-sigmoid{limit=1}),print<test-infra-relu-share>)").run(
         relu_graph(), PassContext(timing=True, statistics=True, print_stream=buf))
     text = buf.getvalue()
     assert "Pass execution timing report" in text and "test-infra-relu-share (A)" in text
@@ -206,18 +208,18 @@ def test_timing_and_statistics_reports():
 
 
 def test_analysis_cache_hits_invalidation_and_cascade():
-    helpers.COMPUTE_COUNT.update(nodes=0, relus=0)
+    fake_passes.COMPUTE_COUNT.update(nodes=0, relus=0)
     log = []
     gm = relu_graph()
     pm = PassManager.parse(
         "graph(require<test-infra-relu-share>,require<test-infra-relu-share>,"
         "test-infra-annotate-only,require<test-infra-relu-share>,"
-        "test-infra-relu-to-sigmoid,require<test-infra-relu-share>,"
+        "test-relu-to-sigmoid{limit=1},require<test-infra-relu-share>,"
         "invalidate<test-infra-node-count>,require<test-infra-relu-share>)")
     pm.run(gm, PassContext(instruments=(Recorder("r", log),)))
     # computed: once at start, kept across the annotation-only pass, recomputed after the
     # structural rewrite, and again after invalidating the analysis it was computed from.
-    assert helpers.COMPUTE_COUNT == {"nodes": 3, "relus": 3}
+    assert fake_passes.COMPUTE_COUNT == {"nodes": 3, "relus": 3}
     assert log.count("r:analysis:test-infra-relu-share") == 3
 
 
@@ -259,7 +261,7 @@ def test_context_stack_and_current():
 
 
 def test_passes_are_stateless():
-    p = helpers.AllTypesPass()
+    p = fake_passes.AllTypesPass()
     with pytest.raises(AttributeError, match="stateless"):
         p.cache = {}  # type: ignore[attr-defined]
 

@@ -10,7 +10,7 @@ from passes_registry import (Nested, OptionError, PassManager, Pipeline, Pipelin
                              lookup_pass, parse_pipeline, print_pipeline)
 from passes_registry.pipeline import FixpointOptions, RepeatOptions
 
-from .helpers import AllTypesOptions, AllTypesPass, Mode
+from tests.fake_passes import AllTypesOptions, AllTypesPass, Mode
 
 _atoms = st.text(alphabet="abcxyz019_-./", min_size=1, max_size=6)
 _strings = st.one_of(_atoms, st.text(alphabet='ab c"\\,{}()=\'', min_size=0, max_size=6))
@@ -26,7 +26,7 @@ all_types_options = st.builds(
 )
 leaf = st.one_of(
     all_types_options.map(AllTypesPass),
-    st.sampled_from(["test-infra-mark", "test-infra-relu-to-sigmoid"]).map(lambda n: lookup_pass(n)()),
+    st.sampled_from(["test-infra-mark", "test-relu-to-sigmoid"]).map(lambda n: lookup_pass(n)()),
     st.sampled_from(["test-infra-node-count", "test-infra-relu-share"]).map(
         lambda a: lookup_pass("print")(a)),
 )

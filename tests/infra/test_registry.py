@@ -9,12 +9,12 @@ import qpasses  # noqa: F401
 from passes_registry import (OptionError, Pass, RegistryError, list_passes, lookup_pass,
                              register_pass, register_pipeline)
 
-from .helpers import AllTypesPass
+from tests.fake_passes import AllTypesPass
 
 
 def test_reregistering_same_class_is_a_noop_and_different_class_an_error():
     assert register_pass(AllTypesPass) is AllTypesPass
-    with pytest.raises(RegistryError, match="already registered by tests.infra.helpers.AllTypesPass"):
+    with pytest.raises(RegistryError, match="already registered by tests.fake_passes.AllTypesPass"):
         @register_pass
         class Other(Pass):
             name = "test-infra-all-types"

@@ -1,5 +1,5 @@
-"""Cost formulas: MACs/BitOPs/size against FracBits' reference table (algorithms.md §1.5),
-differentiability in fractional bits, and accumulator-width soundness and tightness (§5.7)."""
+"""Cost formulas: MACs/BitOPs/size against FracBits' reference table (docs/algorithms.md, "FracBits"),
+differentiability in fractional bits, and accumulator-width soundness and tightness."""
 from __future__ import annotations
 
 import itertools
@@ -23,7 +23,7 @@ HYP = settings(max_examples=50, deadline=None)
 
 
 # ------------------------------------------------------------------------------------------
-# Layer shape lists for the §1.5 reference models
+# Layer shape lists for the models of FracBits' reference numbers
 # ------------------------------------------------------------------------------------------
 
 def _torchvision_layers(name: str) -> list[dict]:
@@ -94,7 +94,7 @@ def _fracbits_size_mb(layers: list[dict], b: int) -> float:
     return bits_to_mb(total)
 
 
-REFERENCE = {  # algorithms.md §1.5: total MACs and GBitOPs at b = 2, 3, 4, 5
+REFERENCE = {  # total MACs and GBitOPs at b = 2, 3, 4, 5
     "resnet18": (1_814_073_344, (14.343, 22.825, 34.698, 49.962)),
     "mobilenet_v1": (568_740_352, (2.938, 5.730, 9.636, 14.657)),
     "mobilenet_v2": (300_774_272, (1.869, 3.322, 5.353, 7.961)),
@@ -112,7 +112,7 @@ def test_fracbits_reference_macs_and_bitops(zoo, model):
 
 
 def test_fracbits_fc_at_8x8_differs(zoo):
-    # §1.5: counting the FC as 8×8 would give 22.846 / 34.714 for ResNet-18 (not the paper's).
+    # counting the FC as 8×8 would give 22.846 / 34.714 for ResNet-18 (not the paper's).
     layers = zoo["resnet18"]
     assert round(_fracbits_gbitops(layers, 3, fc_a_bits_searched=False), 3) == 22.846
     assert round(_fracbits_gbitops(layers, 4, fc_a_bits_searched=False), 3) == 34.714
@@ -234,7 +234,7 @@ def test_size_bits_and_units():
 
 
 # ------------------------------------------------------------------------------------------
-# Accumulator width (§5.7)
+# Accumulator width
 # ------------------------------------------------------------------------------------------
 
 def _fits(value: int, width: int) -> bool:
@@ -242,7 +242,7 @@ def _fits(value: int, width: int) -> bool:
 
 
 def test_acc_width_reference_example():
-    # §5.7: K = 3·3·512, W8 signed, A8 unsigned → 29 bits; Distiller's rule agrees here.
+    # K = 3·3·512, W8 signed, A8 unsigned → 29 bits; Distiller's rule agrees here.
     assert int(acc_bits_worst_case(8, 8, 4608)) == 29
     assert acc_bits_distiller(8, 8, 4608) == 29
     lo, hi = acc_range_worst_case(8, 8, 4608)

@@ -15,7 +15,7 @@ from qpasses.errors import NumericsError
 from qpasses.numerics.fixed_point import quantize_multiplier, requantize, requantize_float
 from qpasses.numerics.int_conv_fast import conv_blocks, prepare_conv
 from qpasses.numerics.int_ops import int_conv, int_max_pool
-from qpasses.numerics.int_sim_math import (AffineFloor, RequantPlan, code_dtype, lut_gather,
+from qpasses.numerics.fast_requant import (AffineFloor, RequantPlan, code_dtype, lut_gather,
                                            lut_gather2, max_pool_codes, requant_window)
 
 CONTRACTS = ["gemmlowp", "single", "hawq", "float-rne"]
@@ -113,7 +113,7 @@ def _merged_gemmlowp(a: int, m0: int, left: int, right: int) -> int:
 
 
 def _gemmlowp(a: int, m0: int, left: int, right: int) -> int:
-    """SRDHM then RoundingDivideByPOT on Python ints (§5.2)."""
+    """SRDHM then RoundingDivideByPOT on Python ints (docs/int-sim.md, "Integer arithmetic")."""
     h = (a * 2 ** left * m0 + 2 ** 30) // 2 ** 31
     if right == 0:
         return h

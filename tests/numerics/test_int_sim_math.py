@@ -1,7 +1,7 @@
 """Integer-simulation numerics: the fast requantization equals fixed_point.requantize bit for bit
 (ties included), the fast conv/linear kernels equal the int64 reference wherever their bound
 allows them, adaptive pooling sums equal brute force, lookup tables equal the fake-quant float32
-computation, and the independent reference arithmetic agrees with the §5.5 test vectors."""
+computation, and the independent reference arithmetic agrees with the test vectors of docs/int-sim.md."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +18,8 @@ from qpasses.numerics.int_conv_fast import (fast_conv, fast_linear, input_offset
                                             prepare_linear)
 from qpasses.numerics.int_ops import choose_kernel, exactness_bound, int_conv, int_linear
 from qpasses.numerics.int_sim_math import (adaptive_avg_pool_sum, build_lut_f32, quantize_codes,
-                                           requantize_fast, requantize_float_fast,
                                            uniform_count_factor)
+from qpasses.numerics.fast_requant import requantize_fast, requantize_float_fast
 
 CONTRACTS = ["gemmlowp", "single", "hawq"]
 
@@ -76,7 +76,7 @@ def test_fast_float_requantize_equals_fixed_point(case):
 
 
 def test_reference_arithmetic_matches_the_test_vectors():
-    # reference/algorithms.md §5.5
+    # docs/int-sim.md, "Integer arithmetic"
     vectors = [(0.0072474273, 12345, 89, 89, 89), (0.5, 5, 3, 3, 2), (0.5, -3, -1, -1, -2),
                (0.5, -5, -2, -2, -2), (0.3, -19998, -6000, -5999, -5999),
                (0.1, -19995, -2000, -1999, -1999)]

@@ -222,7 +222,7 @@ def test_percentile_ignores_outliers_and_averages_batches():
 # ---------------------------------------------------------------------------------------------------
 
 def test_aciq_table_values_from_the_spec():
-    assert float(aciq_clip(4, "laplace", 1.0)) == pytest.approx(5.03)      # algorithms.md §6.4
+    assert float(aciq_clip(4, "laplace", 1.0)) == pytest.approx(5.03)      # ACIQ table, 4 bits
     assert float(aciq_clip(8, "gauss", 2.0)) == pytest.approx(7.84)
     assert float(aciq_clip(4, "laplace", 1.0, half_range=True)) == pytest.approx(6.2)
     assert float(aciq_clip(2, "gauss", 1.0, mean=-0.5)) == pytest.approx(2.21)

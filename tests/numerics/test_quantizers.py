@@ -143,7 +143,7 @@ def test_narrow_unsigned_is_rejected():
 
 
 def test_symmetric_full_range_tie_law_with_exact_scale():
-    # Distiller's law (algorithms.md §6.4): +max lands on 127.5 -> 128 -> clamped to 127, -max on -128.
+    # Distiller's full-range symmetric mode: +max lands on 127.5 -> 128 -> clamped to 127, -max on -128.
     # amax = 127.5 makes the scale exactly 1 so the ties are exact.
     s, z = calc_qparams(-127.5, 127.5, 8, "symmetric")
     assert float(s) == 1.0 and int(z) == 0
@@ -491,7 +491,7 @@ def test_fracbits_interp_two_and_a_half_is_the_mean_of_two_and_three():
 def test_fracbits_interp_gradient_at_integer_lambda_and_at_max_bits():
     u = torch.tensor([0.1, 0.4, 0.77])
     lam = torch.tensor(3.0, requires_grad=True)
-    fracbits_interp(u, lam).sum().backward()  # hi = lo + 1: non-zero gradient at an integer (§1.3)
+    fracbits_interp(u, lam).sum().backward()  # hi = lo + 1: non-zero gradient at an integer
     assert float(lam.grad) == pytest.approx(float((unit_quantize(u, 4) - unit_quantize(u, 3)).sum()))
     assert float(lam.grad) != 0.0
     lam = torch.tensor(8.0, requires_grad=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from tests.tools.tiny_models import TinyCNN
+from tests.models import TinyCNN
 
 PIPELINE = ("graph(canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=4 act-bits=4},"
             "insert-fake-quant{act-scheme=pact},calibrate)")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import qpasses
 from passes_registry import PassContext, PassManager
 from qpasses.modules import fracbits as fb
+from qpasses.algorithms import fracbits as fb_cost
 from tests.conftest import DigitsCNN
 from tests.passes.ddp_worker import process_group, save_rank
 
@@ -26,7 +27,7 @@ def prepare(seed: int = 0) -> torch.fx.GraphModule:
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     with process_group(rank, world, init_file):
         gm = prepare()
-        target = float(fb.model_cost(gm, detach=True)) * 0.8
+        target = float(fb_cost.model_cost(gm, detach=True)) * 0.8
         ddp = torch.nn.parallel.DistributedDataParallel(gm)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
@@ -35,7 +36,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             x = torch.rand(8, 1, 8, 8, generator=g)
             y = torch.randint(0, 10, (8,), generator=g)
             opt.zero_grad()
-            loss = F.cross_entropy(ddp(x), y) + fb.penalty(gm, target_bitops=target,
+            loss = F.cross_entropy(ddp(x), y) + fb_cost.penalty(gm, target_bitops=target,
                                                            kappa=1.0 / target)
             loss.backward()
             opt.step()

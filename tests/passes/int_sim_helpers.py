@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, get_record
 from qpasses.modules.int_sim import set_backend
-from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.ir.records import INT_SIM_KEY
 from qpasses.passes.verify_int_sim import record_run
 
 
@@ -75,7 +75,7 @@ def lower(gm: torch.fx.GraphModule, x: torch.Tensor, cal: list[torch.Tensor], op
 
 def assert_backends_bit_exact(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, Any]:
     """Run the lowered graph on both backends and compare every node's value exactly."""
-    before = gm.meta[INT_SIM_META_KEY]["backend"]
+    before = get_record(gm, INT_SIM_KEY).backend
     try:
         set_backend(gm, "fast")
         fast = record_run(gm, (x,))
@@ -101,11 +101,11 @@ def assert_backends_bit_exact(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict
 def codes_at(fq_gm: torch.fx.GraphModule, gm: torch.fx.GraphModule, x: torch.Tensor
              ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(fake-quant node, fake-quant codes, int-sim codes) at every activation quantizer."""
-    rec = gm.meta[INT_SIM_META_KEY]
+    rec = get_record(gm, INT_SIM_KEY)
     fv = record_run(fq_gm, (x,))
     iv = record_run(gm, (x,))
     out = []
-    for k, m in rec["fq_map"].items():
+    for k, m in rec.fq_map.items():
         c = torch.round(fv[k].double() / m["scale"]).to(torch.int64) + m["zero_point"]
         out.append((k, c, iv[m["node"]]))
     return out

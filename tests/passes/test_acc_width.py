@@ -1,4 +1,4 @@
-"""acc-width analysis (§5.7) and check-acc-width: soundness of both bounds against realized
+"""acc-width analysis and check-acc-width: soundness of both bounds against realized
 integer accumulators (hypothesis), data-aware <= worst case, calibrated pipelines, flagging."""
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_realized_accumulators_fit_both_widths(case):
 
 
 def test_reference_example_and_data_bound_after_calibration():
-    # §5.7: K = 3·3·512 = 4608, W8 signed x A8 unsigned -> 29 bits worst case
+    # K = 3·3·512 = 4608, W8 signed x A8 unsigned -> 29 bits worst case
     gm = annotate(traced("resnet18", 32), "annotate-bitwidths{weight-bits=8 act-bits=8}")
     acc = AnalysisManager().get("acc-width", gm)
     assert acc["layer4.1.conv2"].fan_in == 4608

@@ -21,8 +21,8 @@ from passes_registry import (AnalysisManager, OptionError, PassContext, PassMana
                              graph_properties, lookup_pass, option_infos, parse_pipeline)
 from qpasses import get_qmeta
 from qpasses.errors import AnnotationError, ConfigError, ConfigWarning
-from qpasses.passes.annotate_bitwidths import (AnnotateBitwidths, nonnegative_nodes,
-                                                        resolve_layer_bits, scale_sharing_groups)
+from qpasses.ir.joins import scale_sharing_groups
+from qpasses.passes.annotate_bitwidths import AnnotateBitwidths, nonnegative_nodes, resolve_layer_bits
 from qpasses.analyses.properties import check_bits_annotated
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +600,7 @@ def test_idempotent_second_run_reports_unmodified(resnet, tmp_path):
 
 
 def test_verify_each_and_preserved_structure_and_weights(resnet):
-    from tests.infra import helpers  # noqa: F401  (registers test-infra-node-count)
+    import tests.fake_passes  # noqa: F401  (registers test-infra-node-count)
     before = fingerprint(resnet)
     ctx = PassContext(verify_each=True, check_preservation=True, print_stream=io.StringIO())
     # the structure-only analysis cached before the pass is kept and re-checked after it

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, get_record
 from passes_registry.errors import OptionError
 from qpasses.errors import CalibrationError
 from qpasses.modules.fake_quant import WeightFakeQuant
@@ -157,7 +157,7 @@ def test_pass_end_to_end_writes_codes_where_lowering_reads_them(source):
         PassManager.parse("graph(calibrate)", assume=gm).run(gm)
     for k, v in model.state_dict().items():     # the user's model is untouched
         assert torch.equal(v, before[k])
-    errs = gm.meta["ptq_bitsplit"]
+    errs = get_record(gm, "ptq_bitsplit").layers
     assert set(errs) == {"conv1", "conv2", "fc"}
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for name, wq in _weight_quantizers(gm).items():
@@ -173,7 +173,7 @@ def test_pass_end_to_end_writes_codes_where_lowering_reads_them(source):
         assert spec.scale is not None
         assert torch.allclose(torch.tensor(spec.scale, dtype=torch.float32), wq.scale)
         if source == "fp":
-            assert errs[name]["bitsplit"] <= errs[name]["rtn"] + 1e-9
+            assert errs[name].bitsplit <= errs[name].rtn + 1e-9
     # lower-to-int-sim takes the stitched codes as its integer weights, unchanged
     low = PassManager.parse("graph(lower-to-int-sim{backend=reference})", assume=gm).run(
         copy.deepcopy(gm), PassContext(example_inputs=(data[0][:2],)))

@@ -12,12 +12,14 @@ import qpasses
 from passes_registry import PassContext, PassManager, PropertyError, graph_properties
 from qpasses import get_qmeta
 from qpasses.errors import CalibrationError
-from qpasses.modules.fake_quant import ActFakeQuant, WeightFakeQuant, fake_quant_modules
+from qpasses.modules.fake_quant import ActFakeQuant, WeightFakeQuant
+from qpasses.modules.fake_quant_layers import fake_quant_modules
 from qpasses.numerics import KLObserver, PercentileObserver
-from qpasses.passes.calibrate import batch_inputs, write_qmeta
-from qpasses.passes.insert_fake_quant import layer_act_fq_node, layer_weight_quantizer
+from qpasses.ir.batches import batch_inputs
+from qpasses.modules.lookup import write_qmeta
+from qpasses.modules.lookup import layer_act_fq_node, layer_weight_quantizer
 from qpasses.analyses.properties import check_calibrated
-from tests.tools.tiny_models import TinyCNN
+from tests.models import TinyCNN
 
 PREP = ("canonicalize,fold-batch-norm,annotate-bitwidths{weight-bits=8 act-bits=8 "
         "first-last-bits=none},insert-fake-quant")

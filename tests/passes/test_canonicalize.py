@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import qpasses
-from passes_registry import Instrument, PassContext, PassManager
-from qpasses.passes.canonicalize import RULES, check_canonical
+from passes_registry import PassContext, PassManager
+from qpasses.ir.canonical_rules import RULES, check_canonical
+
+from .pipeline_helpers import run_with_stats
 
 X = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 4
 
@@ -21,16 +23,9 @@ def run(model: nn.Module, x: torch.Tensor = X, text: str = "graph(canonicalize)"
     model.eval()
     gm = model if isinstance(model, torch.fx.GraphModule) else \
         qpasses.trace(model, x, leaf_modules=leaf_modules)
-    stats: dict = {}
-
-    class Grab(Instrument):
-        def after_pass(self, p, gm, result):
-            stats.update(result.stats)
-
     with torch.no_grad():
         ref = model(x.clone())
-    with PassContext(verify_each=True, instruments=(Grab(),)):
-        gm = PassManager.parse(text).run(gm)
+    gm, stats = run_with_stats(gm, text)
     with torch.no_grad():
         out = gm(x.clone())
     for a, b in zip(out if isinstance(out, tuple) else (out,),

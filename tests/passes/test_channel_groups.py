@@ -13,8 +13,9 @@ from torch import nn
 
 import qpasses
 from passes_registry import AnalysisManager, PassContext, PassManager, lookup_analysis
+from qpasses.algorithms.channels import reshape_mapping
 from qpasses.analyses.channel_groups import (ChannelGroups, ChannelGroupsAnalysis,
-                                                    compute_channel_groups, reshape_mapping)
+                                             compute_channel_groups)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,5 +1,5 @@
 """Cost analyses (macs, bitops, model-size) through trace + annotate + the analysis manager:
-FracBits' reference numbers (algorithms.md §1.5), exactness for per-kernel / grouped / pruned
+FracBits' reference numbers (docs/algorithms.md, "FracBits"), exactness for per-kernel / grouped / pruned
 layers, the differentiable cost model, caching/invalidation and bad input."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from qpasses.analyses.model_size import ModelSizeResult
 
 from .cost_helpers import annotate, traced
 
-# algorithms.md §1.5 (GBitOPs at b = 2, 3, 4, 5; MB at b = 2, 3, 4 weight-only)
+# FracBits (GBitOPs at b = 2, 3, 4, 5; MB at b = 2, 3, 4 weight-only)
 REFERENCE = {
     "resnet18": (1_814_073_344, (14.343, 22.825, 34.698, 49.962), None),
     "mobilenet_v1": (568_740_352, (2.938, 5.730, 9.636, 14.657), (1.825, 2.223, 2.621)),
@@ -52,7 +52,7 @@ def test_fracbits_reference_numbers_through_the_graph(model):
 
 
 def test_fc_counted_8x8_would_not_match_the_paper():
-    """§1.5: pinning the FC *input* too (8x8) gives 22.846 for ResNet-18 at b = 3, not 22.83."""
+    """Pinning the FC *input* too (8x8) gives 22.846 for ResNet-18 at b = 3, not 22.83."""
     gm = annotate(traced("resnet18"),
                   "annotate-bitwidths{weight-bits=3 act-bits=3 first-last-bits=8}")
     update_qmeta(next(n for n in gm.graph.nodes if n.target == "fc"),

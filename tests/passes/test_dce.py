@@ -8,21 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import qpasses
-from passes_registry import Instrument, PassContext, PassManager
+
+from .pipeline_helpers import run_with_stats
 
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
 
 
 def run(gm, text="graph(dce)"):
-    stats: dict = {}
-
-    class Grab(Instrument):
-        def after_pass(self, p, gm, result):
-            stats.update(result.stats)
-
-    with PassContext(verify_each=True, instruments=(Grab(),)):
-        gm = PassManager.parse(text).run(gm)
-    return gm, stats
+    return run_with_stats(gm, text)
 
 
 def compare(gm, model, x=X):

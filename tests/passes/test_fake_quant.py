@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qpasses.errors import CalibrationError, NumericsError
-from qpasses.modules.fake_quant import (AffineActFakeQuant, FakeQuantConv2d, FakeQuantLinear,
-                                LSQActFakeQuant, PACTActFakeQuant, WeightFakeQuant, check_bits,
-                                fake_quant_modules, set_fake_quant, set_observing, wrap_layer,
-                                wrapper_class)
+from qpasses.modules.fake_quant import (AffineActFakeQuant, LSQActFakeQuant, PACTActFakeQuant,
+                                        WeightFakeQuant, check_bits)
+from qpasses.modules.fake_quant_layers import (FakeQuantConv2d, FakeQuantLinear,
+                                               fake_quant_modules, set_fake_quant, set_observing,
+                                               wrap_layer, wrapper_class)
 from qpasses.numerics import dorefa_weight, minmax_qparams, quantize_dequantize
 
 
@@ -270,7 +271,7 @@ def test_per_kernel_weight_fq_idempotent_in_range_zero_bits(bits, seed):
 
 
 def test_fast_path_is_bit_identical_to_torch_fused_kernels():
-    from qpasses.modules.fake_quant import fast_fake_quant
+    from qpasses.numerics.fast_fake_quant import fast_fake_quant
     torch.manual_seed(6)
     g = torch.randn(3, 4, 5)
     for zp in (torch.tensor([7]), None):

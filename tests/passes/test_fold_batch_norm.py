@@ -11,22 +11,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpasses
-from passes_registry import Instrument, PassContext, PassFailure, PassManager
+from passes_registry import PassFailure
 from qpasses.passes.fold_batch_norm import analyze, check_bn_folded, fold_weights
+
+from .pipeline_helpers import run_with_stats
 
 BN = nn.modules.batchnorm._BatchNorm
 
 
 def run(gm, text="graph(fold-batch-norm)"):
-    stats = {}
-
-    class Grab(Instrument):  # collects the pass statistics
-        def after_pass(self, p, gm, result):
-            stats.update(result.stats)
-
-    with PassContext(verify_each=True, instruments=(Grab(),)):
-        gm = PassManager.parse(text).run(gm)
-    return gm, stats
+    return run_with_stats(gm, text)
 
 
 def randomize_bn(bn: BN, g: torch.Generator) -> None:

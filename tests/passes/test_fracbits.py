@@ -1,4 +1,4 @@
-"""FracBits: insert-fracbits / penalty / freeze-fracbits (reference/algorithms.md §1)."""
+"""FracBits: insert-fracbits / penalty / freeze-fracbits (docs/algorithms.md, "FracBits")."""
 from __future__ import annotations
 
 import pytest
@@ -6,12 +6,13 @@ import torch
 import torchvision
 
 import qpasses
-from passes_registry import PassManager, PassContext
+from passes_registry import PassManager, PassContext, get_record
 from passes_registry.errors import OptionError, PropertyError
 from qpasses.algorithms.cost_model import annotated_bits, model_bitops
 from qpasses.errors import AnnotationError, BudgetError, NumericsError
 from qpasses.numerics.quantizers import dorefa_normalize, fracbits_interp, unit_quantize
 from qpasses.modules import fracbits as fb
+from qpasses.algorithms import fracbits as fb_cost
 from qpasses.modules.fake_quant import PACTActFakeQuant
 from qpasses.passes.freeze_fracbits import FROZEN_META, offset_bisection
 
@@ -101,7 +102,7 @@ def test_insert_pins_first_last_and_trains():
     before = mods["conv2"][0].lam.detach().clone()
     for _ in range(3):
         opt.zero_grad()
-        loss = gm(X).pow(2).mean() + fb.penalty(gm, target_bitops=0.001, kappa=10.0)
+        loss = gm(X).pow(2).mean() + fb_cost.penalty(gm, target_bitops=0.001, kappa=10.0)
         loss.backward()
         opt.step()
         fb.clamp_lambdas(gm)
@@ -141,7 +142,7 @@ def test_bad_options_typed():
 def test_penalty_matches_bitops_analysis_at_integer_lambda():
     gm = _graph("granularity=kernel candidates=[0,1,2,3,4,5,6,7,8] allow-zero=true")
     _set_lambdas(gm, value_w=3.0, value_a=5.0)
-    cost = fb.model_cost(gm, detach=True)
+    cost = fb_cost.model_cost(gm, detach=True)
     # the bitops analysis on the same bits, frozen with nearest rounding
     frozen = _freeze(gm, "rounding=nearest")
     rep = qpasses.report(frozen)
@@ -152,22 +153,22 @@ def test_penalty_matches_bitops_analysis_at_integer_lambda():
 
 def test_penalty_gradient_sign_flips_at_target():
     gm = _graph()
-    cost = float(fb.model_cost(gm, detach=True))
+    cost = float(fb_cost.model_cost(gm, detach=True))
     lam = fb.fracbits_modules(gm)["conv2"][0].lam
     grads = []
     for target in (cost * 0.9, cost * 1.1):
         lam.grad = None
-        fb.penalty(gm, target_bitops=target, kappa=1.0).backward()
+        fb_cost.penalty(gm, target_bitops=target, kappa=1.0).backward()
         grads.append(float(lam.grad))
     assert grads[0] > 0 > grads[1]
-    sz = fb.penalty(gm, target_size=1.0, kappa=1.0)
+    sz = fb_cost.penalty(gm, target_size=1.0, kappa=1.0)
     assert sz.requires_grad
     with pytest.raises(NumericsError, match="exactly one"):
-        fb.penalty(gm)
+        fb_cost.penalty(gm)
     with pytest.raises(NumericsError, match="exactly one"):
-        fb.penalty(gm, target_bitops=1.0, target_size=1.0)
+        fb_cost.penalty(gm, target_bitops=1.0, target_size=1.0)
     with pytest.raises(NumericsError, match="positive"):
-        fb.penalty(gm, target_bitops=-1.0)
+        fb_cost.penalty(gm, target_bitops=-1.0)
 
 
 # -- freeze-fracbits ------------------------------------------------------------------------------
@@ -188,9 +189,9 @@ def test_freeze_nearest_writes_rounded_bits_and_restores_float_layers():
         if la is not None:
             assert rep[n]["a_bits"] == round(la)
     assert type(out.get_submodule("conv2")) is torch.nn.Conv2d
-    assert "fracbits_act" not in out._modules and FROZEN_META in out.meta
+    assert "fracbits_act" not in out._modules and get_record(out, FROZEN_META) is not None
     # the standard passes apply unchanged; PACT clips start from the learned α
-    alphas = {n: rec["alpha"] for n, rec in out.meta[FROZEN_META].items() if rec["alpha"]}
+    alphas = {n: rec.alpha for n, rec in get_record(out, FROZEN_META).layers.items() if rec.alpha}
     assert alphas
     pm = PassManager.parse("graph(insert-fake-quant{weight-scheme=dorefa act-scheme=pact})",
                            assume=out)
@@ -208,7 +209,7 @@ def test_freeze_nearest_writes_rounded_bits_and_restores_float_layers():
 def test_freeze_meets_target_from_below(rounding, granularity):
     gm = _graph(f"granularity={granularity}")
     _set_lambdas(gm, value_w=4.6, value_a=4.4)
-    full = float(fb.model_cost(gm, detach=True))
+    full = float(fb_cost.model_cost(gm, detach=True))
     target = full * 0.8
     out = _freeze(gm, f"rounding={rounding} target-bitops={target}")
     got = qpasses.report(out)["totals"]["bitops"] / 1e9
@@ -222,7 +223,7 @@ def test_solver_with_zero_bit_kernels_lands_within_one_percent():
     _set_lambdas(gm, seed=5)
     with torch.no_grad():
         fb.fracbits_modules(gm)["conv2"][0].lam[:6] = 0.0
-    target = float(fb.model_cost(gm, detach=True)) * 0.7
+    target = float(fb_cost.model_cost(gm, detach=True)) * 0.7
     out = _freeze(gm, f"rounding=solver target-bitops={target}")
     got = qpasses.report(out)["totals"]["bitops"] / 1e9
     assert 0.99 * target <= got <= target
@@ -231,7 +232,7 @@ def test_solver_with_zero_bit_kernels_lands_within_one_percent():
 def test_offset_bisection_noop_when_under_budget():
     gm = _graph()
     _set_lambdas(gm, value_w=3.0, value_a=3.0)
-    cost = float(fb.model_cost(gm, detach=True))
+    cost = float(fb_cost.model_cost(gm, detach=True))
     delta, _, _, c = offset_bisection(gm, cost * 1.005, tolerance=0.01)
     assert delta == 0.0 and abs(c - cost) < 1e-12
     with pytest.raises(BudgetError):
@@ -270,7 +271,7 @@ def test_zero_bit_kernels_feed_prune():
     with PassContext(example_inputs=(X,)):
         pruned = pm.run(out)
     rep2 = {r["name"]: r for r in qpasses.report(pruned)["layers"]}
-    log = [r for r in pruned.meta["qpasses.prune_log"] if r.get("layer")]
+    log = [r for r in get_record(pruned, "qpasses.prune_log").entries if r.get("layer")]
     assert rep2["conv2"]["pruned_channels"] > 0, log
 
 
@@ -293,7 +294,7 @@ def test_layerwise_solver_lands_within_one_percent_on_resnet18(fraction, seed):
     with PassContext(example_inputs=(x,)):
         gm = pm.run(gm)
     _set_lambdas(gm, seed=seed)
-    target = float(fb.model_cost(gm, detach=True)) * fraction
+    target = float(fb_cost.model_cost(gm, detach=True)) * fraction
     gm.eval()
     with PassContext(example_inputs=(x,)):
         out = PassManager.parse(f"graph(freeze-fracbits{{rounding=solver target-bitops={target}}})",
@@ -309,8 +310,8 @@ def test_weight_only_search_meets_a_size_target():
     gm = _graph("granularity=kernel act-scheme=none", annotate="weight-bits=3 act-bits=8")
     assert not any(aq is not None for _, aq in fb.fracbits_modules(gm).values())
     _set_lambdas(gm, seed=3)
-    full = float(fb.model_cost(gm, "size", detach=True))
-    fb.penalty(gm, target_size=full * 0.8, kappa=1.0).backward()     # differentiable in λ_w
+    full = float(fb_cost.model_cost(gm, "size", detach=True))
+    fb_cost.penalty(gm, target_size=full * 0.8, kappa=1.0).backward()     # differentiable in λ_w
     target = full * 0.8
     out = _freeze(gm, f"rounding=solver target-size={target}")
     rep = qpasses.report(out)

@@ -1,4 +1,4 @@
-"""GMPQ passes: insert-gmpq-supernet / select-gmpq-policy (reference/algorithms.md §2)."""
+"""GMPQ passes: insert-gmpq-supernet / select-gmpq-policy (docs/algorithms.md, "GMPQ")."""
 from __future__ import annotations
 
 import warnings
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, get_record
 from passes_registry.errors import OptionError, PropertyError
 from qpasses.errors import AnnotationError, BudgetError, QpassesWarning
-from qpasses.modules import gmpq
+from qpasses.algorithms import gmpq
+from qpasses.modules import gmpq as gmpq_modules
 
 from ..conftest import DigitsCNN
 
@@ -54,7 +55,7 @@ def _set_logits(gm, choice: dict[str, tuple[int, int]]):
     """Make (w_bits, a_bits) the argmax of the named layers."""
     with torch.no_grad():
         for name, (wb, ab) in choice.items():
-            wm, am = gmpq.supernet_modules(gm)[name]
+            wm, am = gmpq_modules.supernet_modules(gm)[name]
             wm.logits.copy_(torch.tensor([3.0 if b == wb else 0.0 for b in wm.candidates]))
             am.logits.copy_(torch.tensor([3.0 if b == ab else 0.0 for b in am.candidates]))
 
@@ -63,7 +64,7 @@ def _set_logits(gm, choice: dict[str, tuple[int, int]]):
 
 def test_insert_builds_composite_layers_and_pins_first_last():
     gm = _supernet("w-candidates=[2,3,4,6] a-candidates=[2,4]")
-    mods = gmpq.supernet_modules(gm)
+    mods = gmpq_modules.supernet_modules(gm)
     assert list(mods) == ["conv2", "conv3"]
     assert type(gm.get_submodule("conv1")) is nn.Conv2d     # stem and classifier stay float
     assert type(gm.get_submodule("fc")) is nn.Linear
@@ -72,12 +73,12 @@ def test_insert_builds_composite_layers_and_pins_first_last():
     assert torch.allclose(wm.probs(), torch.full((4,), 0.25))
     assert mods["conv3"][1].signed          # its input also feeds the residual add (signed)
     assert not am.signed
-    tap = gm.meta[gmpq.GMPQ_META]["tap"]
+    tap = get_record(gm, gmpq_modules.GMPQ_META).tap
     tap_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == tap)
     assert tap_node.args[0].name == "relu_2" and [u.name for u in tap_node.users] == ["pool"]
     assert gm(X).shape == (4, 10)
     all_searched = _supernet("pin-first-last=false")
-    assert list(gmpq.supernet_modules(all_searched)) == ["conv1", "conv2", "conv3", "fc"]
+    assert list(gmpq_modules.supernet_modules(all_searched)) == ["conv1", "conv2", "conv3", "fc"]
 
 
 def test_user_model_never_modified():
@@ -129,7 +130,7 @@ def test_model_without_conv_feature_map():
     with pytest.raises(AnnotationError, match=r"feature-node=NODE.*feature-node=none"):
         _supernet(model=MLP())
     gm = _supernet("feature-node=none", model=MLP())    # EdMIPS-style search still works
-    assert list(gmpq.supernet_modules(gm)) == ["fc2"]
+    assert list(gmpq_modules.supernet_modules(gm)) == ["fc2"]
     assert float(gmpq.search_loss(gm, X, Y, zeta=1.0).total.detach()) > 0
     with pytest.raises(AnnotationError, match="make_teacher needs a supernet with a feature tap"):
         gmpq.make_teacher(MLP(), gm)
@@ -137,10 +138,10 @@ def test_model_without_conv_feature_map():
 
 def test_feature_node_option_picks_the_layer():
     gm = _supernet("feature-node=relu_1")
-    assert gm.meta[gmpq.GMPQ_META]["feature"] == "relu_1"
-    assert tuple(gm.meta[gmpq.GMPQ_META]["feature_shape"]) == (4, 32, 4, 4)
+    assert get_record(gm, gmpq_modules.GMPQ_META).feature == "relu_1"
+    assert tuple(get_record(gm, gmpq_modules.GMPQ_META).feature_shape) == (4, 32, 4, 4)
     by_module = _supernet("feature-node=bn3")                 # a module path works too
-    assert by_module.meta[gmpq.GMPQ_META]["feature"] == "bn3"
+    assert get_record(by_module, gmpq_modules.GMPQ_META).feature == "bn3"
     with pytest.raises(AnnotationError, match="did you mean.*relu_1"):
         _supernet("feature-node=relu_11")
 
@@ -182,9 +183,9 @@ def test_select_weights_and_activations_independently():
     # the supernet is gone, the trained weights and learned values are kept
     assert type(out.get_submodule("conv2")) is nn.Conv2d
     assert "gmpq_act" not in out._modules and not any("gmpq" in n.name for n in out.graph.nodes)
-    sel = out.meta[gmpq.SELECTED_META]
-    assert sel["conv2"]["w_bits"] == 4 and sel["conv2"]["a_bits"] == 2
-    assert sel["conv2"]["pi_w"][2] > 0.8 and sel["conv2"]["alpha"] == pytest.approx(6.0)
+    sel = get_record(out, gmpq_modules.SELECTED_META).layers
+    assert sel["conv2"].w_bits == 4 and sel["conv2"].a_bits == 2
+    assert sel["conv2"].pi_w[2] > 0.8 and sel["conv2"].alpha == pytest.approx(6.0)
     # ordinary annotations: the standard passes apply
     q = _run(out, "graph(insert-fake-quant{act-scheme=pact},calibrate)", assume=out)
     assert q(X).shape == (4, 10)
@@ -225,7 +226,7 @@ def test_search_moves_pi_toward_cheaper_bits_with_large_zeta():
     model = DigitsCNN().eval()
     gm = _supernet(model=model).train()
     teacher = gmpq.make_teacher(model, gm)
-    arch = gmpq.arch_parameters(gm)
+    arch = gmpq_modules.arch_parameters(gm)
     ids = {id(p) for p in arch}
     opt_w = torch.optim.SGD([p for p in gm.parameters() if id(p) not in ids], lr=0.01)
     opt_a = torch.optim.SGD(arch, lr=0.5, momentum=0.9, weight_decay=1e-4)

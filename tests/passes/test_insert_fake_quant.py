@@ -18,13 +18,13 @@ import qpasses
 from passes_registry import (PassContext, PassManager, PropertyError, graph_properties,
                              parse_pipeline)
 from qpasses import get_qmeta
-from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, FakeQuantConv2d,
-                                FakeQuantLinear, LSQActFakeQuant, PACTActFakeQuant,
-                                WeightFakeQuant)
-from qpasses.passes.insert_fake_quant import (is_act_fq_node, join_output_fq_node,
+from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, LSQActFakeQuant,
+                                        PACTActFakeQuant, WeightFakeQuant)
+from qpasses.modules.fake_quant_layers import FakeQuantConv2d, FakeQuantLinear
+from qpasses.modules.lookup import (is_act_fq_node, join_output_fq_node,
                                                        layer_act_fq_node, layer_weight_quantizer)
 from qpasses.analyses.properties import check_fake_quant_inserted
-from tests.tools.tiny_models import TinyCNN
+from tests.models import TinyCNN
 
 
 def run(gm, text, ctx=None):

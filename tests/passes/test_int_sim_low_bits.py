@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import qpasses
-from passes_registry import PassContext, PassManager
-from qpasses.modules.int_sim import IntLayer
-from qpasses.modules.int_sim import INT_SIM_META_KEY, IntAvgPoolSum
+from passes_registry import PassContext, PassManager, get_record
+from qpasses.ir.records import INT_SIM_KEY
+from qpasses.modules.int_sim_layers import IntLayer
+from qpasses.modules.int_sim_ops import IntAvgPoolSum
 from qpasses.passes.verify_int_sim import record_run
 
 from .int_sim_helpers import assert_backends_bit_exact, lower
@@ -70,12 +71,12 @@ class _Forced(torch.fx.Interpreter):
 
 def _local(fq: torch.fx.GraphModule, gm: torch.fx.GraphModule, x: torch.Tensor
            ) -> dict[str, torch.Tensor]:
-    rec = gm.meta[INT_SIM_META_KEY]
+    rec = get_record(gm, INT_SIM_KEY)
     values = record_run(gm, (x,))
     with torch.no_grad():
-        f = _Forced(fq, rec["fq_map"], values)
+        f = _Forced(fq, rec.fq_map, values)
         f.run(x)
-    assert len(f.diff) == len(rec["fq_map"]) >= 5
+    assert len(f.diff) == len(rec.fq_map) >= 5
     return f.diff
 
 
@@ -88,8 +89,8 @@ def _agreement(fq: torch.fx.GraphModule, gm: torch.fx.GraphModule, x: torch.Tens
 def test_dorefa_weights_lower_to_integer_layers(digits_cnn, bits):
     gm0, x, cal = _fake_quant(digits_cnn, bits, "dorefa", "pact")
     fq, gm = lower(gm0, x, cal, "rounding=float-rne")
-    rec = gm.meta[INT_SIM_META_KEY]
-    assert rec["float_islands"] == [], rec["float_islands"]
+    rec = get_record(gm, INT_SIM_KEY)
+    assert rec.float_islands == (), rec.float_islands
     layers = {n: m for n, m in gm.named_modules() if isinstance(m, IntLayer)}
     assert sorted(layers) == ["conv1", "conv2", "conv3", "fc"]
     for name, m in layers.items():
@@ -109,7 +110,7 @@ def test_dorefa_weights_lower_to_integer_layers(digits_cnn, bits):
 def test_low_bit_requantizations_stay_within_the_contract(digits_cnn, bits, wscheme, ascheme):
     gm0, x, cal = _fake_quant(digits_cnn, bits, wscheme, ascheme)
     fq, gm = lower(gm0, x, cal)                    # gemmlowp, bias-frac-bits auto
-    assert gm.meta[INT_SIM_META_KEY]["float_islands"] == []
+    assert get_record(gm, INT_SIM_KEY).float_islands == ()
     pools = [m for m in gm.modules() if isinstance(m, IntAvgPoolSum)]
     assert len(pools) == 1 and pools[0].lcm > 16      # 4x4 window sums keep fractional bits
     for name, d in _local(fq, gm, digits_cnn.x_test).items():
@@ -133,7 +134,7 @@ def test_bias_frac_bits_make_int_sim_follow_fake_quant(digits_cnn, bits, wscheme
 def test_oracle_and_backends_agree_with_pool_fractional_bits(digits_cnn):
     gm0, x, cal = _fake_quant(digits_cnn, 3, "dorefa", "pact")
     _, gm = lower(gm0, x, cal, verify="samples=8 oracle=independent")
-    v = gm.meta[INT_SIM_META_KEY]["verify"]
+    v = get_record(gm, INT_SIM_KEY).verify
     assert v["oracle"] == "independent" and v["local_max_lsb_diff"] <= 1
     assert any(isinstance(m, IntAvgPoolSum) and m.lcm > 16 for m in gm.modules())
     assert_backends_bit_exact(gm, digits_cnn.x_test[:64])

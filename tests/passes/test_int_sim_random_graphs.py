@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from passes_registry import get_record
+
 from qpasses.algorithms.int_sim_check import check_int_sim
-from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.ir.records import INT_SIM_KEY
 
 from .int_sim_helpers import assert_backends_bit_exact, calibrated, lower
 
@@ -158,7 +160,7 @@ def test_fast_equals_reference_on_random_stacks(case):
                             seed=seed, batches=2)
     _, gm = lower(gm, x, cal, f"rounding={rounding} multiplier-bits={mult_bits}",
                   verify="samples=2 oracle=independent")
-    rec = gm.meta[INT_SIM_META_KEY]
+    rec = get_record(gm, INT_SIM_KEY)
     assert check_int_sim(gm) == []
-    assert rec["float_islands"] == [], rec["float_islands"]
+    assert rec.float_islands == (), rec.float_islands
     assert_backends_bit_exact(gm, x)

@@ -22,10 +22,11 @@ import torchvision
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, get_record
+from qpasses.ir.records import INT_SIM_KEY
 from qpasses.passes.verify_int_sim import record_run
-from qpasses.passes.calibrate import write_qmeta
-from qpasses.passes.insert_fake_quant import act_fq_module, layer_act_fq_node
+from qpasses.modules.lookup import write_qmeta
+from qpasses.modules.lookup import act_fq_module, layer_act_fq_node
 
 from .int_sim_helpers import randomize
 
@@ -97,7 +98,7 @@ def test_lowered_layer_equals_torch_ao_fbgemm(case):
         theirs = theirs.clamp(min=t_out.q_zero_point())
     # torch.ao's reduce_range picks 7-bit scales but clamps op outputs to quint8's [0, 255];
     # our grid (and the fake-quant graph) clamps to the 7-bit range: only there may they differ
-    top = fq_out._qmax + offset
+    top = fq_out.qmax + offset
     inside = theirs <= top
     assert torch.equal(ours[inside], theirs[inside]), \
         f"{int((ours[inside] != theirs[inside]).sum())} of {int(inside.sum())} codes differ"
@@ -170,7 +171,7 @@ def _adopt_torch_qparams(gm: torch.fx.GraphModule, q: torch.fx.GraphModule
         if n.op == "call_module" and str(n.target).startswith("activation_fake_quant"):
             fq = mods[str(n.target)]
             s, z = qparams(n.args[0])
-            assert fq._qmax - fq._qmin == 255
+            assert fq.qmax - fq.qmin == 255
             off = 128 if fq.signed else 0
             points[n.name] = (off, torch_node(n.args[0]))
             with torch.no_grad():
@@ -184,7 +185,6 @@ def test_whole_resnet18_matches_torch_ao_within_one_lsb(record_property):
     """ResNet-18 (random He weights, BN statistics), 2 images at 64x64: every intermediate
     quantization point equals torch.ao's fbgemm codes, the logits are within one LSB of torch's
     quantized output on >= 99.9% of values."""
-    from qpasses.modules.int_sim import INT_SIM_META_KEY
     model = randomize(torchvision.models.resnet18(), seed=0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 64, 64, generator=g)
@@ -203,13 +203,13 @@ def test_whole_resnet18_matches_torch_ao_within_one_lsb(record_property):
         if hasattr(m, "w_q"):
             assert torch.equal(m.w_q, q.get_submodule(name).weight().int_repr().to(torch.int64))
     iv = record_run(gm, (x,))
-    rec = gm.meta[INT_SIM_META_KEY]
-    assert rec["float_islands"] == []
+    rec = get_record(gm, INT_SIM_KEY)
+    assert rec.float_islands == ()
     # every quantization point whose torch tensor has the same shape: equal codes
     t_quant = {k: v.int_repr().to(torch.int64) for k, v in tv.items()
                if isinstance(v, torch.Tensor) and v.is_quantized}
     points = equal = total = 0
-    for k, m in rec["fq_map"].items():
+    for k, m in rec.fq_map.items():
         off, name = at[k]
         if name not in t_quant:
             continue

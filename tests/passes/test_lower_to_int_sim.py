@@ -1,5 +1,6 @@
-"""lower-to-int-sim: the §5.5 formulas through whole layers, reference == fast bit for bit on model
-graphs, closeness to the fake-quant graph, float islands, and the errors users can hit."""
+"""lower-to-int-sim: the formulas of docs/int-sim.md ("Integer arithmetic") through whole
+layers, reference == fast bit for bit on model graphs, closeness to the fake-quant graph, float
+islands, and the errors users can hit."""
 from __future__ import annotations
 
 import math
@@ -16,12 +17,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassFailure, PassManager
+from passes_registry import PassContext, PassFailure, PassManager, get_record
 from passes_registry.errors import OptionError, PropertyError
 from qpasses.errors import NumericsError
-from qpasses.modules.int_sim import IntLayer, IntLUT, set_backend
+from qpasses.modules.int_sim import set_backend
+from qpasses.modules.int_sim_layers import IntLayer
+from qpasses.modules.int_sim_ops import IntLUT
 from qpasses.algorithms.int_sim_check import check_int_sim
-from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.ir.records import INT_SIM_KEY
 from qpasses.passes.verify_int_sim import record_run
 
 from .int_sim_helpers import assert_backends_bit_exact, calibrated, codes_at, lower, randomize
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 # ------------------------------------------------------------------------------------------------
-# the §5.5 formulas, by hand, through one conv layer
+# the integer-arithmetic formulas, by hand, through one conv layer
 
 
 class OneLayer(nn.Module):
@@ -107,7 +110,7 @@ def _rha_div(v: int, r: int) -> int:
 
 
 def _contract(acc: int, m: float, rounding: str, bits: int = 31) -> int:
-    """The §5.2/§5.4 formulas on Python ints."""
+    """The gemmlowp / single / HAWQ contracts on Python ints."""
     mult, e = _qm(m, bits)
     if rounding == "gemmlowp":
         x = acc * 2 ** max(e, 0)
@@ -124,7 +127,7 @@ def _contract(acc: int, m: float, rounding: str, bits: int = 31) -> int:
 
 def _hand_layer(fq_gm, gm, x, rounding, act):
     """Expected output codes of the lowered layer from the fake-quant graph's own quantizers."""
-    rec = gm.meta[INT_SIM_META_KEY]
+    rec = get_record(gm, INT_SIM_KEY)
     fv = record_run(fq_gm, (x,))
     layer = fq_gm.layer
     wfq = layer.weight_fake_quant
@@ -135,13 +138,13 @@ def _hand_layer(fq_gm, gm, x, rounding, act):
     shape = (-1,) + (1,) * (w_hat.dim() - 1)
     w_q = (torch.round(w_hat / s_w.reshape(shape)).long() + z_w.reshape(shape)).tolist()
     (in_name,) = [n.args[0].name for n in fq_gm.graph.nodes if n.target == "layer"]
-    out_name = next(k for k, v in rec["fq_map"].items() if v["node"] == "layer")
+    out_name = next(k for k, v in rec.fq_map.items() if v["node"] == "layer")
     in_mod, out_mod = fq_gm.get_submodule(_target(fq_gm, in_name)), \
         fq_gm.get_submodule(_target(fq_gm, out_name))
     s_x, z_x = float(in_mod.scale), int(in_mod.zero_point)
     s_y, z_y = float(out_mod.scale), int(out_mod.zero_point)
     x_q = (torch.round(fv[in_name].double() / s_x).long() + z_x)
-    lo, hi = int(out_mod._qmin), int(out_mod._qmax)
+    lo, hi = int(out_mod.qmin), int(out_mod.qmax)
     inv = np.float32(1.0) / np.float32(s_y)
     if act in ("relu", "relu6"):
         lo = max(lo, z_y)
@@ -176,7 +179,7 @@ def _hand_layer(fq_gm, gm, x, rounding, act):
                             acc += (int(x_q[n_, g * cg + c, iy, ix]) - z_x) * \
                                 (w_q[o][c][ky][kx] - int(z_w[o]))
         sxw = s_x * float(s_w[o])
-        if rounding == "float-rne":                     # fbgemm, float32 throughout (§5.3)
+        if rounding == "float-rne":                     # fbgemm, float32 throughout
             act_w = np.float32(np.float32(s_x) * np.float32(s_w[o]))
             v = np.float32(acc)
             if bias is not None:
@@ -236,8 +239,8 @@ def test_reference_equals_fast_on_the_zoo(name, record_property):
     model = randomize(getattr(torchvision.models, name)())
     gm, x, cal = calibrated(model, (2, 3, 32, 32), batches=2)
     fq, gm = lower(gm, x, cal, verify="samples=2 oracle=reference-backend")
-    rec = gm.meta[INT_SIM_META_KEY]
-    assert rec["float_islands"] == [], rec["float_islands"]
+    rec = get_record(gm, INT_SIM_KEY)
+    assert rec.float_islands == (), rec.float_islands
     assert check_int_sim(gm) == []
     assert_backends_bit_exact(gm, x)
     # the fast kernels are exactly the ones their bounds allow
@@ -252,8 +255,8 @@ def test_reference_equals_fast_on_the_zoo(name, record_property):
     assert "int8-mm" in kinds
     diffs = [(a - b).abs() for _, a, b in codes_at(fq, gm, x)]
     off = sum(int((d > 0).sum()) for d in diffs) / sum(d.numel() for d in diffs)
-    v = rec["verify"]
-    line = (f"{name}: {rec['stats']['num_int_layers']} int layers; per op (fed the fake-quant "
+    v = rec.verify
+    line = (f"{name}: {rec.stats['num_int_layers']} int layers; per op (fed the fake-quant "
             f"codes) {v['local_codes_off']} of {v['codes_total']} codes differ, max "
             f"{v['local_max_lsb_diff']} LSB; whole graph (differences cascade) max "
             f"{max(int(d.max()) for d in diffs)} LSB, {100 * off:.2f}% of codes differ")
@@ -304,13 +307,13 @@ def test_pools_joins_tables_and_mixed_bits(joins, rounding):
     gm, x, cal = calibrated(JoinsAndTables().eval(), (2, 3, 10, 10), config=MIXED_BITS,
                             fq=f"join-scales={joins}")
     fq, gm = lower(gm, x, cal, f"rounding={rounding}", verify="samples=2")
-    rec = gm.meta[INT_SIM_META_KEY]
-    st_ = rec["stats"]
-    assert rec["float_islands"] == []
+    rec = get_record(gm, INT_SIM_KEY)
+    st_ = rec.stats
+    assert rec.float_islands == ()
     assert st_["num_luts"] == 3 and st_["num_int_adds"] == 1 and st_["num_int_cats"] == 1
     assert st_["num_pools"] == 2
     assert_backends_bit_exact(gm, x)
-    assert rec["verify"]["max_lsb_diff"] <= 2
+    assert rec.verify["max_lsb_diff"] <= 2
     # the cat requantizes its inputs only when their scales differ
     cat = gm.get_submodule("int_sim.cat")
     requantized = sum(not isinstance(r, nn.Identity) for r in cat.requants)
@@ -361,8 +364,8 @@ def test_lookup_tables_equal_the_fake_quant_nonlinearity():
     luts = [n for n, m in gm.named_modules() if isinstance(m, IntLUT)]
     assert len(luts) == 2
     fv, iv = record_run(fq, (x,)), record_run(gm, (x,))
-    rec = gm.meta[INT_SIM_META_KEY]
-    for k, m in rec["fq_map"].items():
+    rec = get_record(gm, INT_SIM_KEY)
+    for k, m in rec.fq_map.items():
         if "sigmoid" in k or "hardswish" in k or "add" in k:
             codes = torch.round(fv[k].double() / m["scale"]).long() + m["zero_point"]
             assert torch.equal(codes, iv[m["node"]]), k
@@ -389,10 +392,10 @@ class SplitShuffle(nn.Module):
 def test_split_and_channel_shuffle_stay_integer():
     gm, x, cal = calibrated(SplitShuffle().eval(), (2, 3, 8, 8))
     fq, gm = lower(gm, x, cal, verify="samples=2")
-    rec = gm.meta[INT_SIM_META_KEY]
-    assert rec["float_islands"] == [] and check_int_sim(gm) == []
+    rec = get_record(gm, INT_SIM_KEY)
+    assert rec.float_islands == () and check_int_sim(gm) == []
     assert_backends_bit_exact(gm, x)
-    assert rec["verify"]["local_max_lsb_diff"] <= 1
+    assert rec.verify["local_max_lsb_diff"] <= 1
     with torch.no_grad():
         assert gm(x).shape == fq(x).shape == (2, 6)
 
@@ -497,7 +500,7 @@ def test_narrow_multipliers(bits):
     rq = [m.requant for m in gm.modules() if isinstance(m, IntLayer) and m.requant is not None]
     assert rq and all(int(r.multiplier.max()) < 2 ** bits for r in rq)
     assert_backends_bit_exact(gm, x)
-    assert gm.meta[INT_SIM_META_KEY]["verify"]["max_lsb_diff"] <= (2 if bits == 15 else 8)
+    assert get_record(gm, INT_SIM_KEY).verify["max_lsb_diff"] <= (2 if bits == 15 else 8)
 
 
 def test_wide_operands_fall_back_without_failing():
@@ -507,7 +510,7 @@ def test_wide_operands_fall_back_without_failing():
     _, gm = lower(gm, x, cal, verify="samples=2")
     kernels = {m.fast_kernel for m in gm.modules() if isinstance(m, IntLayer)}
     assert "int8-mm" not in kernels and kernels <= {"float32", "float64", "reference"}
-    assert gm.meta[INT_SIM_META_KEY]["float_islands"] == []
+    assert get_record(gm, INT_SIM_KEY).float_islands == ()
     assert_backends_bit_exact(gm, x)
     # 16-bit x 16-bit: accumulators beyond int32 -> those layers stay in float, reported
     gm, x, cal = calibrated(_digits_like(), (2, 1, 8, 8),

@@ -25,7 +25,9 @@ from passes_registry import (AnalysisManager, OptionError, PassContext, PassMana
 from qpasses import get_qmeta
 from qpasses.errors import AnnotationError, InputError
 from qpasses.analyses.channel_groups import compute_channel_groups
-from qpasses.passes.prune_zero_bit_channels import PRUNE_LOG_KEY, PruneZeroBitChannels
+from passes_registry import get_record
+from qpasses.ir.records import PRUNE_LOG_KEY, PruneLog
+from qpasses.passes.prune_zero_bit_channels import PruneZeroBitChannels
 
 from .prune_util import (assert_same, layer_nodes, measured_macs, random_bits, randomize_bn, run,
                          set_bits, single_thread, trace_folded)
@@ -112,7 +114,7 @@ def test_removes_zero_bit_channels_exactly_and_updates_everything():
     assert rows["a"]["macs"] == 3 * 27 * 64 and rows["b"]["macs"] == 4 * 27 * 64
     assert "pruned=3" in print_graph(gm)
     assert torch.equal(model.a.weight, before_w)   # the user's model is never touched
-    log = gm.meta[PRUNE_LOG_KEY]
+    log = get_record(gm, PRUNE_LOG_KEY).entries
     assert {"layer": "a", "node": "a", "mode": "exact", "removed": [1, 3, 4], "kept": []} in log
 
 
@@ -150,7 +152,7 @@ def test_repeated_runs_record_original_indices():
     y1 = run(gm, x)
     prune(gm)
     assert get_qmeta(node).pruned_channels == (1, 2, 4)
-    assert gm.meta[PRUNE_LOG_KEY][-2]["removed"] == [2]
+    assert get_record(gm, PRUNE_LOG_KEY).entries[-2]["removed"] == [2]
     assert_same(run(gm, x), y1)
 
 
@@ -167,7 +169,7 @@ def test_negative_bias_before_relu_is_provably_zero():
     res = prune_stats(gm)
     assert gm.a.out_channels == 4                  # channels 1 and 3 (bias <= 0) removed
     assert res.stats["num_channels_removed"] == 2 and res.stats["num_kept_inexact"] == 1
-    kept = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] == "a"][0]["kept"]
+    kept = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] == "a"][0]["kept"]
     assert kept[0]["channel"] == 0 and "zero padding" in kept[0]["reason"] \
         and "layer 'b'" in kept[0]["reason"]
     assert_same(run(gm, x), y0)
@@ -219,7 +221,7 @@ def test_fold_constant_mode_folds_padded_convs_and_reports_deviation():
     buf = io.StringIO()
     prune(gm, mode="fold-constant", inputs=(x,), statistics=True, stream=buf)
     assert gm.a.out_channels == 4
-    rec = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] is None][-1]
+    rec = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] is None][-1]
     measured = float((run(gm, x) - y0).abs().max())
     assert rec["max_deviation"] == pytest.approx(measured, rel=1e-6, abs=1e-9)
     assert rec["max_deviation"] > 0
@@ -245,7 +247,7 @@ def test_constant_through_avgpool_with_padding_is_inexact_but_zero_is_fine():
     y0 = run(gm, x)
     prune(gm)
     assert gm.a.out_channels == 3                  # the zero channel goes, the 0.4 one stays
-    reason = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] == "a"][0]["kept"][0]["reason"]
+    reason = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] == "a"][0]["kept"][0]["reason"]
     assert "average pool with padding" in reason
     assert_same(run(gm, x), y0)
 
@@ -270,7 +272,7 @@ def test_spatial_attention_zero_stays_zero_constant_does_not():
     y0 = run(gm, x)
     prune(gm)
     assert gm.a.out_channels == 3 and gm.att.in_channels == 3 and gm.c.in_channels == 3
-    kept = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] == "a"][0]["kept"]
+    kept = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] == "a"][0]["kept"]
     assert kept[0]["channel"] == 1 and "not constant" in kept[0]["reason"]
     assert_same(run(gm, x), y0)
 
@@ -300,7 +302,7 @@ def test_partially_zero_groups_are_kept_and_reported():
     res = prune_stats(gm)
     assert gm.a.out_channels == 3 and gm.b.out_channels == 3 and gm.b.in_channels == 3
     assert res.stats["num_kept_partial"] == 2
-    log = {e["layer"]: e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"]}
+    log = {e["layer"]: e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"]}
     assert log["a"]["kept"][0]["channel"] == 1 and "'b'" in log["a"]["kept"][0]["reason"]
     assert log["b"]["kept"][0]["channel"] == 2 and "'a'" in log["b"]["kept"][0]["reason"]
     assert_same(run(gm, x), y0)
@@ -312,7 +314,7 @@ def test_mask_that_would_empty_a_layer_keeps_one_channel():
     y0 = run(gm, x)
     res = prune_stats(gm)
     assert gm.a.out_channels == 1 and res.stats["num_kept_last"] == 1
-    kept = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] == "a"][0]["kept"]
+    kept = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] == "a"][0]["kept"]
     assert len(kept) == 1 and "last channel" in kept[0]["reason"]
     assert get_qmeta(next(n for n in gm.graph.nodes if n.name == "a")).weight.bits == 0
     assert_same(run(gm, x), y0)
@@ -324,7 +326,7 @@ def test_no_per_kernel_annotations_is_a_noop_with_a_note():
     with pytest.warns(UserWarning, match="no layer has 0-bit kernels"):
         prune(gm)
     assert print_graph(gm) == text
-    assert gm.meta[PRUNE_LOG_KEY][-1]["note"].startswith("no layer has 0-bit kernels")
+    assert get_record(gm, PRUNE_LOG_KEY).entries[-1]["note"].startswith("no layer has 0-bit kernels")
     # per-layer annotations without zeros: the same no-op
     gm2, _, _ = chain()
     set_bits(gm2, bits_for(gm2))
@@ -395,7 +397,7 @@ def test_channels_coupled_across_an_unmappable_reshape_are_kept_and_the_node_nam
     res = prune_stats(gm)
     assert gm.a.out_channels == 4 and gm.b.out_channels == 3
     assert res.stats["num_kept_unsupported"] == 2
-    kept = [e for e in gm.meta[PRUNE_LOG_KEY] if e["layer"] == "a"][0]["kept"]
+    kept = [e for e in get_record(gm, PRUNE_LOG_KEY).entries if e["layer"] == "a"][0]["kept"]
     assert all("'reshape'" in k["reason"] for k in kept)
     assert_same(run(gm, x), y0)
 
@@ -619,7 +621,7 @@ def test_random_dags_exact_equivalence_and_measured_deviation(dag, seed, frac, n
     if mode == "exact":
         assert_same(y1, y0)
     else:
-        rec = [e for e in gm.meta.get(PRUNE_LOG_KEY, []) if e["layer"] is None][-1]
+        rec = [e for e in get_record(gm, PRUNE_LOG_KEY, PruneLog()).entries if e["layer"] is None][-1]
         dev = rec.get("max_deviation")
         measured = float((y1 - y0).abs().max())
         if dev is None:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.modules.fake_quant import fake_quant_modules
-from tests.tools.tiny_models import TinyCNN
+from qpasses.modules.fake_quant_layers import fake_quant_modules
+from tests.models import TinyCNN
 
 
 def prepare(act_scheme="pact", config=None, calibrate=True, seed=0):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import qpasses
 from passes_registry import PassContext, PassManager
-from qpasses.modules.fake_quant import fake_quant_modules
+from qpasses.modules.fake_quant_layers import fake_quant_modules
 from tests.conftest import accuracy
 
 

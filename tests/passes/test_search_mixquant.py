@@ -1,4 +1,4 @@
-"""search-mixquant (reference §4, reconstructed): the §4.2 analytical sanity check, the
+"""search-mixquant (docs/algorithms.md, "MixQuant"): the noise-model sanity check, the
 selection rule, pluggable metrics, and bad options."""
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def test_analytical_sanity_check_section_4_2():
         for j, b in enumerate(BITS[:-1]):
             assert mse[j] / mse[-1] == pytest.approx(_noise_model_ratio(b), rel=0.05), b
             assert mae[j] / mae[-1] == pytest.approx(_noise_model_ratio(b, power=1), rel=0.05), b
-    # §4.2's table from the formula. It prints 16.5 and 67.4 for b = 6, 5: (255/63)^2 = 16.38
-    # and (255/31)^2 = 67.66 (slips in the reference); the others agree.
+    # the noise-model table from the formula: (255/63)^2 = 16.38, (255/31)^2 = 67.66
     assert [round(_noise_model_ratio(b), 2) for b in (7, 6, 5)] == [4.03, 16.38, 67.66]
     assert [round(_noise_model_ratio(b)) for b in (4, 3, 2)] == [289, 1327, 7225]
     assert [round(_noise_model_ratio(b, power=1), 2) for b in (7, 6, 5, 4, 3, 2)] == \
@@ -44,7 +43,7 @@ def test_analytical_sanity_check_section_4_2():
 
 def test_heavy_tailed_layers_get_fewer_bits():
     """Where the noise model breaks (mass collapsed near zero, a few outliers) the ratio is
-    smaller, so the same QEM gives fewer bits (§4.2)."""
+    smaller, so the same QEM gives fewer bits."""
     torch.manual_seed(1)
     uniform = torch.rand(256, 256) * 2 - 1
     heavy = torch.distributions.StudentT(1.5).sample((256, 256))
@@ -63,7 +62,7 @@ def test_selection_rule_and_edge_cases():
     assert select_bits([9.0, 4.0, 1.0], (2, 4, 8), 1.0, 1.0) == 8
     # reference error of a width that is not a candidate: nothing qualifies -> most accurate
     assert select_bits([9.0, 4.0], (2, 4), 0.5, 1.0) == 4
-    # constant tensors have zero error at every width -> the smallest candidate (§4.3)
+    # constant tensors have zero error at every width -> the smallest candidate
     qe = quantization_errors(torch.full((4, 9), 0.37), BITS)
     assert float(qe.abs().max()) < 1e-12
     assert select_bits(qe.tolist(), BITS, float(qe[-1]), 1.0) == 2

@@ -11,7 +11,7 @@ from passes_registry import AnalysisManager, PassContext, PassManager, PropertyE
 from passes_registry.errors import OptionError, PassFailure
 from qpasses.errors import BudgetError
 from qpasses.ir.annotations import get_qmeta
-from qpasses.passes.solve_bitwidths import SolveBitwidthsOptions, solve_bitwidths
+from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths
 from qpasses.algorithms.sensitivity import SensitivityError
 
 from .cost_helpers import annotate, small_net, traced
@@ -56,7 +56,7 @@ def test_kernelwise_budget_and_exact_beats_greedy():
     # kernel-wise has more freedom: never worse than layer-wise on the same error model
     assert exact.allocation.total_error <= layer.allocation.total_error * (1 + 1e-9)
     # written per kernel; the bitops analysis of the written bits is the solver's total
-    from qpasses.passes.solve_bitwidths import write_bits
+    from qpasses.algorithms.bit_allocation import write_bits
     write_bits(gm, exact.bits, "test")
     res = AnalysisManager().get("bitops", gm)
     assert res.total == exact.total_cost
@@ -194,7 +194,7 @@ def test_shared_module_is_one_decision_costed_over_all_calls():
         res = solve_bitwidths(gm, SolveBitwidthsOptions(target_bitops=target * 0.8 / 1e9,
                                                         granularity=gran))
         assert list(res.bits) == ["body"]
-        from qpasses.passes.solve_bitwidths import write_bits
+        from qpasses.algorithms.bit_allocation import write_bits
         write_bits(gm, res.bits, "test")
         bitops = AnalysisManager().get("bitops", gm)
         body = [r for r in bitops.rows if r.name == "body"]

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from passes_registry import PassContext, PassFailure, PassManager
+from passes_registry import PassContext, PassFailure, PassManager, get_record
 from passes_registry.errors import PropertyError
-from qpasses.modules.int_sim import IntLayer, IntLUT
+from qpasses.modules.int_sim_layers import IntLayer
+from qpasses.modules.int_sim_ops import IntLUT
 from qpasses.algorithms.int_sim_check import check_int_sim
-from qpasses.modules.int_sim import INT_SIM_META_KEY
+from qpasses.ir.records import INT_SIM_KEY
 from qpasses.passes.verify_int_sim import AccumulatorOverflowError, IntSimMismatchError
 
 from .int_sim_helpers import calibrated, lower, randomize
@@ -45,7 +46,7 @@ def lowered():
 def _verify(gm, x, opts=""):
     with PassContext(example_inputs=(x,)):
         PassManager.parse(f"graph(verify-int-sim{{{opts}}})", assume=gm).run(gm)
-    return gm.meta[INT_SIM_META_KEY]["verify"]
+    return get_record(gm, INT_SIM_KEY).verify
 
 
 def test_verify_passes_and_reports_the_deviation(lowered):

@@ -1,4 +1,4 @@
-"""GMPQ math (reference/algorithms.md §2.6): composite convolution, R_C and p, Grad-CAM, R_G,
+"""GMPQ math (docs/algorithms.md, "GMPQ"): composite convolution, R_C and p, Grad-CAM, R_G,
 and double backprop through every quantizer."""
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, get_record
 from qpasses.errors import AnnotationError, InputError, NumericsError
-from qpasses.modules.fake_quant import wrap_layer
+from qpasses.modules.fake_quant_layers import wrap_layer
 from qpasses.ir.layers import quantizable_layers
-from qpasses.modules import gmpq
+from qpasses.algorithms import gmpq
+from qpasses.modules import gmpq as gmpq_modules
 
 from ..conftest import DigitsCNN
 
@@ -69,8 +70,8 @@ def test_composite_conv_equals_double_sum_over_branches(w_c, a_c, seed, stride, 
     conv = nn.Conv2d(3, 4, 3, stride=stride, padding=1).double()
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
-    wm = gmpq.GMPQWeightMixer(w_c).double()
-    am = gmpq.GMPQActMixer(a_c, alpha_init=1.5, signed=signed).double()
+    wm = gmpq_modules.GMPQWeightMixer(w_c).double()
+    am = gmpq_modules.GMPQActMixer(a_c, alpha_init=1.5, signed=signed).double()
     with torch.no_grad():
         wm.logits.copy_(torch.randn(len(w_c), generator=g, dtype=torch.float64))
         am.logits.copy_(torch.randn(len(a_c), generator=g, dtype=torch.float64))
@@ -88,7 +89,7 @@ def test_composite_conv_equals_double_sum_over_branches(w_c, a_c, seed, stride, 
 
 def test_weight_threshold_frozen_and_plain_ste():
     w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(1))
-    wm = gmpq.GMPQWeightMixer((2, 3))
+    wm = gmpq_modules.GMPQWeightMixer((2, 3))
     wm(w)
     t0 = float(wm.threshold)
     assert t0 == pytest.approx(float(w.abs().max()))
@@ -105,7 +106,7 @@ def test_weight_threshold_frozen_and_plain_ste():
 
 def test_act_alpha_gradient_is_pact():
     x = torch.linspace(-1, 5, 101)
-    am = gmpq.GMPQActMixer((2, 4), alpha_init=2.0)
+    am = gmpq_modules.GMPQActMixer((2, 4), alpha_init=2.0)
     with torch.no_grad():
         am.alpha.copy_(torch.tensor([1.0, 3.0]))
     am(x).sum().backward()
@@ -118,7 +119,7 @@ def test_act_alpha_gradient_is_pact():
 
 def test_uniform_pi_closed_form_complexity_and_p():
     gm = _supernet(DigitsCNN().eval(), "w-candidates=[2,3,4,6] a-candidates=[2,3,4,6]")
-    searched = list(gmpq.supernet_modules(gm))
+    searched = list(gmpq_modules.supernet_modules(gm))
     macs = {i.name: i.macs for i in quantizable_layers(gm)}
     mean = (2 + 3 + 4 + 6) / 4
     expected = sum(macs[n] for n in searched) * mean * mean
@@ -134,7 +135,7 @@ def test_uniform_pi_closed_form_complexity_and_p():
 def test_complexity_matches_expected_bits_and_gradient(seed):
     gm = _supernet(DigitsCNN().eval(), "pin-first-last=false")
     g = torch.Generator().manual_seed(seed)
-    mods = gmpq.supernet_modules(gm)
+    mods = gmpq_modules.supernet_modules(gm)
     with torch.no_grad():
         for wm, am in mods.values():
             wm.logits.copy_(torch.randn(3, generator=g) * 2)
@@ -209,10 +210,10 @@ def test_double_backprop_through_every_quantizer(kind):
     quantizer's backward is correct (STE and PACT masks, softmax mixing)."""
     g = torch.Generator().manual_seed(3)
     if kind == "weight":
-        q = gmpq.GMPQWeightMixer((2, 3, 4)).double()
+        q = gmpq_modules.GMPQWeightMixer((2, 3, 4)).double()
         x = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
     else:
-        q = gmpq.GMPQActMixer((2, 3, 4) if kind == "act-signed" else (1, 2, 4),
+        q = gmpq_modules.GMPQActMixer((2, 3, 4) if kind == "act-signed" else (1, 2, 4),
                               signed=kind == "act-signed").double()
         with torch.no_grad():   # distinct clips: distinct masks per branch
             q.alpha.copy_(torch.tensor([0.8, 1.3, 2.0]))
@@ -245,10 +246,10 @@ def test_attribution_loss_gradient_through_gradcam_is_exact():
     gm = _supernet(model, "pin-first-last=false").double().eval()
     teacher = gmpq.make_teacher(model, gm).double()
     m_f = gmpq.teacher_attribution(teacher, x, Y)
-    act = gmpq.supernet_modules(gm)["fc"][1]
+    act = gmpq_modules.supernet_modules(gm)["fc"][1]
     with torch.no_grad():   # distinct clips, so G depends on π_a (equal clips: equal masks)
         act.alpha.copy_(torch.tensor([0.05, 0.1, 0.3]))
-    tap = gm.get_submodule(gm.meta[gmpq.GMPQ_META]["tap"])
+    tap = gm.get_submodule(get_record(gm, gmpq_modules.GMPQ_META).tap)
     gm(x)  # fixes the weight thresholds
 
     def r_g(lw, la):
@@ -314,7 +315,7 @@ def test_search_loss_terms_and_errors():
         float(gmpq.complexity_loss(gm, "first-layer").detach()))
     full.total.backward()
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is not None for p in gmpq.arch_parameters(gm))
+    assert all(p.grad is not None for p in gmpq_modules.arch_parameters(gm))
     with pytest.raises(InputError, match="teacher"):
         gmpq.search_loss(gm, X, Y, eta=1.0)
     with pytest.raises(NumericsError, match="eta"):

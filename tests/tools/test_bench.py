@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 
-import tests.tools.fake_passes  # noqa: F401  (registers test-tools-* passes)
+import tests.fake_passes  # noqa: F401  (registers the test-* passes)
 from tools import bench
 
 
 def test_fold_vs_torchao_section_on_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--only", "fold-vs-torchao", "--repeat", "1", "--warmup", "0",
-                     "--model", "tests.tools.tiny_models:tiny_cnn", "--input-shape", "1,3,8,8",
-                     "--pipeline", "graph(test-tools-noop)", "--json", str(out)])
+                     "--model", "tests.models:tiny_cnn", "--input-shape", "1,3,8,8",
+                     "--pipeline", "graph(test-noop)", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "torch.ao: prepare_fx+convert_fx" in text and "ratio vs torch.ao" in text
@@ -30,6 +30,6 @@ def test_sections_are_listed(capsys):
 
 def test_a_pipeline_that_does_not_build_skips_the_section(capsys):
     rc = bench.main(["--only", "fold-vs-torchao", "--repeat", "1", "--warmup", "0",
-                     "--model", "tests.tools.tiny_models:tiny_cnn", "--input-shape", "1,3,8,8",
+                     "--model", "tests.models:tiny_cnn", "--input-shape", "1,3,8,8",
                      "--pipeline", "graph(no-such-pass)"])
     assert rc == 0 and "skipped: pipeline does not build" in capsys.readouterr().out

@@ -12,12 +12,12 @@ REPO = gen_pass_docs.REPO
 
 def test_passes_md_is_up_to_date():
     ok, diff = gen_pass_docs.check(gen_pass_docs.DEFAULT_OUT)
-    assert ok, ("docs/passes.md is stale: run `make docs` (python tools/gen_pass_docs.py --out "
+    assert ok, ("docs/passes.md is stale: run `make docs` (python -m tools.gen_pass_docs --out "
                 "docs/passes.md)\n" + diff[:3000])
 
 
 def test_render_is_deterministic_and_hides_test_passes():
-    import tests.tools.fake_passes  # noqa: F401  (registers test-tools-* passes)
+    import tests.fake_passes  # noqa: F401  (registers the test-* passes)
     text = gen_pass_docs.render()
     assert text == gen_pass_docs.render()
     assert "test-tools" not in text
@@ -37,7 +37,7 @@ def test_check_detects_a_stale_file(tmp_path, capsys):
 def test_docs_render_options_table():
     from passes_registry.registry import PassListing
     from passes_registry.options import option_infos
-    from tests.tools.fake_passes import ToolsReluToSigmoidPass as P
+    from tests.fake_passes import ReluToSigmoid as P
     item = PassListing(P.name, "pass", P.summary, tuple(option_infos(P.Options)),
                        doc=P.__doc__, establishes=("x-prop",))
     text = "\n".join(gen_pass_docs._entry(item))
@@ -61,7 +61,7 @@ def test_pipeline_syntax_examples_are_real(monkeypatch):
         actual = gen_pass_docs.run_example(ex.command)
         assert ex.output == actual, (
             f"docs/pipeline-syntax.md: `{ex.command}` now prints:\n{actual}\n"
-            "run python tools/gen_pass_docs.py --update-examples")
+            "run python -m tools.gen_pass_docs --update-examples")
 
 
 @pytest.mark.parametrize("rel", ["docs/annotations.md", "docs/architecture.md", "README.md"])
@@ -70,7 +70,7 @@ def test_other_doc_examples_are_real(monkeypatch, rel):
     for ex in _examples(rel):
         actual = gen_pass_docs.run_example(ex.command)
         assert ex.output == actual, (f"{rel}: `{ex.command}` now prints:\n{actual}\n"
-                                     "run python tools/gen_pass_docs.py --update-examples")
+                                     "run python -m tools.gen_pass_docs --update-examples")
 
 
 def test_docs_link_to_existing_files():

@@ -5,13 +5,12 @@ import json
 
 import pytest
 
-import tests.tools.fake_passes  # noqa: F401  (registers test-tools-* passes)
-from qpasses.cli import FALLBACK_DEFAULT_PIPELINE, load_model, parse_input_shape, \
-    resolve_pipeline_text
+import tests.fake_passes  # noqa: F401  (registers the test-* passes)
+from qpasses.cli import load_model, parse_input_shape, resolve_pipeline_text
 from qpasses.errors import InputError
 from tools import dump_graph
 
-TINY = "tests.tools.tiny_models:tiny_cnn"
+TINY = "tests.models:tiny_cnn"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,10 +33,10 @@ def test_json_format_follows_the_report_schema():
 
 
 def test_fxir_format_has_header_and_one_line_per_node():
-    text = dump_graph.dump(TINY, "1,3,8,8", pipeline="graph(test-tools-relu-to-sigmoid)",
+    text = dump_graph.dump(TINY, "1,3,8,8", pipeline="graph(test-relu-to-sigmoid)",
                            fmt="fxir")
     lines = text.splitlines()
-    assert lines[0] == "// graph(test-tools-relu-to-sigmoid{limit=-1})"
+    assert lines[0] == "// graph(test-relu-to-sigmoid{limit=-1})"
     assert lines[1] == "graph {" and lines[-1] == "}"
     assert "  %x = placeholder : f32[1,3,8,8]" in lines
     assert "  %conv1 = call_module[conv1](%x) : f32[1,8,8,8]" in lines
@@ -45,10 +44,10 @@ def test_fxir_format_has_header_and_one_line_per_node():
 
 
 def test_pipeline_run_is_recorded_in_the_json_report():
-    rep = json.loads(dump_graph.dump(TINY, "1,3,8,8", pipeline="graph(test-tools-noop)",
+    rep = json.loads(dump_graph.dump(TINY, "1,3,8,8", pipeline="graph(test-noop)",
                                      fmt="json"))
-    assert rep["pipeline"] == "graph(test-tools-noop)"
-    assert [p["name"] for p in rep["passes"]] == ["test-tools-noop"]
+    assert rep["pipeline"] == "graph(test-noop)"
+    assert [p["name"] for p in rep["passes"]] == ["test-noop"]
 
 
 def test_dot_format():
@@ -79,7 +78,7 @@ def test_plot_with_per_kernel_bits(tmp_path):
 
 
 def test_factory_may_return_example_inputs():
-    gm, inputs = dump_graph.build("tests.tools.tiny_models:tiny_cnn_with_inputs")
+    gm, inputs = dump_graph.build("tests.models:tiny_cnn_with_inputs")
     assert tuple(inputs[0].shape) == (2, 3, 6, 6)
     assert "f32[2,3,6,6]" in dump_graph.render(gm, "fxir")
 
@@ -104,9 +103,7 @@ def test_default_pipeline_quantizes_and_calibrates_on_synthetic_batches():
 
 
 def test_default_pipeline_resolution():
-    from passes_registry import lookup_pipeline
-    expected = "graph(default)" if lookup_pipeline("default") else FALLBACK_DEFAULT_PIPELINE
-    assert resolve_pipeline_text("default") == expected
+    assert resolve_pipeline_text("default") == "graph(default)"
     assert resolve_pipeline_text("graph(dce)") == "graph(dce)"
     assert resolve_pipeline_text(None) is None
 
@@ -120,20 +117,20 @@ def test_parse_input_shape(text, dims):
 @pytest.mark.parametrize("args,message", [
     (["--model", "torchvision:resnet1"], "unknown torchvision model 'resnet1' (did you mean "
                                          "'resnet18'"),
-    (["--model", "tests.tools.tiny_models:tiny_cn"], "has no attribute 'tiny_cn' (did you mean "
+    (["--model", "tests.models:tiny_cn"], "has no attribute 'tiny_cn' (did you mean "
                                                      "'tiny_cnn'"),
     (["--model", "tests.tools.no_such_module:f"], "cannot import module "
                                                   "'tests.tools.no_such_module'"),
     (["--model", "resnet18"], "bad model spec 'resnet18'"),
-    (["--model", "tests.tools.tiny_models:not_a_model"], "returned int, expected an nn.Module"),
+    (["--model", "tests.models:not_a_model"], "returned int, expected an nn.Module"),
     (["--model", TINY, "--input-shape", "1,3,a"], "bad input shape '1,3,a'"),
     (["--model", TINY, "--input-shape", "1,0,8"], "bad input shape '1,0,8'"),
     (["--model", TINY, "--input-shape", "1,4,8,8"], "failed at node 'conv1'"),
-    (["--model", TINY, "--input-shape", "1,3,8,8", "--pipeline", "graph(test-tools-nop)"],
-     "'test-tools-nop' does not refer to a registered pass or pipeline (did you mean "
-     "'test-tools-noop'"),
-    (["--model", TINY, "--input-shape", "1,3,8,8", "--pipeline", "graph(test-tools-fail)"],
-     "pass 'test-tools-fail' (element 0 of the pipeline) failed"),
+    (["--model", TINY, "--input-shape", "1,3,8,8", "--pipeline", "graph(test-nop)"],
+     "'test-nop' does not refer to a registered pass or pipeline (did you mean "
+     "'test-noop'"),
+    (["--model", TINY, "--input-shape", "1,3,8,8", "--pipeline", "graph(test-fail)"],
+     "pass 'test-fail' (element 0 of the pipeline) failed"),
 ])
 def test_bad_inputs_exit_2_with_the_message(args, message, capsys):
     assert dump_graph.main(args) == 2

@@ -64,7 +64,7 @@ def test_wrong_checks_fail(tmp_path, checks):
 
 
 def test_check_unchanged_fails_when_a_pass_changes_the_graph(tmp_path):
-    (c,) = cases(tmp_path, "# RUN: graph(test-golden-dishonest)\n# CHECK-UNCHANGED\n" + '''
+    (c,) = cases(tmp_path, "# RUN: graph(test-dishonest)\n# CHECK-UNCHANGED\n" + '''
 class M(nn.Module):
     def forward(self, x):
         return torch.relu(x)

@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 import qpasses
-from passes_registry import PassContext, PassManager
+from passes_registry import PassContext, PassManager, registry
 from qpasses.errors import TraceError
 
 PIPELINE = "graph(canonicalize,fold-batch-norm,dce)"
@@ -168,7 +168,7 @@ def test_pipeline_preserves_outputs(name: str):
             scale = ref.abs().max().item()
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
         # the passes did their job: no foldable BN and no non-canonical node is left
-        assert qpasses.analyses.properties.check_bn_folded(gm) == []
-        assert qpasses.analyses.properties.check_canonical(gm) == []
+        assert registry.lookup_property("bn-folded").checker(gm) == []
+        assert registry.lookup_property("canonical").checker(gm) == []
     finally:
         gc.collect()

@@ -1,18 +1,18 @@
 # Golden expected-error cases raised while a pipeline runs: pass failures and verify-each.
 # -----
 # CASE: pass-failure-names-pass-position-pipeline
-# RUN: graph(test-golden-options,test-golden-fail)
-# EXPECT-ERROR: pass 'test-golden-fail' (element 1 of the pipeline) failed: at node 'input_1': this pass always fails
+# RUN: graph(test-golden-options,test-fail)
+# EXPECT-ERROR: pass 'test-fail' (element 1 of the pipeline) failed: at node 'input_1': this pass always fails
 # CHECK: failed:
-# CHECK-NEXT: pipeline: graph(test-golden-options{count=1 flag=false mode=a ratio=0.5 sizes={}},test-golden-fail)
+# CHECK-NEXT: pipeline: graph(test-golden-options{count=1 flag=false mode=a ratio=0.5 sizes={}},test-fail)
 
 
 def build():
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),)
 # -----
 # CASE: dishonest-pass-caught-by-verify-each
-# RUN: graph(test-golden-dishonest)
-# EXPECT-ERROR: pass 'test-golden-dishonest' (element 0 of the pipeline) failed: pass reported modified=False but changed the graph's structure
+# RUN: graph(test-dishonest)
+# EXPECT-ERROR: pass 'test-dishonest' (element 0 of the pipeline) failed: pass reported modified=False but changed the graph's structure
 
 
 class M(nn.Module):

@@ -1,4 +1,11 @@
-"""Test-only passes and analyses for the infrastructure tests (names start with 'test-infra-')."""
+"""Test-only passes, analyses and properties (names start with ``test-``); importing this module
+registers them, once (``--load-plugin tests.fake_passes`` does the same for the tools).
+
+The four generic ones (``test-relu-to-sigmoid``, ``test-noop``, ``test-fail``, ``test-dishonest``)
+serve every test; ``test-golden-*`` serve the golden error cases and ``test-infra-*`` the pass
+manager and pipeline-syntax tests. Registering the same class again is a no-op, so importing this
+module from several test packages is safe.
+"""
 from __future__ import annotations
 
 import enum
@@ -7,9 +14,153 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from passes_registry import (Analysis, Pass, PassFailure, PassResult, PreservedAnalyses,
                              function_pass, register_analysis, register_pass, register_property)
+
+
+def relu_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in (torch.relu, F.relu)]
+
+
+# ---------------------------------------------------------------------------------------------
+# generic test passes
+
+
+@register_pass
+class ReluToSigmoid(Pass):
+    """Replace torch.relu calls by torch.sigmoid (a visible, verifiable rewrite)."""
+    name = "test-relu-to-sigmoid"
+    summary = "Replace torch.relu by torch.sigmoid"
+
+    @dataclass(frozen=True)
+    class Options:
+        limit: int = field(default=-1, metadata={"help": "rewrite at most this many (-1: all)"})
+
+    def run(self, gm, ctx, am):
+        n_done = 0
+        for node in relu_nodes(gm):
+            if 0 <= self.options.limit <= n_done:
+                break
+            node.target = torch.sigmoid
+            n_done += 1
+        return PassResult(modified=n_done > 0, stats={"num_rewritten": n_done})
+
+
+@register_pass
+class Noop(Pass):
+    """Does nothing."""
+    name = "test-noop"
+    summary = "Does nothing"
+    preserves = PreservedAnalyses.all()
+
+    def run(self, gm, ctx, am):
+        return PassResult(modified=False)
+
+
+@register_pass
+class Fail(Pass):
+    """Always fails with a typed PassFailure naming the first node."""
+    name = "test-fail"
+    summary = "Always fails"
+
+    def run(self, gm, ctx, am):
+        first = next(iter(gm.graph.nodes))
+        raise PassFailure("this pass always fails", node=first.name)
+
+
+@register_pass
+class Dishonest(Pass):
+    """Rewrites relu to sigmoid but reports modified=False (verify-each catches it)."""
+    name = "test-dishonest"
+    summary = "Changes the graph, reports modified=False"
+
+    def run(self, gm, ctx, am):
+        for node in relu_nodes(gm):
+            node.target = torch.sigmoid
+        return PassResult(modified=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# test-golden-*: option, property and analysis errors in tests/golden/errors/
+
+
+class GoldenMode(enum.Enum):
+    A = "a"
+    B = "b"
+
+
+@register_pass
+class GoldenOptionsPass(Pass):
+    """Does nothing; has one option of each kind for option-error goldens."""
+    name = "test-golden-options"
+    summary = "No-op pass with int/float/bool/enum/list options"
+    preserves = PreservedAnalyses.all()
+
+    @dataclass(frozen=True)
+    class Options:
+        count: int = field(default=1, metadata={"help": "an int"})
+        ratio: float = field(default=0.5, metadata={"help": "a float"})
+        flag: bool = field(default=False, metadata={"help": "a bool"})
+        mode: GoldenMode = field(default=GoldenMode.A, metadata={"help": "an enum"})
+        sizes: tuple[int, ...] = field(default=(), metadata={"help": "a list of ints"})
+
+        def __post_init__(self) -> None:
+            if self.count < 0:
+                raise ValueError("count must be >= 0")
+
+    def run(self, gm, ctx, am):
+        return PassResult(modified=False)
+
+
+register_property("test-golden-prop", summary="set by test-golden-makes-prop")
+
+
+@register_pass
+class GoldenMakesPropPass(Pass):
+    """Establishes test-golden-prop (without changing the graph)."""
+    name = "test-golden-makes-prop"
+    summary = "Establishes test-golden-prop"
+    establishes = frozenset({"test-golden-prop"})
+    preserves = PreservedAnalyses.all()
+
+    def run(self, gm, ctx, am):
+        return PassResult(modified=False)
+
+
+@register_pass
+class GoldenNeedsPropPass(Pass):
+    """Requires test-golden-prop."""
+    name = "test-golden-needs-prop"
+    summary = "Requires test-golden-prop"
+    requires = frozenset({"test-golden-prop"})
+    preserves = PreservedAnalyses.all()
+
+    def run(self, gm, ctx, am):
+        return PassResult(modified=False)
+
+
+@register_analysis
+class GoldenNodeCount(Analysis):
+    """Number of nodes per fx op kind."""
+    name = "test-golden-node-count"
+    summary = "Nodes per op kind"
+    depends_on = frozenset({"structure"})
+
+    def compute(self, gm, am):
+        counts: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return tuple(sorted(counts.items()))
+
+    def format(self, result, gm):
+        return "\n".join(f"{op}: {k}" for op, k in result)
+
+
+# ---------------------------------------------------------------------------------------------
+# test-infra-*: pass manager, registry and pipeline syntax tests in tests/infra/
 
 
 class Mode(enum.Enum):
@@ -83,35 +234,6 @@ class LyingMarkPass(Pass):
         return PassResult(modified=False)
 
 
-def _relu_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.relu]
-
-
-@register_pass
-class ReluToSigmoidOnce(Pass):
-    """Rewrites one torch.relu into torch.sigmoid per run (for fixpoint tests)."""
-    name = "test-infra-relu-to-sigmoid"
-    preserves = PreservedAnalyses.none()
-
-    def run(self, gm, ctx, am):
-        nodes = _relu_nodes(gm)
-        if not nodes:
-            return PassResult(modified=False)
-        nodes[0].target = torch.sigmoid
-        return PassResult(modified=True, stats={"num_rewritten": 1})
-
-
-@register_pass
-class DishonestPass(Pass):
-    """Changes the graph but reports modified=False."""
-    name = "test-infra-dishonest"
-
-    def run(self, gm, ctx, am):
-        for n in _relu_nodes(gm):
-            n.target = torch.sigmoid
-        return PassResult(modified=False)
-
-
 @register_pass
 class FakeChangePass(Pass):
     """Reports modified=True without changing anything."""
@@ -132,16 +254,6 @@ class FlipFlopPass(Pass):
                 n.target = torch.sigmoid if n.target is torch.relu else torch.relu
                 return PassResult(modified=True)
         return PassResult(modified=False)
-
-
-@register_pass
-class FailingPass(Pass):
-    """Always fails with a PassFailure naming a node."""
-    name = "test-infra-failing"
-
-    def run(self, gm, ctx, am):
-        node = next(iter(gm.graph.nodes))
-        raise PassFailure("this pass always fails", node=node.name)
 
 
 @register_pass
@@ -187,7 +299,7 @@ class ReluShareAnalysis(Analysis):
 
     def compute(self, gm, am):
         COMPUTE_COUNT["relus"] += 1
-        return len(_relu_nodes(gm)) / am.get("test-infra-node-count", gm)
+        return len(relu_nodes(gm)) / am.get("test-infra-node-count", gm)
 
 
 @register_pass
@@ -226,12 +338,3 @@ def add_neg(gm, ctx, am):
         new = gm.graph.call_function(operator.neg, (out.args[0],))
     out.args = (new,)
     return True
-
-
-class ReluModel(torch.nn.Module):
-    def forward(self, x):
-        return torch.relu(torch.relu(x) + 1)
-
-
-def relu_graph() -> torch.fx.GraphModule:
-    return torch.fx.symbolic_trace(ReluModel())

@@ -1,7 +1,8 @@
-"""Tiny models for tool tests: ``--model tests.tools.tiny_models:tiny_cnn``."""
+"""Small models shared by the tests (and the tools: ``--model tests.models:tiny_cnn``)."""
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
 
@@ -37,3 +38,14 @@ def tiny_mlp() -> nn.Module:
 
 def not_a_model() -> int:
     return 3
+
+
+class ReluModel(nn.Module):
+    """Two torch.relu calls around an add (the pass-manager tests rewrite them)."""
+
+    def forward(self, x):
+        return torch.relu(torch.relu(x) + 1)
+
+
+def relu_graph() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(ReluModel())

@@ -1,0 +1,69 @@
+"""Value ranges the lowering observes on calibration data: the inputs of nonlinearities and tensor
+products that no fake quantizer covers get an intermediate grid ranged from them."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from qpasses.modules.fake_quant import ActFakeQuant
+from qpasses.ir.fx import is_tensor_node
+from qpasses.ir import ops
+
+__all__ = ["observe_ranges", "range_candidates"]
+
+Node = torch.fx.Node
+
+
+def observe_ranges(gm: torch.fx.GraphModule, batches: Sequence[tuple[Tensor, ...]],
+                   names: set[str]) -> dict[str, tuple[float, float]]:
+    """Min/max of the named nodes' values over ``batches`` (fake-quant graph, no_grad)."""
+    if not names or not batches:
+        return {}
+    out: dict[str, tuple[float, float]] = {}
+
+    class _Rec(torch.fx.Interpreter):
+        def run_node(self, node: Node) -> Any:
+            v = super().run_node(node)
+            if node.name in names and isinstance(v, Tensor) and v.is_floating_point() \
+                    and v.numel():
+                mn, mx = float(v.min()), float(v.max())
+                if node.name in out:
+                    a, b = out[node.name]
+                    mn, mx = min(a, mn), max(b, mx)
+                out[node.name] = (mn, mx)
+            return v
+
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                _Rec(gm).run(*b)
+    finally:
+        gm.train(was)
+    return out
+
+
+def range_candidates(gm: torch.fx.GraphModule) -> set[str]:
+    """Values that may need an intermediate grid: inputs of elementwise nonlinearities and of
+    tensor products that no fake quantizer covers."""
+    mods = dict(gm.named_modules())
+    names = set()
+    for n in gm.graph.nodes:
+        m = mods.get(str(n.target)) if n.op == "call_module" else None
+        hit = (m is not None and type(m) in ops.UNARY_MODULES) or \
+            (n.op == "call_function"
+             and (n.target in ops.UNARY_FUNCTIONS or n.target in ops.MUL_FUNCTIONS)) or \
+            (n.op == "call_method" and (n.target in ops.UNARY_METHODS or n.target in ops.MUL_METHODS))
+        if not hit:
+            continue
+        for src in n.all_input_nodes:
+            sm = mods.get(str(src.target)) if src.op == "call_module" else None
+            if not isinstance(sm, ActFakeQuant) and is_tensor_node(src):
+                names.add(src.name)
+    return names
+

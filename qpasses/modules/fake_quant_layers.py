@@ -1,0 +1,159 @@
+"""Fake-quant layer wrappers and whole-model switches.
+
+``FakeQuantConv1d/2d/3d`` and ``FakeQuantLinear`` are subclasses of the float layer whose forward
+fake-quantizes the weight through their ``weight_fake_quant``; :func:`wrap_layer` /
+:func:`unwrap_layer` convert between the two with the same parameters and buffers.
+:func:`set_fake_quant` and :func:`set_observing` switch every quantizer of a model.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qpasses.errors import NumericsError
+from qpasses.modules.fake_quant import FakeQuantize, WeightFakeQuant
+
+__all__ = [
+    "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
+    "fake_quant_modules", "is_fake_quant_layer", "set_fake_quant", "set_observing",
+    "unwrap_layer", "wrap_layer", "wrapper_class",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# layer wrappers: subclasses of the float layer that fake-quantize their weight
+# ------------------------------------------------------------------------------------------------
+
+def _conv_forward(self: Any, input: Tensor) -> Tensor:
+    return self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias)
+
+
+def _linear_forward(self: Any, input: Tensor) -> Tensor:
+    return F.linear(input, self.weight_fake_quant(self.weight), self.bias)
+
+
+class FakeQuantConv1d(nn.Conv1d):
+    """``nn.Conv1d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
+    _FLOAT_MODULE = nn.Conv1d
+    weight_fake_quant: WeightFakeQuant
+    forward = _conv_forward
+
+
+class FakeQuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
+    _FLOAT_MODULE = nn.Conv2d
+    weight_fake_quant: WeightFakeQuant
+    forward = _conv_forward
+
+
+class FakeQuantConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
+    _FLOAT_MODULE = nn.Conv3d
+    weight_fake_quant: WeightFakeQuant
+    forward = _conv_forward
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` whose weight goes through ``weight_fake_quant`` (same parameters and path)."""
+    _FLOAT_MODULE = nn.Linear
+    weight_fake_quant: WeightFakeQuant
+    forward = _linear_forward
+
+
+_STATIC_WRAPPERS: dict[type, type] = {nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d,
+                                      nn.Conv3d: FakeQuantConv3d, nn.Linear: FakeQuantLinear}
+_DYNAMIC_WRAPPERS: dict[type, type] = {}
+
+
+def is_fake_quant_layer(mod: nn.Module) -> bool:
+    return isinstance(getattr(mod, "weight_fake_quant", None), WeightFakeQuant) and \
+        hasattr(type(mod), "_FLOAT_MODULE")
+
+
+def _float_base(cls: type) -> type | None:
+    for base in cls.__mro__:
+        if base in _STATIC_WRAPPERS:
+            return base
+    return None
+
+
+def wrapper_class(cls: type) -> type | None:
+    """The fake-quant subclass for a float layer class, or None when it cannot be wrapped (not a
+    conv/linear, or a subclass with its own ``forward`` that we cannot see into)."""
+    if cls in _STATIC_WRAPPERS:
+        return _STATIC_WRAPPERS[cls]
+    base = _float_base(cls)
+    if base is None or cls.forward is not base.forward:
+        return None
+    if cls not in _DYNAMIC_WRAPPERS:
+        fwd = _linear_forward if base is nn.Linear else _conv_forward
+        _DYNAMIC_WRAPPERS[cls] = type(f"FakeQuant{cls.__name__}", (cls,),
+                                      {"_FLOAT_MODULE": cls, "forward": fwd,
+                                       "__module__": __name__,
+                                       "__doc__": f"Fake-quant {cls.__qualname__}."})
+    return _DYNAMIC_WRAPPERS[cls]
+
+
+def wrap_layer(mod: nn.Module, weight_fake_quant: WeightFakeQuant) -> nn.Module:
+    """A fake-quant copy of ``mod`` sharing its parameters, buffers, submodules and hooks, with
+    ``weight_fake_quant`` attached. Raises NumericsError when the class cannot be wrapped."""
+    cls = wrapper_class(type(mod))
+    if cls is None:
+        raise NumericsError(f"cannot fake-quantize {type(mod).__qualname__}: not a conv/linear "
+                            "layer, or it overrides forward()")
+    new = _same_state_as(mod, cls)
+    new.weight_fake_quant = weight_fake_quant
+    return new
+
+
+def _same_state_as(mod: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance sharing ``mod``'s parameters, buffers, submodules and hooks (shallow
+    copies of the containers, same tensors)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, (dict, OrderedDict)) else v)
+                         for k, v in mod.__dict__.items()})
+    return new
+
+
+def unwrap_layer(mod: nn.Module) -> nn.Module:
+    """The inverse of :func:`wrap_layer`: a copy of a fake-quant layer as its float class (same
+    parameters, buffers, hooks), without ``weight_fake_quant``; other modules as they are."""
+    base = getattr(type(mod), "_FLOAT_MODULE", None)
+    if base is None:
+        return mod
+    new = _same_state_as(mod, base)
+    new._modules.pop("weight_fake_quant", None)
+    return new
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-model helpers
+# ------------------------------------------------------------------------------------------------
+
+def fake_quant_modules(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
+    """Every fake-quant module of ``model`` by qualified name, in module order."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize))
+
+
+def _select(model: nn.Module, weights: bool, activations: bool) -> Iterable[FakeQuantize]:
+    for m in fake_quant_modules(model).values():
+        if (m.is_weight_quantizer and weights) or (not m.is_weight_quantizer and activations):
+            yield m
+
+
+def set_fake_quant(model: nn.Module, enabled: bool = True, *, weights: bool = True,
+                   activations: bool = True) -> None:
+    """Switch fake quantization on/off for the selected quantizers of ``model``."""
+    for m in _select(model, weights, activations):
+        m.enable_fake_quant(enabled)
+
+
+def set_observing(model: nn.Module, enabled: bool = True, *, weights: bool = True,
+                  activations: bool = True) -> None:
+    """Switch range observation on/off (e.g. ``set_observing(gm, True, weights=False)`` to let
+    activation ranges follow the data again during QAT)."""
+    for m in _select(model, weights, activations):
+        m.enable_observer(enabled)
