@@ -143,6 +143,10 @@ class _RawElement:
 
 
 class _Parser:
+    """Phase 1 of parsing: a recursive-descent parser from pipeline text to the structure (names,
+    raw options, nesting) with source positions for error carets; name resolution and typed
+    options come after."""
+
     def __init__(self, text: str):
         self.text = text
         self.pos = 0

@@ -205,6 +205,9 @@ class IntLayer(IntSimModule):
 
 
 class _IntConv(IntLayer):
+    """What the integer convolutions of every dimension share: the reference accumulator with
+    integer padding, and the fast kernels' weight preparation and row blocks; ``IntConv1d/2d/3d``
+    add the float base class."""
     int_padding: tuple[int, ...]
 
     def _reference_acc(self, x: Tensor, with_bias: bool) -> Tensor:

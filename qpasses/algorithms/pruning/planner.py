@@ -17,7 +17,7 @@ from qpasses.ir import ops
 from qpasses.modules.lookup import is_activation_quantizer
 from qpasses.algorithms.pruning.index import ChannelIndex, PrunePlan
 from qpasses.algorithms.pruning.tensors import (float_dtype, is_observing, sees_full_windows, shape_args, tensor_meta_shape, zero_bit_kernels)
-from qpasses.ir.fx import attr_value
+from qpasses.ir.fx import attr_value, node_arg
 
 __all__ = ["ChannelPruner"]
 
@@ -206,13 +206,12 @@ class ChannelPruner:
                 return bool(mod.count_include_pad and any(int(p) for p in pad)), False
             return False, False
         if node.target in ops.AVG_POOL_FUNCTIONS:
-            def arg(i: int, name: str, default: Any) -> Any:
-                return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-            if arg(6, "divisor_override", None):
+            if node_arg(node, 6, "divisor_override", None):
                 return False, True
-            pad = arg(3, "padding", 0)
+            pad = node_arg(node, 3, "padding", 0)
             pad = pad if isinstance(pad, (tuple, list)) else (pad,)
-            return bool(arg(5, "count_include_pad", True) and any(int(p) for p in pad)), False
+            return bool(node_arg(node, 5, "count_include_pad", True)
+                        and any(int(p) for p in pad)), False
         return False, False
 
     def probe(self, node: torch.fx.Node, t: TensorChannels, src: Any) -> tuple[np.ndarray,
