@@ -9,7 +9,7 @@ from .analysis_manager import Analysis, AnalysisManager
 from .context import ALL, PassContext
 from .errors import (AnalysisError, OptionError, PassesError, PassFailure, PipelineParseError,
                      PropertyError, RecordError, RegistryError, StaleAnalysisError,
-                     VerificationError)
+                     UsageError, VerificationError)
 from .instrument import Instrument, IRPrinter, Reproducer, Statistics, Timing
 from .options import NoOptions, OptionInfo, build_options, format_options, option_infos
 from .pass_base import ParametricPass, Pass, PassResult, PreservedAnalyses, function_pass
@@ -30,7 +30,8 @@ __all__ = [
     "ParametricPass", "Pass",
     "PassContext", "PassFailure", "PassManager", "PassResult", "PassesError", "Pipeline",
     "PipelineParseError", "PreservedAnalyses", "PropertyError", "RecordError", "RegistryError",
-    "Reproducer", "StaleAnalysisError", "Statistics", "Timing", "VerificationError",
+    "Reproducer", "StaleAnalysisError", "Statistics", "Timing", "UsageError",
+    "VerificationError",
     "analysis_names", "build_options", "fingerprint", "format_node", "format_options",
     "function_pass", "get_record", "graph_history", "graph_properties", "graph_records",
     "has_record", "list_passes", "lookup_analysis", "lookup_graph_record", "lookup_pass",

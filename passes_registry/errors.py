@@ -44,6 +44,16 @@ class OptionError(PassesError, ValueError):
         Exception.__init__(self, f"{where}: {reason}")
 
 
+class UsageError(PassesError, TypeError, ValueError):
+    """An API was called with an argument of the wrong kind or value (``PassManager.run`` given an
+    ``nn.Module``, a bad ``assume=``, an unknown pass name in ``PassContext(disabled=...)``). The
+    message names the argument and says what to pass; ``argument`` holds its name."""
+
+    def __init__(self, message: str, *, argument: str | None = None):
+        self.argument, self.reason = argument, message
+        Exception.__init__(self, message)
+
+
 class PropertyError(PassesError):
     """A pass requires an IR property that no earlier pipeline element establishes, or a checker failed."""
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import numbers
 import re
 import types
 import typing
@@ -105,6 +107,12 @@ def _check_supported(owner: str, name: str, tp: Any) -> None:
 
 def option_infos(options_cls: type) -> list[OptionInfo]:
     """The options of a frozen options dataclass, sorted by key (the canonical order)."""
+    return list(_option_infos(options_cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _option_infos(options_cls: type) -> tuple[OptionInfo, ...]:
+    # Cached per class: resolving the type hints is what building a pipeline spends its time on.
     if not (dataclasses.is_dataclass(options_cls) and options_cls.__dataclass_params__.frozen):
         raise TypeError(f"{options_cls!r} must be a frozen dataclass")
     hints = typing.get_type_hints(options_cls, include_extras=False)
@@ -121,7 +129,7 @@ def option_infos(options_cls: type) -> list[OptionInfo]:
         infos.append(OptionInfo(key=f.name.replace("_", "-"), field=f.name, type=tp,
                                 default=default, help=f.metadata.get("help", ""),
                                 required=required))
-    return sorted(infos, key=lambda i: i.key)
+    return tuple(sorted(infos, key=lambda i: i.key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +140,8 @@ class _Invalid(Exception):
     """Internal: a value does not fit the declared type; carries the reason."""
 
 
-_INT_RE = re.compile(r"^[+-]?(0|[1-9][0-9_]*|0x[0-9a-fA-F]+)$")
+# Python's int literal rules: an underscore only between digits (4_096, not 4_ or 4__0).
+_INT_RE = re.compile(r"^[+-]?(0|[1-9](_?[0-9])*|0[xX][0-9a-fA-F](_?[0-9a-fA-F])*)$")
 
 
 def _convert(value: Any, tp: Any, from_text: bool) -> Any:
@@ -165,19 +174,21 @@ def _convert(value: Any, tp: Any, from_text: bool) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise _Invalid("expected an int, got a bool")
-        if isinstance(value, int):
-            return value
-        if from_text and _INT_RE.match(value):
-            return int(value.replace("_", ""), 0)
-        if not from_text and isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral):  # int, numpy and torch integer scalars
             return int(value)
-        raise _Invalid(f"'{value}' is not a valid int")
+        if from_text and isinstance(value, str) and _INT_RE.match(value):
+            return int(value, 0)
+        # A float is not an int, even 4.0: the text form rejects '4.0' as well.
+        raise _Invalid(f"{value!r} is not a valid int" if not isinstance(value, str)
+                       else f"'{value}' is not a valid int")
     if tp is float:
         if isinstance(value, bool):
             raise _Invalid("expected a float, got a bool")
-        if isinstance(value, (int, float)):
+        if isinstance(value, numbers.Real):
+            if math.isnan(value):
+                raise _Invalid("nan is not allowed")
             return float(value)
-        if from_text:
+        if from_text and isinstance(value, str):
             try:
                 out = float(value)
             except ValueError:

@@ -21,7 +21,7 @@ from . import registry
 from .analysis_manager import AnalysisManager
 from .context import PassContext
 from .errors import (OptionError, PassesError, PassFailure, PipelineParseError, PropertyError,
-                     RecordError, VerificationError)
+                     RecordError, UsageError, VerificationError)
 from .instrument import IRPrinter, Reproducer, Statistics, Timing
 from .pass_base import ParametricPass, Pass, PassResult
 from .options import build_options
@@ -48,21 +48,28 @@ class PassManager:
     """An ordered pipeline of passes with static property checking.
 
     ``assume`` lists properties the input graph already has; it may also be a GraphModule, whose
-    recorded properties (from earlier runs) are assumed.
+    recorded properties (from earlier runs) are assumed. Left out (``None``), the input graph is
+    not known when the pipeline is built: a requirement that no earlier element establishes (and
+    no earlier element invalidates) is then checked when :meth:`run` starts, against the
+    properties the graph's recorded history establishes, each verified by its checker. Anything
+    else is checked as the pipeline is built.
     """
 
-    def __init__(self, elements: Pipeline | list | tuple = (), *,
-                 assume: Any = frozenset()):
-        if isinstance(assume, torch.fx.GraphModule):
-            assume = graph_properties(assume)
-        elif isinstance(assume, str):
-            assume = frozenset({assume})
-        self.assume = frozenset(assume)
-        for prop in self.assume:
-            if registry.lookup_property(prop) is None:
-                raise PropertyError(f"unknown property '{prop}' in assume="
-                                    + did_you_mean(prop, registry.property_names()))
+    def __init__(self, elements: Pipeline | list | tuple = (), *, assume: Any = None):
+        self._infer = assume is None
+        self.assume = _assume_set(assume)
+        # The running property state, so appending an element costs O(its size) (building is
+        # linear): what holds after the last element, what an element invalidated and none
+        # re-established since, and what the input graph must provide (prop -> first user).
+        self._props: set[str] = set(self.assume)
+        self._lost: set[str] = set()
+        self._input_requires: dict[str, tuple[str, int]] = {}
         self._elements: list[Element] = []
+        if not isinstance(elements, Pipeline) and (isinstance(elements, (str, bytes))
+                                                   or not hasattr(elements, "__iter__")):
+            raise UsageError(f"PassManager(...) takes a Pipeline or a list of passes, got "
+                             f"{type(elements).__name__} (use PassManager.parse(text) for "
+                             "pipeline text)", argument="elements")
         elems = elements.elements if isinstance(elements, Pipeline) else elements
         for e in elems:
             self._append(e)
@@ -70,7 +77,7 @@ class PassManager:
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, text: str, *, assume: Any = frozenset()) -> "PassManager":
+    def parse(cls, text: str, *, assume: Any = None) -> "PassManager":
         """Build from pipeline text; raises PipelineParseError / PropertyError before running."""
         return cls(parse_pipeline(text), assume=assume)
 
@@ -103,45 +110,51 @@ class PassManager:
             raise OptionError(getattr(element, "name", "?"), None,
                               "options can only be given with a pass name or class")
         if not isinstance(element, (Pass, Nested)):
-            raise TypeError(f"cannot add {element!r} to a pipeline: expected a pass name, "
-                            "a Pass instance or a nested combinator")
+            raise UsageError(f"cannot add {element!r:.80} to a pipeline: expected a pass name, "
+                             "a Pass instance or a nested combinator", argument="element")
         self._append(element)
         return self
 
     def _append(self, element: Element) -> None:
-        self._check_requires([element], self._established_after(self._elements), len(self._elements))
+        if not isinstance(element, (Pass, Nested)):
+            raise UsageError(f"a pipeline element must be a Pass or a nested combinator, got "
+                             f"{element!r:.80}", argument="elements")
+        deferred: dict[str, tuple[str, int]] = {}
+        props, lost = self._check_requires([element], set(self._props), set(self._lost),
+                                           len(self._elements), deferred)
         self._elements.append(element)
+        self._props, self._lost = props, lost
+        for prop, where in deferred.items():
+            self._input_requires.setdefault(prop, where)
 
-    def _established_after(self, elements: list[Element] | tuple[Element, ...]) -> set[str]:
-        props = set(self.assume)
-        for e in elements:
-            props = _apply_properties(e, props)
-        return props
-
-    def _check_requires(self, elements: Any, props: set[str], start: int) -> set[str]:
+    def _check_requires(self, elements: Any, props: set[str], lost: set[str], top: int,
+                        deferred: dict[str, tuple[str, int]], nested: bool = False) -> tuple[set[str], set[str]]:
+        """Check ``elements`` (top-level ones from index ``top``, or one body at element
+        ``top`` when ``nested``); returns the properties after them."""
         for i, e in enumerate(elements):
+            pos = top if nested else top + i
             if isinstance(e, Nested):
                 # A body runs at least once; its first sweep sees the properties before it.
-                self._check_requires(e.body, set(props), start + i)
-                props = _apply_properties(e, props)
+                self._check_requires(e.body, set(props), set(lost), pos, deferred, nested=True)
+                props, lost = _apply_properties(e, props, lost)
                 continue
-            missing = sorted(e.requires - props)
-            if missing:
-                prop = missing[0]
-                # A pass that itself requires the property cannot be what first provides it.
-                providers = _providers(prop)
-                hint = (f"add {' or '.join(repr(p) for p in providers)} before it"
-                        if providers else "no registered pass establishes it")
-                raise PropertyError(
-                    f"pass '{e.display_name}' (element {start + i} of the pipeline) requires "
-                    f"property '{prop}', which no earlier element establishes ({hint}; or pass "
-                    f"assume={{'{prop}'}} if the input graph already has it)")
-            props = _apply_properties(e, props)
-        return props
+            for prop in sorted(e.requires - props):
+                if self._infer and prop not in lost:
+                    deferred.setdefault(prop, (e.display_name, pos))
+                    continue
+                raise PropertyError(_missing_message(e.display_name, pos, prop, explicit=True))
+            props, lost = _apply_properties(e, props, lost)
+        return props, lost
 
     @property
     def pipeline(self) -> Pipeline:
         return Pipeline(tuple(self._elements))
+
+    @property
+    def input_requires(self) -> frozenset[str]:
+        """Properties the input graph must have (checked when :meth:`run` starts): those some
+        element requires and no earlier element establishes, when ``assume`` was left out."""
+        return frozenset(self._input_requires)
 
     def __str__(self) -> str:
         return self.pipeline.to_text()
@@ -155,15 +168,107 @@ class PassManager:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> torch.fx.GraphModule:
-        """Run the pipeline on ``gm`` in place and return it."""
+        """Run the pipeline on ``gm`` in place and return it.
+
+        With ``ctx.rollback`` the passes run on a deep copy that replaces ``gm``'s contents only
+        when the whole pipeline succeeds: a failing run leaves ``gm`` untouched."""
         if not isinstance(gm, torch.fx.GraphModule):
-            raise TypeError(f"PassManager.run expects a torch.fx.GraphModule, got "
-                            f"{type(gm).__name__} (trace the model first)")
+            hint = (" (trace the model first, e.g. gm = qpasses.trace(model, example_inputs))"
+                    if isinstance(gm, torch.nn.Module) else "")
+            raise UsageError(f"PassManager.run expects a torch.fx.GraphModule, got "
+                             f"{type(gm).__name__}{hint}", argument="gm")
+        if ctx is not None and not isinstance(ctx, PassContext):
+            raise UsageError(f"PassManager.run(gm, ctx): ctx must be a PassContext or None, got "
+                             f"{type(ctx).__name__}", argument="ctx")
         if not self._elements:
             raise PipelineParseError("empty pipeline: add at least one pass before running")
         ctx = ctx if ctx is not None else PassContext.current()
-        run = _Run(self, gm, ctx)
-        return run.execute()
+        recorded, problems = verified_properties(gm)
+        have = set(self.assume) | recorded
+        for prop, (name, pos) in self._input_requires.items():
+            if prop not in have:
+                raise PropertyError(_missing_message(name, pos, prop, explicit=False,
+                                                     problems=problems.get(prop)))
+        if not ctx.rollback:
+            return _Run(self, gm, ctx, have).execute()
+        # Rollback: run on a deep copy and commit it into gm only on success, so a failure
+        # leaves gm exactly as it was (same tensors, same versions).
+        work = _deep_copy(gm)
+        _Run(self, work, ctx, have).execute()
+        _commit(gm, work)
+        return gm
+
+
+def verified_properties(gm: torch.fx.GraphModule) -> tuple[set[str], dict[str, list[str]]]:
+    """The properties ``gm``'s recorded history establishes that still hold: each recorded,
+    registered property whose checker (if any) finds no problem; and the problems of the others."""
+    held: set[str] = set()
+    problems: dict[str, list[str]] = {}
+    for prop in sorted(graph_properties(gm)):
+        pdef = registry.lookup_property(prop)
+        if pdef is None:
+            problems[prop] = ["the property is not registered"]
+            continue
+        found = pdef.checker(gm) if pdef.checker is not None else []
+        if found:
+            problems[prop] = list(found)
+        else:
+            held.add(prop)
+    return held, problems
+
+
+def _assume_set(assume: Any) -> frozenset[str]:
+    if assume is None:
+        return frozenset()
+    if isinstance(assume, torch.fx.GraphModule):
+        return graph_properties(assume)
+    if isinstance(assume, str):
+        assume = {a.strip() for a in assume.split(",") if a.strip()}
+    elif isinstance(assume, (torch.nn.Module, bytes, dict)) or not hasattr(assume, "__iter__"):
+        raise UsageError(f"assume= takes IR property names (a string or a collection of "
+                         f"strings) or a GraphModule whose recorded properties to assume, got "
+                         f"{type(assume).__name__}", argument="assume")
+    assume = list(assume)
+    for prop in assume:
+        if not isinstance(prop, str):
+            raise UsageError(f"assume= takes IR property names, got {prop!r:.60} "
+                             f"({type(prop).__name__})", argument="assume")
+        if registry.lookup_property(prop) is None:
+            raise PropertyError(f"unknown property '{prop}' in assume="
+                                + did_you_mean(prop, registry.property_names()))
+    return frozenset(assume)
+
+
+def _missing_message(name: str, pos: int, prop: str, *, explicit: bool,
+                     problems: list[str] | None = None) -> str:
+    # A pass that itself requires the property cannot be what first provides it.
+    providers = _providers(prop)
+    hint = (f"add {' or '.join(repr(p) for p in providers)} before it"
+            if providers else "no registered pass establishes it")
+    where = "no earlier element establishes"
+    if not explicit:
+        where += " and the input graph's recorded history does not establish"
+        if problems:
+            where += f" (it records it, but its checker found: {'; '.join(problems[:3])})"
+    return (f"pass '{name}' (element {pos} of the pipeline) requires property '{prop}', which "
+            f"{where} ({hint}; or pass assume={{'{prop}'}} if the input graph already has it)")
+
+
+def _deep_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    try:
+        return copy.deepcopy(gm)
+    except Exception as e:  # noqa: BLE001 - any attribute may refuse to be copied
+        raise UsageError(f"rollback needs a deep copy of the graph, which failed: "
+                         f"{type(e).__name__}: {e} (run with PassContext(rollback=False))",
+                         argument="rollback") from None
+
+
+def _commit(gm: torch.fx.GraphModule, work: torch.fx.GraphModule) -> None:
+    """Move ``work``'s state (graph, submodules, weights, meta) into ``gm`` in place."""
+    state = dict(work.__dict__)
+    gm.__dict__.clear()
+    gm.__dict__.update(state)
+    gm.graph = state["_graph"]  # re-owns the graph and recompiles gm's forward
 
 
 def _providers(prop: str) -> list[str]:
@@ -184,25 +289,29 @@ def _providers(prop: str) -> list[str]:
         inner = {p.name for p in Pipeline(body).flat_passes()}
         established: set[str] = set()
         for e in body:
-            established = _apply_properties(e, established)
+            established, _ = _apply_properties(e, established)
         if prop in established and inner & set(passes):
             pipelines.append(name)
             passes = [p for p in passes if p not in inner]
     return pipelines + passes
 
 
-def _apply_properties(e: Element, props: set[str]) -> set[str]:
+def _apply_properties(e: Element, props: set[str],
+                      lost: set[str] | None = None) -> tuple[set[str], set[str]]:
+    """Properties (and invalidated-not-re-established ones) after ``e`` runs."""
+    lost = set() if lost is None else lost
     if isinstance(e, Nested):
         for sub in e.body:
-            props = _apply_properties(sub, props)
-        return props
-    return (props - set(e.invalidates)) | set(e.establishes)
+            props, lost = _apply_properties(sub, props, lost)
+        return props, lost
+    return (props - e.invalidates) | e.establishes, (lost | e.invalidates) - e.establishes
 
 
 class _Run:
     """State of one pipeline execution (kept off the PassManager so it stays reusable)."""
 
-    def __init__(self, pm: PassManager, gm: torch.fx.GraphModule, ctx: PassContext):
+    def __init__(self, pm: PassManager, gm: torch.fx.GraphModule, ctx: PassContext,
+                 properties: set[str]):
         self.pm, self.gm, self.ctx = pm, gm, ctx
         self.text = pm.pipeline.to_text()
         self.timing = Timing()
@@ -216,7 +325,7 @@ class _Run:
         instruments.extend(ctx.instruments)
         self.instruments = tuple(instruments)
         self.am = AnalysisManager(self.instruments, verify=ctx.verify_each)
-        self.properties = set(pm.assume) | set(graph_properties(gm))
+        self.properties = set(properties)
         self.position = 0
         self.bisect_count = 0
 
@@ -322,7 +431,10 @@ class _Run:
         except BaseException as exc:  # noqa: BLE001 - re-raised typed, below
             for inst in reversed(self.instruments):
                 inst.after_pass_failed(p, gm, exc)
-            raise self._typed_failure(p, pos, exc, snapshot) from exc
+            typed = self._typed_failure(p, pos, exc, snapshot)
+            if typed is exc:  # already typed: re-raise as is (never its own __cause__)
+                raise
+            raise typed from exc
         self.properties = (self.properties - set(p.invalidates)) | set(p.establishes)
         for inst in reversed(self.instruments):
             inst.after_pass(p, gm, result)
@@ -395,14 +507,17 @@ class _Run:
 
     def _typed_failure(self, p: Pass, pos: str, exc: BaseException,
                        snapshot: torch.fx.GraphModule | None) -> BaseException:
-        if isinstance(exc, KeyboardInterrupt):
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not a failure
             return exc
         repro = None
         if snapshot is not None:
             shapes = [tuple(t.shape) for t in self.ctx.example_inputs or ()
                       if hasattr(t, "shape")]
-            repro = Reproducer(self.ctx.reproducer_dir).write(
-                self.text, p.to_text(), snapshot, self.properties, shapes)
+            try:
+                repro = Reproducer(self.ctx.reproducer_dir).write(
+                    self.text, p.to_text(), snapshot, self.properties, shapes)
+            except Exception as e:  # noqa: BLE001 - keep the pass's failure; say why none
+                repro = f"not written: cannot write to {self.ctx.reproducer_dir!r}: {e}"
         if isinstance(exc, PassFailure):
             if exc.pass_name is not None:  # raised by a nested pipeline: already has context
                 return exc

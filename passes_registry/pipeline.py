@@ -28,6 +28,9 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9-]*")
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _ATOM_STOP = set(" \t\r\n{}[](),=\"'")
 _BARE = object()  # a bare option key: means true for bools
+# Bounds that keep a typo from building a pipeline that recurses or runs forever.
+MAX_NESTING = 64        # nested bodies / option lists inside one another
+MAX_ITERATIONS = 1000   # repeat{count}, fixpoint{max-iterations}
 
 
 class OptionParseError(PipelineParseError, OptionError):
@@ -51,6 +54,9 @@ class FixpointOptions:
     def __post_init__(self) -> None:
         if self.max_iterations < 1:
             raise ValueError("max-iterations must be >= 1")
+        if self.max_iterations > MAX_ITERATIONS:
+            raise ValueError(f"max-iterations must be <= {MAX_ITERATIONS}, got "
+                             f"{self.max_iterations}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class RepeatOptions:
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError("count must be >= 1")
+        if self.count > MAX_ITERATIONS:
+            raise ValueError(f"count must be <= {MAX_ITERATIONS}, got {self.count} (for more, "
+                             "nest repeats or loop over PassManager.run in Python)")
 
 
 COMBINATORS: dict[str, type] = {"fixpoint": FixpointOptions, "repeat": RepeatOptions}
@@ -150,6 +159,12 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.pos = 0
+        self.depth = 0  # open '(' bodies and option lists
+
+    def enter(self, open_pos: int) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"nesting deeper than {MAX_NESTING} levels", open_pos)
 
     def error(self, message: str, pos: int | None = None) -> PipelineParseError:
         return PipelineParseError(message, self.text, self.pos if pos is None else pos)
@@ -228,6 +243,7 @@ class _Parser:
             self.skip_ws()
         if self.peek() == "(":
             el.body_pos = self.pos
+            self.enter(self.pos)
             self.pos += 1
             self.skip_ws()
             if self.peek() == ")":
@@ -242,6 +258,7 @@ class _Parser:
                     raise self.error("unbalanced '}': no matching '{'")
                 raise self.error(f"expected ',' or ')', found '{self.peek()}'")
             self.pos += 1
+            self.depth -= 1
         return el
 
     def options(self) -> list[_RawOption]:
@@ -281,11 +298,13 @@ class _Parser:
         if c in ("[", "{"):
             close = "]" if c == "[" else "}"
             open_pos = self.pos
+            self.enter(open_pos)
             self.pos += 1
             items: list[RawValue] = []
             self.skip_ws()
             if self.peek() == close:
                 self.pos += 1
+                self.depth -= 1
                 return items
             while True:
                 self.skip_ws()
@@ -296,6 +315,7 @@ class _Parser:
                     continue
                 if self.peek() == close:
                     self.pos += 1
+                    self.depth -= 1
                     return items
                 if self.peek() == "":
                     raise self.error(f"unbalanced '{c}': missing '{close}'", open_pos)
@@ -442,8 +462,13 @@ def parse_pipeline(text: str) -> Pipeline:
     """Parse pipeline text into a resolved :class:`Pipeline` (raises PipelineParseError)."""
     if not isinstance(text, str):
         raise PipelineParseError(f"a pipeline must be a string, got {type(text).__name__}")
-    raws = _Parser(text).parse()
-    return Pipeline(_resolve(raws, text))
+    parser = _Parser(text)
+    try:
+        raws = parser.parse()
+        return Pipeline(_resolve(raws, text))
+    except RecursionError:  # a safety net: MAX_NESTING normally stops deep text first
+        raise PipelineParseError("pipeline nested too deeply", text,
+                                 min(parser.pos, len(text) - 1)) from None
 
 
 def print_pipeline(pipeline: Pipeline) -> str:

@@ -6,7 +6,10 @@ call the logic in-process:
 - :func:`load_model` builds a model from a spec: ``torchvision:NAME`` (random init, never downloads
   weights) or ``package.module:factory`` (a callable returning an ``nn.Module`` or a
   ``(module, example_inputs)`` pair).
-- :func:`parse_input_shape` turns ``1,3,224,224`` into a tuple of ints.
+- :func:`parse_input_shape` turns ``1,3,224,224`` into a tuple of ints (bounded in size);
+  :func:`check_seed` bounds ``--seed`` to what torch accepts.
+- :func:`calibration_data` reads ``--calibration random:N`` or ``PATH.pt`` (a saved list of
+  batches); :func:`synthetic_batches` makes the random ones.
 - :func:`resolve_pipeline_text` expands the special pipeline ``default``.
 - :func:`run_main` runs a tool's ``main`` body and turns typed errors into ``exit 2`` with the
   message on stderr (no traceback).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import sys
@@ -30,6 +34,8 @@ from qpasses.errors import InputError
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 EXIT_USAGE = 2
+MAX_INPUT_ELEMENTS = 2 ** 28  # 1 GiB of float32: far above any example input, below an OOM
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.manual_seed accepts
 
 
 class ModelSpecError(InputError):
@@ -41,7 +47,7 @@ def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     if not isinstance(text, str):
         dims = tuple(text)
         if dims and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-            return dims
+            return _bounded(dims, dims)
         raise InputError(f"bad input shape {text!r}: expected positive ints, e.g. 1,3,224,224")
     parts = [p.strip() for p in text.replace("x", ",").split(",")]
     try:
@@ -51,7 +57,26 @@ def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise InputError(f"bad input shape '{text}': expected comma-separated positive ints, "
                          "e.g. 1,3,224,224")
+    return _bounded(dims, text)
+
+
+def _bounded(dims: tuple[int, ...], text: Any) -> tuple[int, ...]:
+    numel = 1
+    for d in dims:
+        numel *= d
+    if numel > MAX_INPUT_ELEMENTS:
+        raise InputError(f"input shape {text!s:.60} has {numel:.3g} elements, more than the "
+                         f"{MAX_INPUT_ELEMENTS:,} an example input may have; use a smaller "
+                         "shape (shapes propagate from one example batch)")
     return dims
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if torch accepts it as a seed, else an InputError naming ``--seed``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) \
+            or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InputError(f"--seed {seed!r:.40}: expected an int in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    return seed
 
 
 def _torchvision_model(name: str) -> torch.nn.Module:
@@ -101,6 +126,25 @@ def _import_factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
+def _call_factory(spec: str, factory: Callable[[], Any]) -> Any:
+    """``factory()``; a factory that needs arguments or raises is a ModelSpecError."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: just call it
+        sig = None
+    if sig is not None:
+        needed = [p.name for p in sig.parameters.values() if p.default is p.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if needed:
+            raise ModelSpecError(f"model factory '{spec}' needs arguments ({', '.join(needed)}); "
+                                 "--model calls it with none: give a factory whose arguments "
+                                 "all have defaults (e.g. a small wrapper function)")
+    try:
+        return factory()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code; re-raised typed
+        raise ModelSpecError(f"model factory '{spec}' raised {type(e).__name__}: {e}") from e
+
+
 def load_model(spec: str, *, seed: int | None = None) -> tuple[torch.nn.Module, tuple | None]:
     """Build the model a spec names, with random weights.
 
@@ -112,13 +156,13 @@ def load_model(spec: str, *, seed: int | None = None) -> tuple[torch.nn.Module, 
         raise ModelSpecError(f"bad model spec {spec!r}: expected torchvision:NAME or "
                              "package.module:factory")
     if seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
     prefix, _, name = spec.partition(":")
     if prefix == "torchvision":
         model: Any = _torchvision_model(name)
         inputs = None
     else:
-        built = _import_factory(spec)()
+        built = _call_factory(spec, _import_factory(spec))
         inputs = None
         if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module):
             built, inputs = built
@@ -134,8 +178,56 @@ def load_model(spec: str, *, seed: int | None = None) -> tuple[torch.nn.Module, 
 
 def example_inputs_for(shape: Sequence[int], *, seed: int | None = None) -> tuple[torch.Tensor]:
     """One random normal input tensor of ``shape`` (seeded when ``seed`` is given)."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return (torch.randn(*shape, generator=gen),)
+    shape = parse_input_shape(shape)
+    gen = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
+    try:
+        return (torch.randn(*shape, generator=gen),)
+    except (RuntimeError, MemoryError) as e:
+        raise InputError(f"cannot make an example input of shape {shape}: {e}") from None
+
+
+def synthetic_batches(inputs: tuple, count: int, seed: int, *,
+                      flag: str = "--calibration-batches") -> list[tuple]:
+    """``count`` random batches shaped like ``inputs`` (standard normal, seeded)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise InputError(f"{flag} must be >= 0, got {count}")
+    if count > 10_000:
+        raise InputError(f"{flag}: {count} batches is more than the 10000 allowed")
+    g = torch.Generator().manual_seed(check_seed(seed) + 1 if seed < SEED_RANGE[1] else 0)
+    return [tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point()
+                  else t.clone() for t in inputs) for _ in range(count)]
+
+
+def calibration_data(spec: str | None, inputs: tuple | None, seed: int = 0) -> list | None:
+    """The batches ``--calibration SPEC`` names: ``random:N`` (N random batches shaped like the
+    example inputs) or ``PATH.pt`` (``torch.save``'d list of batches, each a tensor or a tuple
+    of tensors; a single tensor is one batch). ``None`` gives None."""
+    if spec is None:
+        return None
+    if spec.startswith("random:"):
+        try:
+            count = int(spec[len("random:"):])
+        except ValueError:
+            count = -1
+        if count < 1 or inputs is None:
+            raise InputError(f"--calibration {spec}: expected random:N with N >= 1"
+                             + ("" if inputs is not None else " and example inputs to copy "
+                                "shapes from (--input-shape)"))
+        return synthetic_batches(inputs, count, seed, flag="--calibration")
+    if not os.path.isfile(spec):
+        raise InputError(f"--calibration {spec}: no such file; expected random:N or the path "
+                         "of a torch.save'd list of batches")
+    try:
+        data = torch.load(spec, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling raises many kinds; re-raised typed
+        raise InputError(f"--calibration {spec}: cannot load batches: {type(e).__name__}: "
+                         f"{e}") from None
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise InputError(f"--calibration {spec} holds a {type(data).__name__}; save a non-empty "
+                         "list of batches: torch.save([x1, x2, ...], path)")
+    return list(data)
 
 
 def trace_quietly(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:

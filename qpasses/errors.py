@@ -67,3 +67,34 @@ class ConfigWarning(QpassesWarning):
 
 
 __all__ += ["QpassesWarning", "ConfigWarning"]
+
+
+class ExportError(QpassesError):
+    """A graph cannot be exported (``qpasses.export``): not calibrated / not lowered (names the pass
+    to run), a bit-width the format cannot carry (names the layer), a float island under
+    ``strict``, or an op the exporter does not know (names the node)."""
+
+
+class ExportDependencyError(ExportError, ImportError):
+    """An optional dependency of the exporter is missing; the message names the extra to install."""
+
+
+class ExportWarning(QpassesWarning):
+    """Export went through with a caveat (float islands exported as float ops, a contract that
+    onnxruntime does not reproduce bit for bit)."""
+
+
+__all__ += ["ExportError", "ExportDependencyError", "ExportWarning"]
+
+
+class EmulationContractError(QpassesError):
+    """An emulating fake-quant graph (``emulate-int-sim``) is lowered under another integer
+    contract than the one it emulates; the message names both contracts."""
+
+
+class EmulationWarning(QpassesWarning):
+    """``emulate-int-sim`` left something un-emulated: ops without an integer kernel stay float
+    islands (listed), quantization points the integer graph does not keep."""
+
+
+__all__ += ["EmulationContractError", "EmulationWarning"]

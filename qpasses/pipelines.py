@@ -25,7 +25,8 @@ def ptq_int8(opts: PtqInt8Options) -> str:
     layer (no first/last pinning), per-channel symmetric weights, asymmetric (zero-point)
     activations observed with the clip mode, then calibration on ``PassContext.calibration_data``.
     The logits are not quantized (activation quantizers sit on layer inputs), which is Distiller's
-    "do not clip the final FC output" advice.
+    "do not clip the final FC output" advice. To fine-tune or evaluate on exactly what the
+    integer graph computes, append ``emulate-int-sim`` (with the contract you will lower with).
     """
     return ("graph(canonicalize,fold-batch-norm,"
             "annotate-bitwidths{weight-bits=8 act-bits=8 first-last-bits=none},"
@@ -53,7 +54,11 @@ def default(opts: DefaultOptions) -> str:
     (FracBits' convention), per-channel symmetric fake-quant, calibration on
     ``PassContext.calibration_data``, lowering to the integer-only graph (fast exact kernels,
     gemmlowp rounding) and a bit-exact check of that graph against the integer reference, which
-    prints the int-sim vs fake-quant agreement.
+    prints the int-sim vs fake-quant agreement. For QAT whose reported accuracy is the deployed
+    one, run ``emulate-int-sim`` after ``calibrate`` (the default's fake-quant graph differs from
+    the integer graph by up to a few LSB at low bits), train, then lower with the same contract;
+    the FracBits/GMPQ "after search" flows do the same after ``freeze-fracbits`` /
+    ``select-gmpq-policy`` and ``calibrate``.
     """
     return ("graph(canonicalize,fold-batch-norm,dce,"
             f"annotate-bitwidths{{weight-bits={opts.weight_bits} act-bits={opts.act_bits} "

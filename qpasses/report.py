@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import torch
 import torch.fx
 from tabulate import tabulate
 
 from passes_registry import AnalysisManager, get_record, graph_history
 
+from qpasses.errors import InputError
 from qpasses.ir.annotations import get_qmeta
 from qpasses.ir.records import MODEL_KEY
 
@@ -40,6 +42,11 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
     from qpasses.analyses.bitops import compute_bitops
     from qpasses.analyses.model_size import compute_model_size
 
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise InputError(f"report expects the GraphModule a pipeline ran on, got "
+                         f"{type(gm).__name__}" + (" (trace the model first: gm = "
+                         "qpasses.trace(model, example_inputs))"
+                         if isinstance(gm, torch.nn.Module) else ""))
     am = am if am is not None else AnalysisManager()
     macs = am.get("macs", gm)
     if has_bit_annotations(gm):

@@ -31,7 +31,7 @@ import qpasses
 from passes_registry import PassContext, PassManager, print_graph
 from passes_registry.printing import format_annotations, format_type, target_name
 from qpasses.cli import (DEFAULT_INPUT_SHAPE, example_inputs_for, load_model, parse_input_shape,
-                         resolve_pipeline_text, run_main, trace_quietly)
+                         resolve_pipeline_text, run_main, synthetic_batches, trace_quietly)
 from qpasses.errors import InputError
 
 FORMATS = ("table", "json", "fxir", "dot")
@@ -57,7 +57,10 @@ def run_pipeline(gm: torch.fx.GraphModule, inputs: tuple, pipeline: str | None,
     text = resolve_pipeline_text(pipeline)
     if text is None:
         return gm, None
-    pm = PassManager.parse(text, assume=gm)
+    # Properties the graph's history records are inferred (and checked) by PassManager.run; a
+    # failing run leaves gm as it was (rollback, on for the tools).
+    pm = PassManager.parse(text)
+    ctx_fields.setdefault("rollback", True)
     with PassContext(example_inputs=inputs, **ctx_fields) as ctx:
         gm = pm.run(gm, ctx)
     return gm, str(pm)
@@ -212,15 +215,6 @@ def make_parser() -> argparse.ArgumentParser:
                    help="random batches shaped like the example inputs fed to calibrate "
                         "(synthetic data: the tool downloads nothing)")
     return p
-
-
-def synthetic_batches(inputs: tuple, count: int, seed: int) -> list[tuple]:
-    """``count`` random batches shaped like ``inputs`` (standard normal, seeded)."""
-    if count < 0:
-        raise InputError(f"--calibration-batches must be >= 0, got {count}")
-    g = torch.Generator().manual_seed(seed + 1)
-    return [tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point()
-                  else t.clone() for t in inputs) for _ in range(count)]
 
 
 def dump(model: str, input_shape: str | None = None, pipeline: str | None = None,

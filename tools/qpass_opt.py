@@ -26,6 +26,9 @@ flag                        PassContext field
 --disable-pass=NAMES        disabled
 --bisect-limit=N            bisect_limit
 --reproducer-dir=DIR        reproducer_dir
+--[no-]rollback             rollback (default on: a failing pipeline leaves the graph unchanged)
+--calibration=SPEC          calibration_data (``random:N`` batches shaped like the input, or
+                            ``PATH.pt``: a torch.save'd list of batches)
 ==========================  ==========================
 
 The final graph goes to stdout (``--output-format fxir|table|json``, or ``--out PATH``); IR dumps,
@@ -46,13 +49,14 @@ import torch.fx
 from tabulate import tabulate
 
 import qpasses
-from passes_registry import (PassContext, PassManager, list_passes, lookup_property,
-                             print_graph, property_names)
+from passes_registry import (PassContext, PassesError, PassManager, list_passes,
+                             lookup_property, print_graph, property_names)
 from passes_registry.instrument import load_annotations
 from passes_registry.options import format_value
 from passes_registry.pass_manager import HISTORY_KEY
-from qpasses.cli import (example_inputs_for, load_model, parse_input_shape, resolve_pipeline_text,
-                         run_main, split_names, trace_quietly)
+from passes_registry.errors import UsageError
+from qpasses.cli import (calibration_data, check_seed, example_inputs_for, load_model, parse_input_shape,
+                         resolve_pipeline_text, run_main, split_names, trace_quietly)
 from qpasses.errors import InputError
 from qpasses.ir.trace import propagate_shapes
 
@@ -174,6 +178,22 @@ def context_from_args(args: argparse.Namespace, inputs: tuple | None, stream: An
     """The PassContext the debugging flags describe (1:1 mapping)."""
     print_before: Any = "all" if args.print_ir_before_all else split_names(args.print_ir_before)
     print_after: Any = "all" if args.print_ir_after_all else split_names(args.print_ir_after)
+    try:
+        return _context(args, inputs, stream, print_before, print_after)
+    except UsageError as e:  # name the flag, not the PassContext field
+        flag = FLAGS.get(e.argument or "")
+        if flag is None:
+            raise
+        raise InputError(f"{flag}: {e.reason.split(': ', 1)[-1]}") from None
+
+
+# PassContext fields whose errors name a flag.
+FLAGS = {"print_before": "--print-ir-before", "print_after": "--print-ir-after",
+         "disabled": "--disable-pass", "bisect_limit": "--bisect-limit"}
+
+
+def _context(args: argparse.Namespace, inputs: tuple | None, stream: Any, print_before: Any,
+             print_after: Any) -> PassContext:
     return PassContext(
         example_inputs=inputs,
         verify_each=args.verify_each,
@@ -188,6 +208,8 @@ def context_from_args(args: argparse.Namespace, inputs: tuple | None, stream: An
         disabled=split_names(args.disable_pass),
         bisect_limit=args.bisect_limit,
         reproducer_dir=args.reproducer_dir,
+        rollback=args.rollback,
+        calibration_data=calibration_data(args.calibration, inputs, args.seed),
         seed=args.seed,
     )
 
@@ -200,6 +222,11 @@ def load_plugin(module: str) -> None:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise InputError(f"--load-plugin: cannot import module '{module}': {e}") from None
+    except PassesError as e:  # e.g. a plugin registering a name twice
+        raise InputError(f"--load-plugin {module}: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the plugin's own code failed
+        raise InputError(f"--load-plugin {module}: importing the plugin raised "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def render(gm: torch.fx.GraphModule, fmt: str, pipeline: str | None) -> str:
@@ -224,6 +251,10 @@ def make_parser() -> argparse.ArgumentParser:
     src.add_argument("--assume", action="append", default=None, metavar="PROPS",
                      help="IR properties the input graph already has (comma-separated)")
     src.add_argument("--seed", type=int, default=0, help="seed for random init and inputs")
+    src.add_argument("--calibration", metavar="SPEC",
+                     help="calibration data for calibrate and other data-driven passes: "
+                          "random:N (N random batches shaped like the input) or PATH.pt "
+                          "(a torch.save'd list of batches)")
     pipe = p.add_argument_group("pipeline")
     pipe.add_argument("--pass-pipeline", help="pipeline text, e.g. 'graph(fold-batch-norm,dce)'; "
                       "'default' is the default pipeline")
@@ -255,6 +286,9 @@ def make_parser() -> argparse.ArgumentParser:
                      help="run only the first N non-required passes (opt-bisect)")
     dbg.add_argument("--reproducer-dir", metavar="DIR",
                      help="on failure, write a reproducer (pipeline, graph, weights, command)")
+    dbg.add_argument("--rollback", action=argparse.BooleanOptionalAction, default=True,
+                     help="leave the input graph unchanged when the pipeline fails "
+                          "(default: on; costs one copy of the graph)")
     out = p.add_argument_group("output")
     out.add_argument("--output-format", choices=OUTPUT_FORMATS, default="fxir",
                      help="format of the final graph (default: fxir)")
@@ -275,12 +309,12 @@ def opt(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
             return 0
     if args.bisect_limit is not None and args.bisect_limit < 0:
         raise InputError("--bisect-limit must be >= 0")
+    check_seed(args.seed)
     text = resolve_pipeline_text(args.pass_pipeline)
-    assume = split_names(args.assume)
-    if text is not None:
-        pm = PassManager.parse(text, assume=assume)
-    else:
-        pm = None
+    # Without --assume, requirements the pipeline leaves open are checked against the input
+    # graph's recorded (and verified) properties when it runs.
+    assume = split_names(args.assume) or None
+    pm = PassManager.parse(text, assume=assume) if text is not None else None
     if args.dump_pipeline:
         if pm is None:
             raise InputError("--dump-pipeline needs --pass-pipeline TEXT")
@@ -295,8 +329,6 @@ def opt(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
     gm, inputs = load_input(args.model, args.graph, args.input_shape, args.seed)
     canonical = None
     if pm is not None:
-        if not assume:  # properties recorded by earlier runs on this graph count as assumed
-            pm = PassManager(pm.pipeline, assume=gm)
         canonical = str(pm)
         ctx = context_from_args(args, inputs, stderr)
         with ctx:

@@ -55,6 +55,14 @@ def _check_target(option: str, value: float | None) -> None:
     if not math.isfinite(value) or value <= 0:
         raise OptionError(PASS_NAME, option, f"{value} is not a valid budget: it must be a "
                                              "positive, finite number")
+    if value > MAX_TARGET:
+        unit = "GBitOPs" if option == "target-bitops" else "MB"
+        raise OptionError(PASS_NAME, option, f"{value} {unit} is beyond any model (at most "
+                                             f"{MAX_TARGET:g} {unit}); give the budget in {unit}")
+
+
+#: largest accepted budget (GBitOPs or MB): beyond any model, and exact as integer BitOPs/bits
+MAX_TARGET = 1e12
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,11 @@
 the chosen input widths."""
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -84,6 +87,28 @@ def write_input_widths(gm: torch.fx.GraphModule, a_bits: dict[str, int], origin:
                 update_qmeta(nodes[t], origin=origin,
                              output=spec.replace(bits=width, scale=None, zero_point=None))
     return raised
+
+
+@contextmanager
+def restore_on_failure(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """Run a block that may fail after changing ``gm`` (removing a supernet, then solving): on any
+    exception the graph, its submodules, node annotations and graph records are put back as they
+    were, and the exception propagates. Parameters and buffers are the same objects before and
+    after (a user's optimizer keeps working), so a retry with other options sees the trained
+    search state."""
+    keep = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
+    saved = copy.deepcopy(gm, keep)
+    try:
+        yield
+    except BaseException:
+        for attr in ("_modules", "_parameters", "_buffers"):
+            live = getattr(gm, attr)
+            live.clear()
+            live.update(getattr(saved, attr))
+        gm.meta.clear()
+        gm.meta.update(saved.meta)
+        gm.graph = saved.graph          # re-owns the graph and recompiles
+        raise
 
 
 def remove_search_modules(gm: torch.fx.GraphModule, layer_modules: Any,

@@ -372,7 +372,9 @@ def _milp(p: _Problem, bits: Sequence[Sequence[int]] | None, t0: float,
         c_flat = np.concatenate(rc).astype(np.float64)
         e_flat = np.concatenate(re)
         e_scale = float(np.abs(e_flat).max()) or 1.0
-        options: dict[str, float | bool] = {"mip_rel_gap": mip_rel_gap, "presolve": True}
+        # disp=False: HiGHS logs nothing to stdout (the tools' output is the report)
+        options: dict[str, float | bool] = {"mip_rel_gap": mip_rel_gap, "presolve": True,
+                                            "disp": False}
         if time_limit is not None:
             options["time_limit"] = time_limit
         rhs = float(cap)
@@ -467,7 +469,7 @@ def solve_pairs(items: Sequence[Sequence[tuple[int, int, float, float]]],
     r, c, v = zip(*entries)
     rows = csr_array((v, (r, c)), shape=(len(lo), nz))
     constraints = [LinearConstraint(rows, lo, hi)]
-    options: dict[str, float] = {"mip_rel_gap": 0.0}
+    options: dict[str, float | bool] = {"mip_rel_gap": 0.0, "disp": False}
     if time_limit is not None:
         options["time_limit"] = time_limit
     zeros = [0.0] * len(gcols)

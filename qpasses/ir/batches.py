@@ -13,7 +13,8 @@ import torch.fx
 from qpasses.errors import CalibrationError
 from qpasses.ir.fx import num_graph_inputs
 
-__all__ = ["BATCH_FORMS", "INPUT_KEYS", "batch_inputs", "calibration_batches", "context_batches"]
+__all__ = ["BATCH_FORMS", "INPUT_KEYS", "batch_inputs", "calibration_batches", "check_batch_inputs",
+           "context_batches"]
 
 INPUT_KEYS = ("x", "input", "inputs", "image")
 BATCH_FORMS = ("a tensor, a tuple/list whose first items are the inputs (e.g. (x, y)), or a dict "
@@ -40,6 +41,30 @@ def batch_inputs(batch: Any, index: int, num_inputs: int) -> tuple[torch.Tensor,
         raise CalibrationError(f"calibration batch {index} does not hold {num_inputs} input "
                                f"tensor(s); expected {BATCH_FORMS}")
     return items[:num_inputs]
+
+
+def check_batch_inputs(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], index: int,
+                       pass_name: str) -> None:
+    """CalibrationError naming the batch, the input and what the graph was traced with, when a
+    batch's input does not fit the graph's placeholders: another rank, other non-batch dims, or
+    an integer tensor where the model takes floats (and the reverse). Placeholders without
+    traced metadata accept anything."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for j, (ph, t) in enumerate(zip(placeholders, inputs)):
+        tm = ph.meta.get("tensor_meta")
+        shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
+        if shape is not None and (t.dim() != len(shape)
+                                  or tuple(t.shape[1:]) != tuple(shape)[1:]):
+            expected = "x".join(["N"] + [str(int(d)) for d in tuple(shape)[1:]])
+            raise CalibrationError(
+                f"{pass_name}: calibration batch {index} (input {j}, '{ph.name}') has shape "
+                f"{tuple(t.shape)}; the graph was traced with {tuple(shape)}, so expected "
+                f"{expected} (any batch size N); give batches shaped like the example inputs")
+        if dtype is not None and t.is_floating_point() != dtype.is_floating_point:
+            raise CalibrationError(
+                f"{pass_name}: calibration batch {index} (input {j}, '{ph.name}') has dtype "
+                f"{t.dtype}; the graph was traced with {dtype}; convert the data "
+                f"(e.g. x.to({dtype}))")
 
 
 def calibration_batches(ctx: Any, pass_name: str) -> Iterable:

@@ -17,7 +17,7 @@ import torch.fx
 from passes_registry import register_graph_record
 
 __all__ = [
-    "BITSPLIT_KEY", "FRACBITS_META", "FROZEN_META", "GMPQ_META", "INT_SIM_KEY", "MODEL_KEY",
+    "BITSPLIT_KEY", "EMULATION_KEY", "EmulationRecord", "FRACBITS_META", "FROZEN_META", "GMPQ_META", "INT_SIM_KEY", "MODEL_KEY",
     "PRUNE_LOG_KEY", "SELECTED_META", "ActGroup", "BitsplitLayerError", "BitsplitRecord",
     "FracBitsLayer", "FracBitsRecord", "FrozenFracBitsLayer", "FrozenFracBitsRecord",
     "GmpqLayer", "GmpqSelectedLayer", "GmpqSelectedRecord", "GmpqSupernetRecord",
@@ -296,6 +296,47 @@ class IntSimRecord:
                 "islands" + (", fake-quant kept" if self.fake_quant is not None else ""))
 
 
+EMULATION_KEY = "qpasses.emulation"        # EmulationRecord
+
+
+@dataclass(frozen=True)
+class EmulationRecord:
+    """The integer contract an emulating fake-quant graph reproduces (``emulate-int-sim``):
+    ``lower-to-int-sim`` of the graph must use the same ``rounding``, ``multiplier_bits``,
+    ``lut_bits``, ``gate_bits`` and ``bias_frac_bits`` (else ``EmulationContractError``) and lowers
+    with the recorded ``ranges`` (intermediate grids of values without a quantizer), so both sides
+    make the same decisions. ``float_islands``: the ops without an integer kernel (node, op,
+    reason); ``points``: the emulated quantization points."""
+    rounding: str
+    multiplier_bits: int
+    lut_bits: int
+    gate_bits: int
+    bias_frac_bits: int | None
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    float_islands: tuple[dict[str, str], ...] = ()
+    points: tuple[str, ...] = ()
+
+    def contract(self) -> dict[str, Any]:
+        """The contract as lowering option values (field name -> value)."""
+        return {"rounding": self.rounding, "multiplier_bits": self.multiplier_bits,
+                "lut_bits": self.lut_bits, "gate_bits": self.gate_bits,
+                "bias_frac_bits": self.bias_frac_bits}
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rounding not in ("gemmlowp", "single", "float-rne", "hawq"):
+            out.append(f"rounding must be gemmlowp, single, float-rne or hawq, got "
+                       f"{self.rounding!r}")
+        if not isinstance(self.float_islands, tuple) or not isinstance(self.points, tuple):
+            out.append("float_islands and points must be tuples")
+        return out
+
+    def summary(self) -> str:
+        return (f"rounding={self.rounding}, multiplier-bits={self.multiplier_bits}, "
+                f"bias-frac-bits={'auto' if self.bias_frac_bits is None else self.bias_frac_bits}"
+                f", {len(self.points)} points, {len(self.float_islands)} float islands")
+
+
 # ---------------------------------------------------------------------------------------------
 # registration
 
@@ -318,3 +359,4 @@ _register(BITSPLIT_KEY, BitsplitRecord, "per-layer reconstruction errors of ptq-
 register_graph_record(PRUNE_LOG_KEY, PruneLog, summary="what prune-zero-bit-channels removed and kept",
                       validate=lambda r: r.problems(), fingerprinted=False)
 _register(INT_SIM_KEY, IntSimRecord, "integer-simulation contract of a lowered graph")
+_register(EMULATION_KEY, EmulationRecord, "integer contract an emulating fake-quant graph reproduces")

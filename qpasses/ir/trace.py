@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import os
 import traceback
@@ -19,6 +20,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from passes_registry import get_record, set_record
+from passes_registry.suggest import did_you_mean
 
 from qpasses.errors import InputError, TraceError
 from qpasses.ir.records import MODEL_KEY
@@ -69,11 +71,8 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"qpasses.trace expects a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    leaf_types = tuple(x for x in (leaf_modules or ()) if isinstance(x, type))
-    leaf_names = frozenset(x for x in (leaf_modules or ()) if isinstance(x, str))
-    bad = [x for x in (leaf_modules or ()) if not isinstance(x, (type, str))]
-    if bad:
-        raise InputError(f"leaf_modules must be module classes or qualified names, got {bad!r}")
+    leaf_types, leaf_names = _leaf_modules(model, leaf_modules)
+    _check_concrete_args(model, concrete_args)
     root = copy.deepcopy(model).eval()
     tracer = _Tracer(leaf_types, leaf_names)
     try:
@@ -97,6 +96,48 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     set_record(gm, MODEL_KEY, name)
     propagate_shapes(gm, inputs)
     return gm
+
+
+def _leaf_modules(model: torch.nn.Module, leaf_modules: Any
+                  ) -> tuple[tuple[type, ...], frozenset[str]]:
+    """``leaf_modules`` split into module classes and qualified names, each checked."""
+    if leaf_modules is None:
+        return (), frozenset()
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, Iterable):
+        raise InputError(f"leaf_modules must be a list of module classes or qualified names, "
+                         f"got {leaf_modules!r:.60}; write leaf_modules=[{leaf_modules!r:.40}]")
+    items = list(leaf_modules)
+    bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type)
+                                                           and issubclass(x, torch.nn.Module)))]
+    if bad:
+        raise InputError(f"leaf_modules must be module classes or qualified names, got {bad!r}")
+    names = dict(model.named_modules())
+    for x in items:
+        if isinstance(x, str) and x not in names:
+            raise InputError(f"leaf_modules: {type(model).__name__} has no submodule '{x}'"
+                             + did_you_mean(x, [n for n in names if n]))
+    return (tuple(x for x in items if isinstance(x, type)),
+            frozenset(x for x in items if isinstance(x, str)))
+
+
+def _check_concrete_args(model: torch.nn.Module, concrete_args: Any) -> None:
+    """``concrete_args`` must map names of ``model.forward``'s parameters to values."""
+    if concrete_args is None:
+        return
+    if not isinstance(concrete_args, dict):
+        raise InputError(f"concrete_args must be a dict from forward() argument names to "
+                         f"values, got {type(concrete_args).__name__}")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no inspectable signature: let torch.fx decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in concrete_args:
+        if key not in params:
+            raise InputError(f"concrete_args: {type(model).__name__}.forward has no argument "
+                             f"{key!r} (its arguments: {', '.join(params) or 'none'})"
+                             + did_you_mean(str(key), list(params)))
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:

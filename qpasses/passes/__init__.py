@@ -12,3 +12,4 @@ from qpasses.passes import cleanup_int_sim, lower_to_int_sim, verify_int_sim  # 
 from qpasses.passes import insert_fracbits, freeze_fracbits  # noqa: F401
 from qpasses.passes import ptq_bitsplit  # noqa: F401
 from qpasses.passes import insert_gmpq_supernet, select_gmpq_policy  # noqa: F401
+from qpasses.passes import emulate_int_sim  # noqa: F401

@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from torch import nn
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError
 
+from qpasses.analyses.properties import (refuse_realized_widths, refuse_unshaped_layers,
+                                         warn_unfolded_batch_norms)
 from qpasses.errors import ConfigError, ConfigWarning
 from qpasses.ir import ops
 from qpasses.ir.fx import node_arg
@@ -154,6 +157,16 @@ def _parse_entry(path: str, glob: str, settings: Any) -> ConfigEntry:
     return ConfigEntry(glob, weight, act)
 
 
+def _too_deep(text: str, limit: int = 16) -> str | None:
+    """``line:column`` where JSON ``text`` nests deeper than ``limit`` (strings skipped)."""
+    depth, bare = 0, re.sub(r'"(\\.|[^"\\])*"', lambda m: " " * len(m.group(0)), text)
+    for i, c in enumerate(bare):
+        depth += (c in "[{") - (c in "]}")
+        if depth > limit:
+            return f"{text.count(chr(10), 0, i) + 1}:{i - text.rfind(chr(10), 0, i)}"
+    return None
+
+
 def load_config(path: str) -> BitwidthConfig:
     """Read and validate a bit-width config file (format only; see :func:`check_config`).
 
@@ -166,7 +179,11 @@ def load_config(path: str) -> BitwidthConfig:
                           '{"layer1.*.conv1": {"weight_bits": 3}, "fc": {"act_bits": 6}}')
     try:
         with open(path, encoding="utf-8") as f:
-            pairs = json.load(f, object_pairs_hook=lambda kv: ("__pairs__", kv))
+            text = f.read()
+        if _too_deep(text):
+            raise ConfigError(f"config '{path}':{_too_deep(text)}: nested too deeply; a config "
+                              'maps layer-name globs to settings: {"fc": {"weight_bits": 8}}')
+        pairs = json.loads(text, object_pairs_hook=lambda kv: ("__pairs__", kv))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config '{path}' is not valid JSON: {e}") from None
     except OSError as e:
@@ -425,7 +442,9 @@ class AnnotateBitwidths(Pass):
     file missing, not JSON, not an object, unknown keys, wrong types, fractional bits, a per-kernel
     list whose length is not the layer's output channels, a glob matching no layer:
     ``qpasses.errors.ConfigError`` naming the file, glob, layer and what is valid (with the 5
-    closest layer names). A ``skip`` glob matching no layer: ``OptionError``.
+    closest layer names). A ``skip`` glob matching no layer: ``OptionError``. Widths already
+    realized (fake quantizers or int-sim modules): ``AnnotationError`` (re-run from the float
+    graph); conv/linear without traced shapes: ``TraceError``. Unfolded BatchNorms: one warning.
 
     Returns ``modified=False`` when every annotation already equals what it would write (re-running
     with the same options). Stats: ``num_layers`` (annotated), ``num_per_kernel``,
@@ -440,6 +459,9 @@ class AnnotateBitwidths(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: AnnotateBitwidthsOptions = self.options
+        refuse_realized_widths(gm, self.name)
+        refuse_unshaped_layers(gm, self.name)
+        warn_unfolded_batch_norms(gm, self.name)
         layers = quantizable_layers(gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         names = list(dict.fromkeys(info.name for info in layers))

@@ -39,6 +39,7 @@ above, a batch with NaN/inf (names the batch and input index), a quantizer that 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,11 +50,12 @@ import torch.fx
 from tqdm import tqdm
 
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
-from passes_registry.errors import OptionError
+from passes_registry.errors import OptionError, PassesError
+from passes_registry import fingerprint
 
 from qpasses.errors import CalibrationError, NumericsError
 from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
-from qpasses.ir.batches import batch_inputs, calibration_batches
+from qpasses.ir.batches import batch_inputs, calibration_batches, check_batch_inputs
 from qpasses.ir.fx import attr_value, graph_device, num_graph_inputs
 from qpasses.ir.layers import quantizable_layers
 from qpasses.modules.lookup import layer_weight_quantizer, make_act_observer, write_qmeta
@@ -107,8 +109,12 @@ class Calibrate(Pass):
         quantizers = {n: m for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
         acts = {n: m for n, m in quantizers.items() if isinstance(m, ActFakeQuant)}
         weights = {n: m for n, m in quantizers.items() if isinstance(m, WeightFakeQuant)}
+        # honest "modified": nothing to calibrate (all layers skipped, no conv/linear) or a
+        # re-run on the same data leaves the graph as it was (verify-each checks the claim)
+        before = fingerprint(gm)
         if opts.method == "trained":
-            return self._keep_trained(gm, acts, weights)
+            res = self._keep_trained(gm, acts, weights)
+            return dataclasses.replace(res, modified=fingerprint(gm) != before)
         data = calibration_batches(ctx, self.name)
         if opts.method != "inserted":
             for n, q in acts.items():
@@ -145,7 +151,7 @@ class Calibrate(Pass):
                     q.enable_fake_quant(saved[n][0])
                     q.enable_observer(saved[n][1])
         write_qmeta(gm, origin=self.name)
-        return PassResult(modified=True, stats={"num_batches": seen,
+        return PassResult(modified=fingerprint(gm) != before, stats={"num_batches": seen,
                                                 "num_quantizers": len(quantizers),
                                                 "num_weight_quantizers": len(weights)})
 
@@ -173,15 +179,25 @@ class Calibrate(Pass):
         seen = 0
         with torch.no_grad(), tqdm(total=total, desc=self.name, unit="batch",
                                    disable=not _show_progress(ctx), leave=False) as bar:
-            for i, batch in enumerate(data):
+            for i, batch in enumerate(_user_batches(data)):
                 inputs = batch_inputs(batch, i, k)
+                check_batch_inputs(gm, inputs, i, self.name)
                 for j, t in enumerate(inputs):
                     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                         what = "NaN" if bool(torch.isnan(t).any()) else "inf"
                         raise CalibrationError(
                             f"calibration batch {i} (input {j}) contains {what} values; clean "
                             "the data (observers would turn them into invalid scales)")
-                gm(*(t.to(device) for t in inputs))
+                try:
+                    gm(*(t.to(device) for t in inputs))
+                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    if isinstance(e, PassesError):
+                        raise
+                    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                    raise CalibrationError(
+                        f"{self.name}: running calibration batch {i} (input shapes {shapes}) "
+                        f"through the graph failed: {type(e).__name__}: {e}; give batches like "
+                        "the example inputs the model was traced with") from e
                 seen += 1
                 bar.update(1)
                 if limit is not None and seen >= limit:
@@ -212,6 +228,28 @@ class Calibrate(Pass):
                 continue
             w = attr_value(gm, info.weight_attr)
             wq.observe(w)
+
+
+def _user_batches(data: Iterable) -> Iterable:
+    """The user's batches; an exception raised by their iterable (a DataLoader worker, a
+    generator) becomes a CalibrationError naming the batch index, with the user's exception as
+    ``__cause__``. KeyboardInterrupt and SystemExit pass through."""
+    try:
+        it = iter(data)
+    except Exception as e:
+        raise CalibrationError(f"{PASS_NAME}: iter(calibration_data) raised "
+                               f"{type(e).__name__}: {e}") from e
+    i = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise CalibrationError(f"{PASS_NAME}: the calibration data raised "
+                                   f"{type(e).__name__} while producing batch {i}: {e}") from e
+        yield batch
+        i += 1
 
 
 def _serves(q: ActFakeQuant) -> str:

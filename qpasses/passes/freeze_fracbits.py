@@ -59,7 +59,8 @@ from qpasses.ir.records import (FRACBITS_META, FROZEN_META, FracBitsRecord, Froz
 from qpasses.algorithms.fracbits import fracbits_cost_layers, lambda_maps
 from qpasses.modules.fracbits import fracbits_modules, fracbits_record, has_fracbits
 from qpasses.algorithms.solver import solve_pairs
-from qpasses.algorithms.search_layers import remove_search_modules, write_input_widths
+from qpasses.algorithms.search_layers import (remove_search_modules, restore_on_failure,
+                                              write_input_widths)
 from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
@@ -108,8 +109,11 @@ class FreezeFracBitsOptions:
         return self.target_bitops if self.target_bitops is not None else self.target_size
 
 
-def _rounded(gm: torch.fx.GraphModule, delta: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Integer (w, a) bit maps ``rne(λ + δ)`` clamped to each quantizer's range."""
+def _rounded(gm: torch.fx.GraphModule, delta: float, act_delta: float | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Integer (w, a) bit maps ``rne(λ + δ)`` clamped to each quantizer's range (activations
+    shifted by ``act_delta`` when given, else by δ too)."""
+    act_delta = delta if act_delta is None else act_delta
     w_bits, a_bits = {}, {}
     mods = fracbits_modules(gm)
     for name, (wq, aq) in mods.items():
@@ -119,7 +123,7 @@ def _rounded(gm: torch.fx.GraphModule, delta: float) -> tuple[dict[str, Any], di
         w_bits[name] = tuple(b.tolist()) if b.dim() == 1 else int(b)
         if aq is not None:
             la = aq.bits().detach().double()
-            a_bits[name] = int(torch.round(la + delta).clamp(aq.min_bits, aq.max_bits))
+            a_bits[name] = int(torch.round(la + act_delta).clamp(aq.min_bits, aq.max_bits))
     # layers reading one scale-sharing group get one width (the max), as insert-fake-quant does
     for g in fracbits_record(gm).act_groups:
         members = [n for n in g.layers if n in a_bits]
@@ -150,6 +154,27 @@ def _cost(gm: torch.fx.GraphModule, w: dict[str, Any], a: dict[str, Any], metric
     return float(model_size_bits(layers, w_map)) / 8e6
 
 
+def _check_reachable(gm: torch.fx.GraphModule, target: float, metric: str, limit: float,
+                     weights_only: bool = False
+                     ) -> tuple[float, dict[str, Any], dict[str, Any], float]:
+    """``(δ, w_bits, a_bits, cost)`` with every searched weight (and activation unless
+    ``weights_only``: activations then stay at ``rne(λ_a)``) at its minimum candidate; a
+    ``BudgetError`` when even that costs more than ``limit``. Runs before anything is removed,
+    so a failing freeze leaves the FracBits graph as it was."""
+    span = max(max(wq.max_bits - wq.min_bits for wq, _ in fracbits_modules(gm).values()), 1)
+    lo = -float(span) - 0.5            # everything at its minimum candidate
+    w_lo, a_lo = _rounded(gm, lo, 0.0 if weights_only else None)
+    c_lo = _cost(gm, w_lo, a_lo, metric)
+    if c_lo > limit:
+        unit = "GBitOPs" if metric == "bitops" else "MB"
+        raise BudgetError(PASS_NAME, "target-bitops" if metric == "bitops" else "target-size",
+                          f"{target:.6g} {unit} is below the cost with every searched layer at "
+                          f"its minimum candidate ({c_lo:.6g} {unit}); nothing was changed, "
+                          "retry with a larger target",
+                          minimum=c_lo, maximum=None, unit=unit)
+    return lo, w_lo, a_lo, c_lo
+
+
 def offset_bisection(gm: torch.fx.GraphModule, target: float, metric: str = "bitops", *,
                      tolerance: float = 0.0, max_trials: int = 20
                      ) -> tuple[float, dict[str, Any], dict[str, Any], float]:
@@ -161,16 +186,7 @@ def offset_bisection(gm: torch.fx.GraphModule, target: float, metric: str = "bit
     c = _cost(gm, w, a, metric)
     if c <= limit:
         return 0.0, w, a, c
-    span = max(max(wq.max_bits - wq.min_bits for wq, _ in fracbits_modules(gm).values()), 1)
-    lo = -float(span) - 0.5            # everything at its minimum candidate
-    w_lo, a_lo = _rounded(gm, lo)
-    c_lo = _cost(gm, w_lo, a_lo, metric)
-    if c_lo > limit:
-        unit = "GBitOPs" if metric == "bitops" else "MB"
-        raise BudgetError(PASS_NAME, "target-bitops" if metric == "bitops" else "target-size",
-                          f"{target:.6g} {unit} is below the cost with every searched layer at "
-                          f"its minimum candidate ({c_lo:.6g} {unit})",
-                          minimum=c_lo, maximum=None, unit=unit)
+    lo, w_lo, a_lo, c_lo = _check_reachable(gm, target, metric, limit)
     best = (lo, w_lo, a_lo, c_lo)
     hi = 0.0
     for _ in range(max_trials):        # invariant: cost(lo) <= limit < cost(hi)
@@ -272,6 +288,9 @@ class FreezeFracBits(Pass):
                 gm, opts.target, opts.metric, tolerance=opts.tolerance,
                 max_trials=opts.max_trials)
         else:
+            if opts.rounding == "solver":      # validate before removing anything
+                _check_reachable(gm, opts.target, opts.metric, opts.target * (1 + 1e-9),
+                                 weights_only=info.granularity != "layer")
             w_bits, a_bits = _rounded(gm, 0.0)
         lam_w = {n: wq.bits().detach().tolist() for n, (wq, _) in mods.items()}
         lam_a = {n: (float(aq.bits().detach()) if aq is not None else None)
@@ -280,22 +299,24 @@ class FreezeFracBits(Pass):
                   for n, (_, aq) in mods.items()}
 
         # remove the FracBits modules first (float layers back, activation nodes out), so the
-        # cost model sees the graph the standard passes will see
-        remove_search_modules(gm, [rec.module for rec in info.layers.values()],
-                              [rec.act for rec in info.layers.values() if rec.act])
+        # cost model sees the graph the standard passes will see; a failure after this point
+        # (the solver) puts the FracBits graph back
+        with restore_on_failure(gm):
+            remove_search_modules(gm, [rec.module for rec in info.layers.values()],
+                                  [rec.act for rec in info.layers.values() if rec.act])
 
-        # activation bits (layers and their sharing joins), then weights
-        write_input_widths(gm, a_bits, self.name)
-        if opts.rounding == "solver" and info.granularity == "layer":
-            solved = self._solve_joint(gm, opts, info, mods, w_bits, a_bits, lam_w, lam_a)
-            if solved is not None:
-                w_bits, a_bits = solved
-                write_input_widths(gm, a_bits, self.name)
-            else:
+            # activation bits (layers and their sharing joins), then weights
+            write_input_widths(gm, a_bits, self.name)
+            if opts.rounding == "solver" and info.granularity == "layer":
+                solved = self._solve_joint(gm, opts, info, mods, w_bits, a_bits, lam_w, lam_a)
+                if solved is not None:
+                    w_bits, a_bits = solved
+                    write_input_widths(gm, a_bits, self.name)
+                else:
+                    w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
+            elif opts.rounding == "solver":
                 w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
-        elif opts.rounding == "solver":
-            w_bits = self._solve(gm, opts, info, w_bits, lam_w, ctx)
-        self._write_weights(gm, w_bits, info)
+            self._write_weights(gm, w_bits, info)
 
         frozen = FrozenFracBitsRecord({
             n: FrozenFracBitsLayer(lambda_w=_as_tuple(lam_w[n]), lambda_a=lam_a[n],

@@ -33,6 +33,8 @@ The pass is idempotent: quantized layers and tensors are skipped on a second run
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,8 +92,10 @@ class InsertFakeQuantOptions:
         "help": "percentile of the percentile observer"})
 
     def __post_init__(self) -> None:
-        if self.pact_alpha is not None and not self.pact_alpha > 0:
-            raise OptionError(PASS_NAME, "pact-alpha", f"must be > 0, got {self.pact_alpha}")
+        if self.pact_alpha is not None and not (math.isfinite(self.pact_alpha)
+                                                and self.pact_alpha > 0):
+            raise OptionError(PASS_NAME, "pact-alpha",
+                              f"must be a positive finite clip, got {self.pact_alpha}")
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(PASS_NAME, "percentile",
                               f"must be in (50, 100], got {self.percentile}")

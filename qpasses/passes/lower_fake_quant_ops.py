@@ -6,17 +6,21 @@ in :mod:`qpasses.modules.int_sim`, :mod:`~qpasses.modules.int_sim_layers` and
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch.fx
 
-from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass
+from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, get_record,
+                             register_pass, set_record)
 
+from qpasses.analyses.properties import check_lowerable
 from qpasses.ir.batches import context_batches
-from qpasses.ir.records import INT_SIM_KEY
+from qpasses.ir.records import EMULATION_KEY, INT_SIM_KEY
 from qpasses.modules.int_sim import is_int_sim_graph, set_backend
 from qpasses.algorithms.lowering.builder import build_int_sim_graph
 from qpasses.algorithms.lowering.config import LoweringOptions
+from qpasses.algorithms.lowering.emulation import prepare_emulated
 from qpasses.algorithms.lowering.record import int_sim_record
 
 __all__ = ["LowerFakeQuantOps"]
@@ -35,6 +39,10 @@ class LowerFakeQuantOps(Pass):
     verify-int-sim compares and, with ``keep-fake-quant``, a copy of the fake-quant graph). The
     requantizations stay separate nodes: ``fuse-requantize`` folds them into their layers.
 
+    An emulating graph (``emulate-int-sim``) is lowered under the contract and ranges it emulates
+    (``EmulationContractError`` naming both contracts when the options differ), after its emulation
+    nodes are removed; the kept fake-quant graph is the emulating one.
+
     On an already lowered graph it only switches the backend, and fails when ``rounding`` or
     ``multiplier-bits`` differ from the graph's. Stats: ``num_int_layers``, ``num_kernel_<k>`` per
     fast kernel, ``num_requantize``, ``num_luts``, ``num_int_adds``, ``num_int_cats``,
@@ -48,8 +56,8 @@ class LowerFakeQuantOps(Pass):
     establishes = frozenset({"int-sim"})
     invalidates = frozenset({"fake-quant-inserted"})
     preserves = PreservedAnalyses.none()
-    reads_records = frozenset({INT_SIM_KEY})
-    writes_records = frozenset({INT_SIM_KEY})
+    reads_records = frozenset({INT_SIM_KEY, EMULATION_KEY})
+    writes_records = frozenset({INT_SIM_KEY, EMULATION_KEY})
 
     def run(self, gm: torch.fx.GraphModule, ctx: Any, am: Any) -> PassResult:
         opts: LoweringOptions = self.options
@@ -63,5 +71,11 @@ class LowerFakeQuantOps(Pass):
             record_changed = rec.backend != opts.backend
             modules_changed = set_backend(gm, opts.backend)
             return PassResult(modified=modules_changed or record_changed, stats={})
-        stats = build_int_sim_graph(gm, opts, context_batches(ctx, gm), origin=self.name)
+        check_lowerable(gm, self.name)
+        emulated = prepare_emulated(gm, opts, self.name)
+        stats = build_int_sim_graph(gm, opts, context_batches(ctx, gm), origin=self.name,
+                                    ranges=None if emulated is None else emulated[0])
+        if emulated is not None and emulated[1] is not None:
+            set_record(gm, INT_SIM_KEY, replace(get_record(gm, INT_SIM_KEY),
+                                                fake_quant=emulated[1]))
         return PassResult(modified=True, stats=stats)

@@ -16,6 +16,7 @@ from passes_registry import OptionError, Pass, PassResult, PreservedAnalyses, re
 from passes_registry.suggest import did_you_mean
 
 from qpasses.algorithms.cost_model import cost_layers
+from qpasses.analyses.properties import refuse_realized_widths
 from qpasses.errors import PassFailure
 from qpasses.ir.layers import layer_weight, quantizable_layers
 from qpasses.ir.annotations import get_qmeta
@@ -106,6 +107,7 @@ class SearchMixQuant(Pass):
 
     def run(self, gm, ctx, am):
         t0 = time.perf_counter()
+        refuse_realized_widths(gm, self.name)
         decisions = mixquant(gm, self.options)
         if not decisions:
             raise PassFailure("no layer to search: every quantizable layer is pinned, a float "

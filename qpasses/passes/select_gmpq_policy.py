@@ -45,7 +45,8 @@ from qpasses.ir.annotations import get_qmeta
 from qpasses.ir.records import (GMPQ_META, SELECTED_META, GmpqSelectedLayer, GmpqSelectedRecord,
                                 GmpqSupernetRecord)
 from qpasses.modules.gmpq import supernet_modules, supernet_record
-from qpasses.algorithms.search_layers import remove_search_modules, write_input_widths
+from qpasses.algorithms.search_layers import (remove_search_modules, restore_on_failure,
+                                              write_input_widths)
 from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths, write_bits
 
 __all__ = ["SelectGMPQPolicy", "SelectGMPQPolicyOptions"]
@@ -172,18 +173,22 @@ class SelectGMPQPolicy(Pass):
                 alpha=float(act.alpha.detach()[j].abs()) if act is not None else None,
                 threshold=float(wm.threshold), w_bits=w_bits[n], a_bits=a_bits.get(n))
 
-        _remove_supernet(gm, info)
-        write_bits(gm, w_bits, self.name)
-        raised = write_input_widths(gm, a_bits, self.name)
-        pop_record(gm, GMPQ_META)
-        # the gmpq-pi sensitivity of the projection below reads π from this record
-        set_record(gm, SELECTED_META, GmpqSelectedRecord(selected))
-        stats = {"num_layers": len(mods), "num_uniform": len(uniform), "num_act_raised": raised}
-        if opts.target_bitops is not None:
-            res = _project(gm, opts.target_bitops, info, ctx)
-            write_bits(gm, res.bits, self.name)
-            w_bits.update(res.bits)
-            stats["budget_ppm"] = int(round(1e6 * res.utilisation))
+        # the projection needs the float graph (the cost model) and may fail (an unreachable
+        # budget): then the supernet is put back, so a retry with another target works
+        with restore_on_failure(gm):
+            _remove_supernet(gm, info)
+            write_bits(gm, w_bits, self.name)
+            raised = write_input_widths(gm, a_bits, self.name)
+            pop_record(gm, GMPQ_META)
+            # the gmpq-pi sensitivity of the projection below reads π from this record
+            set_record(gm, SELECTED_META, GmpqSelectedRecord(selected))
+            stats = {"num_layers": len(mods), "num_uniform": len(uniform),
+                     "num_act_raised": raised}
+            if opts.target_bitops is not None:
+                res = _project(gm, opts.target_bitops, info, ctx)
+                write_bits(gm, res.bits, self.name)
+                w_bits.update(res.bits)
+                stats["budget_ppm"] = int(round(1e6 * res.utilisation))
         nodes = {n.name: n for n in gm.graph.nodes}
         chosen = {}
         for n, rec in info.layers.items():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
+from qpasses.analyses.properties import refuse_realized_widths
 
 from qpasses.algorithms.bit_allocation import (SolveBitwidthsOptions, format_budget,
                                                solve_bitwidths, write_bits)
@@ -60,6 +61,7 @@ class SolveBitwidths(Pass):
 
     def run(self, gm, ctx, am):
         opts: SolveBitwidthsOptions = self.options
+        refuse_realized_widths(gm, self.name)
         res = solve_bitwidths(gm, opts, ctx)
         modified, dropped = write_bits(gm, res.bits, self.name)
         if res.utilisation < 0.99:

@@ -97,6 +97,6 @@ def test_passes_run_time_print_and_bisect_one_by_one():
 
 def test_requires_inside_and_hint_names_the_pipeline():
     with pytest.raises(PropertyError) as info:
-        PassManager.parse("graph(test-infra-needs-grouped)")
+        PassManager.parse("graph(test-infra-needs-grouped)", assume=())
     assert "add 'test-infra-group' before it" in str(info.value)
     PassManager.parse("graph(test-infra-group,test-infra-needs-grouped)")

@@ -132,7 +132,7 @@ def test_bad_options_typed():
         PassManager.parse("graph(annotate-bitwidths,insert-fracbits{candidates=[2,3] "
                           "init-bits=5.5})")
     with pytest.raises(PropertyError):
-        PassManager.parse("graph(insert-fracbits)")          # needs bits-annotated
+        PassManager.parse("graph(insert-fracbits)", assume=())       # needs bits-annotated
     with pytest.raises(OptionError, match="target"):
         PassManager.parse("graph(freeze-fracbits{rounding=solver})")
 
@@ -318,3 +318,44 @@ def test_weight_only_search_meets_a_size_target():
     got = rep["totals"]["size_bits"] / 8e6
     assert 0.99 * target <= got <= target * (1 + 1e-9)
     assert {r["a_bits"] for r in rep["layers"] if r["a_bits"] is not None} <= {8}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "kernel"])
+def test_unreachable_solver_target_keeps_the_fracbits_graph(granularity):
+    """An unreachable target is a BudgetError raised before anything is removed: the λ stay, the
+    graph is unchanged and a retry with a reachable target works."""
+    from passes_registry.printing import fingerprint as graph_fingerprint
+    gm = _graph(f"granularity={granularity}")
+    _set_lambdas(gm, value_w=4.6, value_a=4.4)
+    lams = {n: wq.lam for n, (wq, _) in fb.fracbits_modules(gm).items()}
+    before = graph_fingerprint(gm)
+    with pytest.raises(BudgetError, match="target-bitops"):
+        _freeze(gm, "rounding=solver target-bitops=1e-9")
+    assert graph_fingerprint(gm) == before
+    assert {n: wq.lam for n, (wq, _) in fb.fracbits_modules(gm).items()} == lams
+    target = float(fb_cost.model_cost(gm, detach=True)) * 0.8
+    out = _freeze(gm, f"rounding=solver target-bitops={target}")
+    assert qpasses.report(out)["totals"]["bitops"] / 1e9 <= target * (1 + 1e-9)
+
+
+def test_failure_after_removal_restores_the_fracbits_graph(monkeypatch):
+    """The safety net: a failure inside the solver (after the FracBits modules are gone) puts the
+    FracBits graph back, same Parameter objects."""
+    from passes_registry.printing import fingerprint as graph_fingerprint
+    from qpasses.passes import freeze_fracbits as ff
+    gm = _graph()
+    _set_lambdas(gm, value_w=4.6, value_a=4.4)
+    params = {n: p for n, p in gm.named_parameters()}
+    before = graph_fingerprint(gm)
+
+    def boom(*a, **k):
+        raise BudgetError("freeze-fracbits", "target-bitops", "test", minimum=None,
+                          maximum=None, unit="GBitOPs")
+    monkeypatch.setattr(ff, "solve_pairs", boom)
+    monkeypatch.setattr(ff, "solve_bitwidths", boom)
+    target = float(fb_cost.model_cost(gm, detach=True)) * 0.8
+    with pytest.raises(BudgetError):
+        _freeze(gm, f"rounding=solver target-bitops={target}")
+    assert graph_fingerprint(gm) == before
+    assert all(p is params[n] for n, p in gm.named_parameters())
+    assert fb.has_fracbits(gm) and gm(X).shape == (4, 10)

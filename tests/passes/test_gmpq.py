@@ -115,9 +115,9 @@ def test_signed_input_needs_two_bits():
 
 def test_requires_annotations_and_rejects_double_insertion():
     with pytest.raises(PropertyError):
-        PassManager.parse("graph(insert-gmpq-supernet)")
+        PassManager.parse("graph(insert-gmpq-supernet)", assume=())
     with pytest.raises(PropertyError):
-        PassManager.parse("graph(select-gmpq-policy)")
+        PassManager.parse("graph(select-gmpq-policy)", assume=())
     gm = _supernet()
     with pytest.raises(AnnotationError, match="already has a GMPQ supernet"):
         _run(gm, "graph(annotate-bitwidths,insert-gmpq-supernet)")
@@ -251,3 +251,19 @@ def test_pipeline_text_round_trips():
     once = str(PassManager.parse(t))
     assert str(PassManager.parse(once)) == once
     assert "feature-node=none" in once and "a-candidates={2,3,4,6}" in once
+
+
+def test_unreachable_budget_keeps_the_supernet_and_retry_works():
+    from passes_registry.printing import fingerprint
+    gm = _supernet("w-candidates=[2,3,4,5,6,7,8]")
+    _set_logits(gm, {"conv2": (8, 4), "conv3": (8, 4)})
+    params = {n: p for n, p in gm.named_parameters()}
+    before = fingerprint(gm)
+    with pytest.raises(BudgetError, match="select-gmpq-policy.*target-bitops"):
+        _select(gm, "target-bitops=1e-9")
+    assert fingerprint(gm) == before
+    assert all(p is params[n] for n, p in gm.named_parameters())
+    assert get_record(gm, "qpasses.gmpq") is not None
+    argmax = qpasses.report(_select(_copy(gm)))["totals"]["bitops"] / 1e9
+    out = _select(gm, f"target-bitops={argmax * 0.8!r}")
+    assert qpasses.report(out)["totals"]["bitops"] / 1e9 <= argmax * 0.8 * (1 + 1e-9)

@@ -259,7 +259,7 @@ def test_idempotent_and_checker_finds_bypassed_quantizer():
 
 def test_requires_bits_annotated_and_pipeline_text_round_trips():
     with pytest.raises(PropertyError, match="requires property 'bits-annotated'"):
-        PassManager.parse("graph(insert-fake-quant)")
+        PassManager.parse("graph(insert-fake-quant)", assume=())
     text = ("graph(annotate-bitwidths,insert-fake-quant{act-scheme=lsq join-scales=per-tensor "
             "observer=moving-average weight-scheme=dorefa},calibrate{method=kl num-batches=2})")
     p = parse_pipeline(text)

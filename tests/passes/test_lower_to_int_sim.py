@@ -468,7 +468,8 @@ def _digits_like():
 
 def test_lowering_before_calibration_is_a_build_time_property_error():
     with pytest.raises(PropertyError, match="calibrate"):
-        PassManager.parse("graph(annotate-bitwidths,insert-fake-quant,lower-to-int-sim)")
+        PassManager.parse("graph(annotate-bitwidths,insert-fake-quant,lower-to-int-sim)",
+                          assume=())
 
 
 @pytest.mark.parametrize("opts,key,match", [

@@ -138,4 +138,4 @@ def test_bad_options(options, match):
 
 def test_requires_annotations():
     with pytest.raises(PropertyError, match="annotate-bitwidths"):
-        PassManager.parse("graph(search-mixquant{qem=2})")
+        PassManager.parse("graph(search-mixquant{qem=2})", assume=())

@@ -9,7 +9,7 @@ import torch
 
 from passes_registry import AnalysisManager, PassContext, PassManager, PropertyError
 from passes_registry.errors import OptionError, PassFailure
-from qpasses.errors import BudgetError
+from qpasses.errors import AnnotationError, BudgetError
 from qpasses.ir.annotations import get_qmeta
 from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths
 from qpasses.algorithms.sensitivity import SensitivityError
@@ -111,7 +111,7 @@ def test_bad_options_are_typed_errors(options, match):
 
 def test_requires_bit_annotations():
     with pytest.raises(PropertyError, match="annotate-bitwidths"):
-        PassManager.parse("graph(solve-bitwidths{target-bitops=1.0})")
+        PassManager.parse("graph(solve-bitwidths{target-bitops=1.0})", assume=())
 
 
 def test_max_acc_bits_removes_candidates():
@@ -153,7 +153,7 @@ def test_hessian_and_lambda_sensitivities():
         _run(gm, f"target-bitops={target / 1e9!r} sensitivity=lambda", ctx)
 
 
-def test_pipeline_text_round_trips_and_scales_are_dropped():
+def test_pipeline_text_round_trips_and_realized_widths_are_refused():
     text = ("graph(solve-bitwidths{candidates={2,4,8} granularity=kernel max-acc-bits=24 "
             "method=greedy target-bitops=1.5})")
     pm = PassManager.parse(text, assume={"bits-annotated"})
@@ -164,10 +164,11 @@ def test_pipeline_text_round_trips_and_scales_are_dropped():
     with PassContext(example_inputs=(x,), calibration_data=[x], print_stream=io.StringIO()):
         PassManager.parse("graph(insert-fake-quant,calibrate)", assume=gm).run(gm)
     target = AnalysisManager().get("bitops", gm).total * 0.5
-    _run(gm, f"target-bitops={target / 1e9!r}")
+    # the quantizers implement the annotated widths: re-solving would make the report lie
+    with pytest.raises(AnnotationError, match="already realized.*float graph"):
+        _run(gm, f"target-bitops={target / 1e9!r}")
     node = next(n for n in gm.graph.nodes if n.target == "layer2.0.conv2")
-    spec = get_qmeta(node).weight
-    assert spec.bits < 8 and spec.scale is None            # stale scale cleared: recalibrate
+    assert get_qmeta(node).weight.bits == 8
 
 
 class _Shared(torch.nn.Module):

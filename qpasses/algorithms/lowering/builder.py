@@ -428,16 +428,19 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
 
 def build_int_sim_graph(gm: torch.fx.GraphModule, options: LoweringOptions,
                         batches: Sequence[tuple[Tensor, ...]] = (),
-                        origin: str = "lower-fake-quant-ops") -> dict[str, int]:
+                        origin: str = "lower-fake-quant-ops",
+                        ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, int]:
     """Rewrite ``gm`` (calibrated fake-quant) in place into the integer graph, on
     ``options.backend``, and write its int-sim record (``INT_SIM_KEY``). The input
-    values of nonlinearities without a quantizer are ranged on up to two of ``batches``. Returns
+    values of nonlinearities without a quantizer are ranged on up to two of ``batches`` (or
+    taken from ``ranges``: an emulating graph's recorded ones). Returns
     the builder's stats (node counts, ``num_kernel_<k>`` per fast kernel)."""
     source = None
     if options.keep_fake_quant:
         source = copy.deepcopy(gm)
         pop_record(source, INT_SIM_KEY)
-    ranges = observe_ranges(gm, list(batches)[:2], range_candidates(gm))
+    if ranges is None:
+        ranges = observe_ranges(gm, list(batches)[:2], range_candidates(gm))
     b = GraphLowering(gm, options, ranges, origin)
     b.run()
     for path, mod in b.layer_swaps.items():

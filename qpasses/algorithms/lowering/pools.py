@@ -83,7 +83,7 @@ class ClampPoolRules:
         if target is not None:
             # requantization is monotone, so it commutes with max: requantize the accumulator
             # first (the requant then fuses into its layer, and the pool runs on narrow codes)
-            src = self.requantize_to(src, target, n, f"{n.name}_requant")
+            src = self.requantize_to(src, target, n.args[0], f"{n.name}_requant")
             qt = src.qt
             assert qt is not None
         if qt.per_channel and qt.axis not in (1,):

@@ -89,7 +89,7 @@ class ShapeRules:
                 if target is None:
                     raise FloatIsland("shape op moves the channels of a per-channel accumulator "
                                       "and its value reaches no quantizer")
-                src = self.requantize_to(src, target, n, f"{n.name}_requant")
+                src = self.requantize_to(src, target, src_node, f"{n.name}_requant")
                 qt = src.qt
                 assert qt is not None
         args, kwargs = self.map_args(n, lambda r, a: src.node if a is src_node else r.node)
