@@ -5,7 +5,7 @@
 
 The model is built (random init unless the factory loads weights), traced, run through
 ``--pipeline`` (default: canonicalize, fold BN, W8A8 annotation, fake-quant, calibration on
-random batches, ``lower-to-int-sim{rounding=float-rne}``) and written with
+random batches, ``lower-to-int-sim{rounding=float-rne bias=int32}``) and written with
 :func:`qpasses.export.export_onnx` (docs/export.md). Needs the ``onnx`` extra.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from qpasses.cli import calibration_data, run_main
 from tools.dump_graph import build, run_pipeline
 
 DEFAULT_PIPELINE = ("graph(canonicalize,fold-batch-norm,annotate-bitwidths,insert-fake-quant,"
-                    "calibrate,lower-to-int-sim{rounding=float-rne})")
+                    "calibrate,lower-to-int-sim{rounding=float-rne bias=int32})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

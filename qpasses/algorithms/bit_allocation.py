@@ -27,24 +27,26 @@ from qpasses.algorithms import solver
 from qpasses.algorithms.sensitivity import SensitivityRequest, lookup_sensitivity, sensitivity_names
 
 __all__ = ["SolveBitwidthsOptions", "SolveResult", "check_candidates", "format_budget",
-           "solve_bitwidths", "write_bits"]
+           "acc_filter", "partition_layers", "solve_bitwidths", "write_bits"]
 
 PASS_NAME = "solve-bitwidths"
 
 
-def check_candidates(pass_name: str, candidates: Any, *, allow_zero: bool = True) -> None:
-    """OptionError unless ``candidates`` is a non-empty list of distinct ints in 0..32."""
+def check_candidates(pass_name: str, candidates: Any, *, allow_zero: bool = True,
+                     option: str = "candidates", zero_hint: str | None = None) -> None:
+    """OptionError (naming ``option``) unless ``candidates`` is a non-empty list of distinct ints
+    in 0..32 (1..32 unless ``allow_zero``; ``zero_hint`` says why 0 is refused)."""
     if not isinstance(candidates, tuple) or not candidates:
-        raise OptionError(pass_name, "candidates", "give at least one bit-width, e.g. "
-                                                   "[2,3,4,5,6,7,8]")
+        raise OptionError(pass_name, option, "give at least one bit-width, e.g. "
+                                             "[2,3,4,5,6,7,8]")
     for b in candidates:
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_BITS:
-            raise OptionError(pass_name, "candidates", f"{b!r} is out of range: candidate "
-                                                       f"bit-widths are ints in 0..{MAX_BITS}")
+            raise OptionError(pass_name, option, f"{b!r} is out of range: candidate "
+                                                 f"bit-widths are ints in 0..{MAX_BITS}")
     if len(set(candidates)) != len(candidates):
-        raise OptionError(pass_name, "candidates", f"{list(candidates)} lists a bit-width twice")
+        raise OptionError(pass_name, option, f"{list(candidates)} lists a bit-width twice")
     if not allow_zero and 0 in candidates:
-        raise OptionError(pass_name, "candidates",
+        raise OptionError(pass_name, option, zero_hint or
                           "0 (pruned) is only a candidate with granularity=kernel: a 0-bit layer "
                           "would cut the network")
 
@@ -93,6 +95,11 @@ class SolveBitwidthsOptions:
         "help": "kernel-wise with 0 among the candidates: in every layer the kernel that 0 bits "
                 "would hurt most keeps a non-zero width, so no layer is pruned away (it would "
                 "compute a constant); false: whole layers may reach 0 bits"})
+    act_candidates: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "allowed activation (input) bit-widths, 1..32: choose (weight, activation) pairs "
+                "per layer, one activation width per scale-sharing group (layer granularity, "
+                "quant-error sensitivity, needs data); none: weights only, activations as "
+                "annotated"})
     time_limit: float | None = field(default=60.0, metadata={
         "help": "seconds the MILP may take to prove optimality; then the best allocation found "
                 "is used (stats: optimal=0). Many kernels with equal costs make proofs slow; "
@@ -118,6 +125,25 @@ class SolveBitwidthsOptions:
         if self.time_limit is not None and not self.time_limit > 0:
             raise OptionError(PASS_NAME, "time-limit", f"{self.time_limit} must be > 0 seconds "
                                                        "(or none)")
+        if self.act_candidates is not None:
+            self._check_act_candidates()
+
+    def _check_act_candidates(self) -> None:
+        check_candidates(PASS_NAME, self.act_candidates, allow_zero=False,
+                         option="act-candidates",
+                         zero_hint="0 activation bits would make every reader of the tensor "
+                                   "compute a constant; activation widths are 1..32")
+        why = None
+        if self.granularity != "layer":
+            why = ("pairs are chosen per layer: use granularity=layer (kernel-wise search "
+                   "chooses weights only)")
+        elif self.sensitivity != "quant-error":
+            why = ("pairs are scored by the output-noise model of weight and activation "
+                   "quantization errors: use sensitivity=quant-error")
+        elif self.method not in ("exact", "milp"):
+            why = "pairs are solved as one MILP (HiGHS): use method=exact or method=milp"
+        if why:
+            raise OptionError(PASS_NAME, "act-candidates", why)
 
     @property
     def metric(self) -> str:
@@ -148,6 +174,7 @@ class SolveResult:
     reachable: tuple[int, int]               # (min, max) total cost with the allowed candidates
     num_items: int
     seconds: float
+    act_bits: dict[str, int] = field(default_factory=dict)  # act-candidates: layer -> input width
 
     @property
     def utilisation(self) -> float:
@@ -158,8 +185,10 @@ def format_budget(metric: str, value: int) -> str:
     return f"{value / 1e9:.6g} GBitOPs" if metric == "bitops" else f"{value / 8e6:.6g} MB"
 
 
-def _acc_filter(info: LayerInfo, spec: QuantSpec, act: QuantSpec | None,
-                cands: tuple[int, ...], max_acc: int) -> list[bool]:
+def acc_filter(info: LayerInfo, spec: QuantSpec, act: QuantSpec | None,
+               cands: tuple[int, ...], max_acc: int) -> list[bool]:
+    """Per weight candidate: does the worst-case accumulator of ``info`` (input ``act``) fit
+    ``max_acc`` bits?"""
     if act is None or act.bits == 0:
         return [True] * len(cands)
     za = list(act.zero_point) if act.zero_point is not None else [0]
@@ -173,33 +202,23 @@ def _acc_filter(info: LayerInfo, spec: QuantSpec, act: QuantSpec | None,
     return [int(v) <= max_acc for v in widths]
 
 
-def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ctx: Any = None,
-                    *, conventions: CostConventions = FRACBITS,
-                    layers: tuple[LayerCost, ...] | None = None) -> SolveResult:
-    """Choose weight bits for the searchable layers of an annotated graph (does not write them).
-
-    Raises :class:`~qpasses.errors.BudgetError` when the target lies outside the reachable range
-    (stated in the message), :class:`PassFailure` when ``max-acc-bits`` leaves a layer without
-    candidates or a pinned layer exceeds it.
-    """
-    t0 = time.perf_counter()
-    opts = options
-    infos = quantizable_layers(gm)
-    if layers is None:  # separable costs: see the module docstring
-        layers = cost_layers(gm, dataclasses.replace(conventions, prune_inputs=False))
-    by_node = {layer.node: layer for layer in layers}
+def partition_layers(gm: torch.fx.GraphModule, pin_first_last: bool,
+                     by_node: dict[str, LayerCost]
+                     ) -> tuple[dict[str, list[tuple[LayerInfo, LayerCost, QuantSpec]]],
+                                list[LayerInfo]]:
+    """``(searchable, fixed)``: the searchable layers by name, each with its calls ``(info,
+    cost layer, weight spec)`` (a module called several times is one decision whose cost is the
+    sum over its calls), and the calls kept as annotated (no weight spec, float islands, pinned
+    first/last layers). PassFailure when nothing is searchable or a shared layer is partly
+    pinned."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    w_map, a_map = annotated_bits(gm)
-    metric = opts.metric
-    # Searchable layers by name: a module called several times (shared weights) is one decision
-    # whose cost is the sum over its calls.
     searchable: dict[str, list[tuple[LayerInfo, LayerCost, QuantSpec]]] = {}
     fixed_layers: list[LayerInfo] = []
-    for info in infos:
+    for info in quantizable_layers(gm):
         q = get_qmeta(nodes[info.node])
         layer = by_node[info.node]
         if q.weight is None or q.float_island is not None or \
-                (opts.pin_first_last and (layer.first or layer.last)):
+                (pin_first_last and (layer.first or layer.last)):
             fixed_layers.append(info)
         else:
             searchable.setdefault(info.name, []).append((info, layer, q.weight))
@@ -211,6 +230,30 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
     if shared:
         raise PassFailure(f"layer '{shared[0]}' is called several times and only some calls are "
                           "pinned; pin all of them or none (pin-first-last=false)")
+    return searchable, fixed_layers
+
+
+def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ctx: Any = None,
+                    *, conventions: CostConventions = FRACBITS,
+                    layers: tuple[LayerCost, ...] | None = None) -> SolveResult:
+    """Choose weight bits for the searchable layers of an annotated graph (does not write them).
+
+    Raises :class:`~qpasses.errors.BudgetError` when the target lies outside the reachable range
+    (stated in the message), :class:`PassFailure` when ``max-acc-bits`` leaves a layer without
+    candidates or a pinned layer exceeds it.
+    """
+    if options.act_candidates is not None:     # (weight, activation) pairs
+        from qpasses.algorithms.pair_allocation import solve_pair_bitwidths
+        return solve_pair_bitwidths(gm, options, ctx, conventions=conventions)
+    t0 = time.perf_counter()
+    opts = options
+    if layers is None:  # separable costs: see the module docstring
+        layers = cost_layers(gm, dataclasses.replace(conventions, prune_inputs=False))
+    by_node = {layer.node: layer for layer in layers}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    w_map, a_map = annotated_bits(gm)
+    metric = opts.metric
+    searchable, fixed_layers = partition_layers(gm, opts.pin_first_last, by_node)
     cands = tuple(sorted(opts.candidates))
 
     # Fixed cost: every non-searched layer as annotated, plus the searched layers' biases.
@@ -235,7 +278,7 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
             q = get_qmeta(nodes[info.node])
             if q.weight is None or q.act is None or q.weight.bits == 0:
                 continue
-            if not _acc_filter(info, q.weight, q.act, (q.weight.bits,), opts.max_acc_bits)[0]:
+            if not acc_filter(info, q.weight, q.act, (q.weight.bits,), opts.max_acc_bits)[0]:
                 raise PassFailure(
                     f"layer '{info.name}' keeps {q.weight.bits}-bit weights (pinned or not "
                     f"searched) and its worst-case accumulator exceeds max-acc-bits="
@@ -251,7 +294,7 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
             q = get_qmeta(nodes[info.node])
             if opts.max_acc_bits is None:
                 continue
-            ok = _acc_filter(info, spec, q.act, cands, opts.max_acc_bits)
+            ok = acc_filter(info, spec, q.act, cands, opts.max_acc_bits)
             keep = [j for j in keep if ok[j]]
             if not keep:
                 raise PassFailure(

@@ -1,7 +1,7 @@
 """Export a quantized graph to ONNX (docs/export.md).
 
 ``export_onnx(gm, path, format="qdq" | "qoperator")`` writes the lowered integer graph of ``gm``
-(``lower-to-int-sim{rounding=float-rne}``, the contract of fbgemm and ONNX Runtime) as an ONNX
+(``lower-to-int-sim{rounding=float-rne bias=int32}``, ONNX Runtime's contract) as an ONNX
 model with a dynamic batch dimension, opset 17 or newer, checked by ``onnx.checker``, nodes named
 after the fx nodes. A calibrated fake-quant graph is lowered on a copy first (never the user's
 graph). ``format=qdq`` puts QuantizeLinear/DequantizeLinear exactly at the quantization points
@@ -30,9 +30,11 @@ from passes_registry import get_record, graph_properties
 from qpasses.errors import ExportDependencyError, ExportError, ExportWarning
 from qpasses.ir.records import INT_SIM_KEY
 
-__all__ = ["ExportResult", "export_onnx", "require_onnx"]
+__all__ = ["EXPORT_LOWERING", "ExportResult", "export_onnx", "require_onnx"]
 
 DEFAULT_OPSET = 17
+# the lowering whose integers onnxruntime reproduces bit for bit (docs/export.md)
+EXPORT_LOWERING = "lower-to-int-sim{rounding=float-rne bias=int32}"
 
 
 def require_onnx() -> Any:
@@ -72,17 +74,23 @@ def _lowered(gm: torch.fx.GraphModule, example_inputs: tuple | None,
         raise ExportError(
             "export-onnx: the graph is not calibrated; run "
             + ("calibrate" if what else "annotate-bitwidths,insert-fake-quant,calibrate")
-            + " and then lower-to-int-sim{rounding=float-rne} (or pass a lowered graph)")
+            + f" and then {EXPORT_LOWERING} (or pass a lowered graph)")
     if example_inputs is None:
-        raise ExportError("export-onnx: the graph is calibrated but not lowered; run "
-                          "lower-to-int-sim{rounding=float-rne} first, or pass example_inputs "
-                          "so that export_onnx lowers a copy")
+        raise ExportError(f"export-onnx: the graph is calibrated but not lowered; run "
+                          f"{EXPORT_LOWERING} first, or pass example_inputs so that export_onnx "
+                          "lowers a copy")
     from passes_registry import PassContext, PassManager
     low = copy.deepcopy(gm)
     with PassContext(example_inputs=tuple(example_inputs),
                      calibration_data=calibration_data or [tuple(example_inputs)]):
-        PassManager.parse("graph(lower-to-int-sim{rounding=float-rne})", assume=low).run(low)
+        PassManager.parse(f"graph({EXPORT_LOWERING})", assume=low).run(low)
     return low
+
+
+def _float_biases(gm: torch.fx.GraphModule) -> bool:
+    """Whether a layer of the lowered ``gm`` adds fbgemm's float bias (``bias=float``)."""
+    from qpasses.modules.int_sim_layers import IntLayer
+    return any(isinstance(m, IntLayer) and m.float_bias_fused for m in gm.modules())
 
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike | None = None, *,
@@ -104,8 +112,15 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike | None = None,
     if rec.rounding != "float-rne":
         warnings.warn(f"export-onnx: the graph was lowered with rounding={rec.rounding}; "
                       "onnxruntime requantizes like rounding=float-rne, so its outputs can "
-                      "differ from the int-sim's by a few LSB (lower with rounding=float-rne "
-                      "for the bit-exact contract)", ExportWarning, stacklevel=2)
+                      "differ from the int-sim's by a few LSB (lower with "
+                      f"{EXPORT_LOWERING} for the bit-exact contract)", ExportWarning,
+                      stacklevel=2)
+    elif rec.bias != "int32" and _float_biases(low):
+        warnings.warn("export-onnx: the graph was lowered with rounding=float-rne bias=float "
+                      "(fbgemm's float bias); onnxruntime adds the int32 bias, so codes after "
+                      f"layers with a bias can differ by 1 LSB per layer (lower with "
+                      f"{EXPORT_LOWERING} for the bit-exact contract)", ExportWarning,
+                      stacklevel=2)
     ex = GraphExporter(low, format, strict=strict)
     g = ex.run()
     opset = max(opset, g.min_opset)

@@ -24,6 +24,7 @@ from qpasses.modules.int_sim import Dequantize, IntSimModule, Quantize, Requanti
 from qpasses.modules.int_sim_layers import IntLayer, IntLinear
 from qpasses.modules.int_sim_ops import (IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLUT,
                                          IntMaxPool, IntMul)
+from qpasses.export.onnx_acc import acc_clamp, acc_max_pool, acc_requantize
 from qpasses.export.onnx_values import OnnxGraph, Val, container, onnx_grid
 
 __all__ = ["FORMATS", "GraphExporter"]
@@ -187,7 +188,7 @@ class GraphExporter:
         if v.kind == "pool":
             return Val(v.name, "pool", v.dtype, v.scale, v.zero_point, v.qmin, v.qmax, v.axis,
                        v.src, v.pool, v.post + [step])
-        if v.kind == "acc" and step[0] != "identity":
+        if v.kind in ("acc", "accf") and step[0] != "identity":
             raise ExportError(f"export-onnx: shape op '{n.name}' on an unrequantized accumulator "
                               "(per-channel grid) is not exported")
         return self._apply_step(v, step, n.name)
@@ -271,24 +272,11 @@ class GraphExporter:
         raise ExportError(f"export-onnx: no ONNX mapping for {type(mod).__name__} ('{n.name}')")
 
     def _float_clamp(self, n: Node, mod: IntClamp, v: Val) -> Val:
-        """A clamp on an accumulator (a ReLU before a pool): in float on the dequantized value."""
+        """A clamp on an accumulator (a ReLU before a pool or a max pool): see onnx_acc."""
         if v.kind == "pool":
             raise ExportError(f"export-onnx: '{n.name}': a clamp on pooled sums is not exported")
-        x = self._float(v, n.name)
-        if v.kind == "float":
-            raise ExportError(f"export-onnx: '{n.name}': integer clamp on a float value")
-        scale = np.asarray(v.scale, dtype=np.float64).reshape(-1)
-        lo = mod.lo.double().numpy() * scale
-        hi = mod.hi.double().numpy() * scale
-        shape = [-1] + ([1] * (len(_shape(n) or ()) - 2) if v.axis == 1 else [])
-        top = float(v.qmax) * scale if v.qmax else None
-        if np.all(lo == 0) and top is not None and np.all(mod.hi.numpy() >= v.qmax):
-            return Val(self.g.node("Relu", [x], n.name, out=n.name), "float")
-        y = self.g.node("Max", [x, self.g.const(f"{n.name}.lo", lo.reshape(shape), "float32")],
-                        f"{n.name}/max")
-        y = self.g.node("Min", [y, self.g.const(f"{n.name}.hi", hi.reshape(shape), "float32")],
-                        n.name, out=n.name)
-        return Val(y, "float")
+        return acc_clamp(self.g, v, mod.lo.double().numpy(), mod.hi.double().numpy(), n.name,
+                         len(_shape(n) or ()))
 
     def _codes_in(self, n: Node, mod: Any, i: int = 0) -> Val:
         v = self._val(n.args[i], n)
@@ -318,6 +306,9 @@ class GraphExporter:
         s, z, lo, hi = self._out_grid(n, rq, v.scale)
         if v.kind == "pool":
             return self._pool(v, name, (s, z, lo, hi))[1]
+        exact = acc_requantize(self.g, v, rq, (s, z, lo, hi), name, len(_shape(n) or ()))
+        if exact is not None:
+            return exact
         x = self._float(v, name)
         return self.g.quantize(x, name, s, z, lo, hi, out=name)
 
@@ -376,8 +367,8 @@ class GraphExporter:
         return self.g.quantize(y, name, *out, out=name)
 
     def _int_bias(self, mod: IntLayer, acc_scale: np.ndarray) -> np.ndarray | None:
-        """The int32 bias at ``s_x·s_w`` (the integer bias of the contract; under ``float-rne``
-        the int-sim adds fbgemm's float bias instead, see docs/export.md)."""
+        """The int32 bias at ``s_x·s_w`` (what the int-sim adds under ``bias=int32``; under
+        ``bias=float`` it adds fbgemm's float bias instead, see docs/export.md)."""
         if mod.bias_q is None:
             return None
         b = mod.bias_q.detach().numpy().astype(np.int64)
@@ -498,16 +489,19 @@ class GraphExporter:
         return g.quantize(y, name, s, z, mod.qmin, mod.qmax, out=name)
 
     def _max_pool(self, n: Node, mod: IntMaxPool) -> Val:
-        v = self._codes_in(n, mod)
+        v = self._val(n.args[0], n)
+        v = v if v.kind in ("acc", "accf") else self._codes_in(n, mod)
         rank = len(_shape(n.args[0]) or ()) - 2
 
         def tup(a: Any) -> list[int]:
             return list(a) if isinstance(a, (tuple, list)) else [int(a)] * rank
         stride = tup(mod.stride if mod.stride is not None else mod.kernel_size)
         pads = tup(mod.padding)
-        y = self.g.node("MaxPool", [v.name], n.name, out=n.name, kernel_shape=tup(mod.kernel_size),
-                        strides=stride, pads=pads + pads, dilations=tup(mod.dilation),
-                        ceil_mode=int(mod.ceil_mode))
+        attrs = dict(kernel_shape=tup(mod.kernel_size), strides=stride, pads=pads + pads,
+                     dilations=tup(mod.dilation), ceil_mode=int(mod.ceil_mode))
+        if v.kind in ("acc", "accf"):
+            return acc_max_pool(self.g, v, n.name, attrs, rank + 2)
+        y = self.g.node("MaxPool", [v.name], n.name, out=n.name, **attrs)
         return Val(y, "codes", v.dtype, v.scale, v.zero_point, v.qmin, v.qmax, shift=v.shift)
 
     def _pool(self, v: Val, name: str, out: tuple[float, int, int, int] | None
@@ -547,7 +541,7 @@ class GraphExporter:
                 res = g.with_range(Val(y, "codes", ydt, s, z, shift=shift), lo, hi,
                                    f"{name}/clip")
             else:
-                pf = g.node(op, [g.dequantize(src, f"{name}/pool_input")], f"{name}/pool",
+                pf = g.node(op, [self._float(src, f"{name}/pool_input")], f"{name}/pool",
                             **attrs)
                 res = g.quantize(pf, f"{name}/quantize", s, z, lo, hi)
             for i, step in enumerate(v.post):
@@ -557,7 +551,7 @@ class GraphExporter:
                 res = Val(g.node("Identity", [res.name], name, out=name), "codes", res.dtype,
                           res.scale, res.zero_point, res.qmin, res.qmax, shift=res.shift)
             return res.name, res
-        pf = g.node(op, [g.dequantize(src, f"{name}/pool_input")], f"{name}/pool", **attrs)
+        pf = g.node(op, [self._float(src, f"{name}/pool_input")], f"{name}/pool", **attrs)
         res = Val(pf, "float")
         for i, step in enumerate(v.post):
             res = self._apply_step(res, step, f"{name}/shape{i}")

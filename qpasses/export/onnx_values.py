@@ -49,7 +49,8 @@ class Val:
     ``shift`` (see :func:`onnx_grid`). ``kind``: ``float``; ``codes`` (integer codes, ``dtype`` the
     container); ``acc`` (a conv /
     linear accumulator at per-channel ``scale`` along ``axis``; int32 when ``dtype`` is
-    ``int32``, already dequantized when it is ``float32``); ``pool`` (an average pool's window
+    ``int32``, already dequantized when it is ``float32``); ``accf`` (the float32 values of an
+    int32 accumulator, see :mod:`qpasses.export.onnx_acc`); ``pool`` (an average pool's window
     sums on ``src``, emitted by the consumer, ``post`` the shape ops applied since)."""
 
     name: str
@@ -64,6 +65,7 @@ class Val:
     pool: Any = None               # pool: the IntAvgPoolSum module
     post: list[tuple[str, Any]] = field(default_factory=list)   # pool: pending shape ops
     shift: int = 0                 # ONNX code = int-sim code + shift
+    rank: int = 0                  # accf: rank of the tensor (per-channel constants' shape)
 
     @property
     def onnx_zp(self) -> int:
@@ -133,6 +135,11 @@ class OnnxGraph:
         if v.kind == "codes":
             s, z = self.scale_zp(f"{name}.dq", v.scale, v.onnx_zp, v.dtype)
             return self.node("DequantizeLinear", [v.name, s, z], f"{name}/dequantize")
+        if v.kind == "accf":            # float32 accumulator values (onnx_acc): times the scale
+            scale = np.asarray(v.scale, dtype=np.float64).reshape(-1)
+            shape = [-1] + [1] * (v.rank - 2) if v.axis == 1 and v.rank > 2 else [-1]
+            s = self.const(f"{name}.dq.scale", scale.reshape(shape), "float32")
+            return self.node("Mul", [v.name, s], f"{name}/dequantize")
         if v.kind == "acc":
             s, z = self.scale_zp(f"{name}.dq", np.asarray(v.scale), np.zeros(len(v.scale)),
                                  "int32")

@@ -87,7 +87,8 @@ def calibration_batches(ctx: Any, pass_name: str) -> Iterable:
 def context_batches(ctx: Any, gm: torch.fx.GraphModule, limit: int = 4
                     ) -> list[tuple[torch.Tensor, ...]]:
     """Up to ``limit`` input tuples from ``ctx.calibration_data`` (else ``ctx.example_inputs``);
-    an unusable iterable gives no batches rather than an error."""
+    an unusable iterable gives no batches rather than an error; one that raises while producing
+    a batch is a CalibrationError (the user's exception as its cause)."""
     k = num_graph_inputs(gm)
     out: list[tuple[torch.Tensor, ...]] = []
     data = getattr(ctx, "calibration_data", None)
@@ -99,6 +100,11 @@ def context_batches(ctx: Any, gm: torch.fx.GraphModule, limit: int = 4
                     break
         except TypeError:
             out = []
+        except CalibrationError:
+            raise
+        except Exception as e:          # the user's iterable raised: not an internal error
+            raise CalibrationError(f"PassContext.calibration_data raised {type(e).__name__} "
+                                   f"while producing batch {len(out)}: {e}") from e
     if not out and getattr(ctx, "example_inputs", None):
         ex = tuple(ctx.example_inputs)
         if all(isinstance(t, torch.Tensor) for t in ex[:k]) and len(ex) >= k:

@@ -260,7 +260,7 @@ class PruneLog:
 @dataclass(frozen=True)
 class IntSimRecord:
     """The contract lower-to-int-sim implemented (rounding, multiplier, LUT, gate and bias
-    widths, backend), what stayed in float, its stats, the observed ranges of uncovered values
+    widths, how float-rne adds biases, backend), what stayed in float, its stats, the observed ranges of uncovered values
     and ``fq_map`` (fake-quant node -> integer node, scale, zero point).
 
     ``fake_quant``: the calibrated fake-quant graph before lowering (``keep-fake-quant``), which
@@ -272,6 +272,7 @@ class IntSimRecord:
     lut_bits: int
     gate_bits: int
     bias_frac_bits: int
+    bias: str = "float"          # float-rne: fbgemm's float bias or ONNX Runtime's int32 bias
     float_islands: tuple[dict[str, str], ...] = ()
     stats: dict[str, int] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -292,7 +293,9 @@ class IntSimRecord:
 
     def summary(self) -> str:
         return (f"rounding={self.rounding}, backend={self.backend}, "
-                f"multiplier-bits={self.multiplier_bits}, {len(self.float_islands)} float "
+                f"multiplier-bits={self.multiplier_bits}, "
+                + (f"bias={self.bias}, " if self.bias != "float" else "")
+                + f"{len(self.float_islands)} float "
                 "islands" + (", fake-quant kept" if self.fake_quant is not None else ""))
 
 
@@ -303,7 +306,7 @@ EMULATION_KEY = "qpasses.emulation"        # EmulationRecord
 class EmulationRecord:
     """The integer contract an emulating fake-quant graph reproduces (``emulate-int-sim``):
     ``lower-to-int-sim`` of the graph must use the same ``rounding``, ``multiplier_bits``,
-    ``lut_bits``, ``gate_bits`` and ``bias_frac_bits`` (else ``EmulationContractError``) and lowers
+    ``lut_bits``, ``gate_bits``, ``bias_frac_bits`` and ``bias`` (else ``EmulationContractError``) and lowers
     with the recorded ``ranges`` (intermediate grids of values without a quantizer), so both sides
     make the same decisions. ``float_islands``: the ops without an integer kernel (node, op,
     reason); ``points``: the emulated quantization points."""
@@ -315,12 +318,13 @@ class EmulationRecord:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     float_islands: tuple[dict[str, str], ...] = ()
     points: tuple[str, ...] = ()
+    bias: str = "float"
 
     def contract(self) -> dict[str, Any]:
         """The contract as lowering option values (field name -> value)."""
         return {"rounding": self.rounding, "multiplier_bits": self.multiplier_bits,
                 "lut_bits": self.lut_bits, "gate_bits": self.gate_bits,
-                "bias_frac_bits": self.bias_frac_bits}
+                "bias_frac_bits": self.bias_frac_bits, "bias": self.bias}
 
     def problems(self) -> list[str]:
         out = []

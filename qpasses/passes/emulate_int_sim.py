@@ -44,6 +44,8 @@ class EmulateIntSimOptions:
                 "(4..16)"})
     bias_frac_bits: int | None = field(default=None, metadata={
         "help": "fractional bias bits (none = auto, as lower-to-int-sim)"})
+    bias: Literal["float", "int32"] = field(default="float", metadata={
+        "help": "how float-rne adds a conv/linear bias (as lower-to-int-sim's bias)"})
     backend: Literal["reference", "fast"] = field(default="fast", metadata={
         "help": "backend of the integer graph the emulation runs (same integers either way)"})
 
@@ -58,7 +60,7 @@ class EmulateIntSimOptions:
         return LoweringOptions(rounding=self.rounding, backend=kw.pop("backend", self.backend),
                                multiplier_bits=self.multiplier_bits, lut_bits=self.lut_bits,
                                gate_bits=self.gate_bits, bias_frac_bits=self.bias_frac_bits,
-                               **kw)
+                               bias=self.bias, **kw)
 
 
 def lower_emulated(plain: torch.fx.GraphModule
@@ -130,7 +132,7 @@ class EmulateIntSim(Pass):
         irec = get_record(probe, INT_SIM_KEY)
         record = EmulationRecord(opts.rounding, opts.multiplier_bits, opts.lut_bits,
                                  opts.gate_bits, opts.bias_frac_bits, dict(irec.ranges),
-                                 tuple(irec.float_islands), tuple(irec.fq_map))
+                                 tuple(irec.float_islands), tuple(irec.fq_map), bias=opts.bias)
         set_record(gm, EMULATION_KEY, record)
         engine = install_emulation(gm, list(irec.fq_map), lower_emulated)
         engine.plain.emulation_backend = opts.backend

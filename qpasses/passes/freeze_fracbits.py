@@ -51,8 +51,8 @@ from passes_registry import (Pass, PassResult, PreservedAnalyses, pop_record, re
                              set_record)
 from passes_registry.errors import OptionError
 
-from qpasses.algorithms.cost_model import (FRACBITS, annotated_bits, cost_layers, layer_bitops,
-                            layer_size_bits, model_bitops, model_size_bits)
+from qpasses.algorithms.cost_model import (FRACBITS, annotated_bits, cost_layers, model_bitops,
+                                           model_size_bits)
 from qpasses.errors import AnnotationError, BudgetError
 from qpasses.ir.records import (FRACBITS_META, FROZEN_META, FracBitsRecord, FrozenFracBitsLayer,
                                 FrozenFracBitsRecord)
@@ -62,6 +62,7 @@ from qpasses.algorithms.solver import solve_pairs
 from qpasses.algorithms.search_layers import (remove_search_modules, restore_on_failure,
                                               write_input_widths)
 from qpasses.algorithms.bit_allocation import SolveBitwidthsOptions, solve_bitwidths, write_bits
+from qpasses.algorithms.pair_allocation import layer_pair_costs
 
 __all__ = ["FreezeFracBits", "FreezeFracBitsOptions", "FROZEN_META", "offset_bisection",
            "layer_pair_costs", "remove_search_modules", "round_lambdas"]
@@ -218,31 +219,6 @@ def _check_bn_eval(gm: torch.fx.GraphModule) -> None:
             raise AnnotationError(f"{PASS_NAME}: BatchNorm '{name}' is in training mode; call "
                                   "gm.eval() before freezing (finetuning starts from the frozen, "
                                   "eval-mode graph)")
-
-
-def layer_pair_costs(gm: torch.fx.GraphModule, w_choices: dict[str, tuple],
-                     a_choices: dict[str, tuple], metric: str
-                     ) -> tuple[dict[str, dict[tuple, float]], float]:
-    """``({layer: {(w, a): cost}}, cost of everything else)`` of the annotated graph, in BitOPs
-    (``metric="bitops"``) or size bits, through the shared cost model; ``a`` may be None (a
-    layer whose input width is not chosen). For :func:`~qpasses.algorithms.solver.solve_pairs`."""
-    layers = {c.name: c for c in cost_layers(gm, FRACBITS)}
-    w_now, a_now = annotated_bits(gm)
-
-    def cost(n: str, w: Any, a: Any) -> float:
-        wm, am = dict(w_now), dict(a_now)
-        wm[n] = w
-        if a is not None:
-            am[n] = a
-        return float(layer_bitops(layers[n], wm, am, FRACBITS) if metric == "bitops"
-                     else layer_size_bits(layers[n], wm, FRACBITS))
-
-    costs = {n: {(w, a): cost(n, w, a) for w in w_choices[n] for a in a_choices[n]}
-             for n in w_choices}
-    total = (float(model_bitops(gm, w_now, a_now)) if metric == "bitops"
-             else float(model_size_bits(gm, w_now)))
-    fixed = total - sum(cost(n, w_now.get(n), a_now.get(n)) for n in w_choices)
-    return costs, fixed
 
 
 @register_pass

@@ -43,8 +43,8 @@ class LowerFakeQuantOps(Pass):
     (``EmulationContractError`` naming both contracts when the options differ), after its emulation
     nodes are removed; the kept fake-quant graph is the emulating one.
 
-    On an already lowered graph it only switches the backend, and fails when ``rounding`` or
-    ``multiplier-bits`` differ from the graph's. Stats: ``num_int_layers``, ``num_kernel_<k>`` per
+    On an already lowered graph it only switches the backend, and fails when ``rounding``,
+    ``multiplier-bits`` or ``bias`` differ from the graph's. Stats: ``num_int_layers``, ``num_kernel_<k>`` per
     fast kernel, ``num_requantize``, ``num_luts``, ``num_int_adds``, ``num_int_cats``,
     ``num_int_muls``, ``num_pools``, ``num_clamps``, ``num_quantize``, ``num_dequantize``,
     ``num_float_islands``.
@@ -63,10 +63,12 @@ class LowerFakeQuantOps(Pass):
         opts: LoweringOptions = self.options
         if is_int_sim_graph(gm):
             rec = int_sim_record(gm)
-            if rec.rounding != opts.rounding or rec.multiplier_bits != opts.multiplier_bits:
+            if (rec.rounding, rec.multiplier_bits, rec.bias) != (
+                    opts.rounding, opts.multiplier_bits, opts.bias):
                 raise PassFailure(
                     f"the graph is already lowered with rounding={rec.rounding} "
-                    f"multiplier-bits={rec.multiplier_bits}; lower the fake-quant graph "
+                    f"multiplier-bits={rec.multiplier_bits} bias={rec.bias}; lower the "
+                    "fake-quant graph "
                     "again to change the contract (only backend= can change here)")
             record_changed = rec.backend != opts.backend
             modules_changed = set_backend(gm, opts.backend)

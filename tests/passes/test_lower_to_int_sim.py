@@ -572,3 +572,48 @@ def test_the_input_model_is_untouched_and_the_lowered_graph_is_integer():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qpasses.report(gm)
+
+
+class _BiasNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_float_rne_int32_bias_contract():
+    """``bias=int32``: under float-rne the fused requantization adds the int32 bias rne(b/(s_x·s_w))
+    to the int32 accumulator (ONNX Runtime) instead of fbgemm's float bias; fast == reference,
+    verify-int-sim passes, the record and the canonical pipeline carry it, and a lowered graph
+    refuses another bias contract; emulate-int-sim records it as part of its contract."""
+    import copy
+    from qpasses.errors import EmulationContractError
+    gm0, x, cal = calibrated(randomize(_BiasNet()), (2, 3, 6, 6))
+    _, fl = lower(copy.deepcopy(gm0), x, cal, "rounding=float-rne")
+    _, gm = lower(copy.deepcopy(gm0), x, cal, "rounding=float-rne bias=int32", verify="samples=2")
+    assert fl.c1.float_bias_fused and fl.c1.bias_f is not None
+    assert not gm.c1.float_bias_fused and gm.c1.bias_f is None and gm.c1.requant is not None
+    assert torch.equal(gm.c1.bias_q, fl.c1.bias_q)
+    assert get_record(gm, INT_SIM_KEY).bias == "int32"
+    assert get_record(fl, INT_SIM_KEY).bias == "float"
+    assert_backends_bit_exact(gm, x)
+    with pytest.raises(PassFailure, match="bias=int32"):
+        with PassContext(example_inputs=(x,), calibration_data=cal):
+            PassManager.parse("graph(lower-to-int-sim{rounding=float-rne})", assume=gm).run(gm)
+    pm = PassManager.parse("graph(lower-to-int-sim{rounding=float-rne bias=int32})")
+    assert "bias=int32" in str(pm) and "bias-frac-bits=none" in str(pm)
+    with pytest.raises(OptionError, match="bias"):
+        PassManager.parse("graph(lower-to-int-sim{bias=int8})")
+    emu = copy.deepcopy(gm0)
+    with PassContext(example_inputs=(x,), calibration_data=cal):
+        PassManager.parse("graph(emulate-int-sim{rounding=float-rne bias=int32})",
+                          assume=emu).run(emu)
+        with pytest.raises(Exception) as e:
+            PassManager.parse("graph(lower-to-int-sim{rounding=float-rne})", assume=emu).run(emu)
+    err = e.value if isinstance(e.value, EmulationContractError) else e.value.__cause__
+    assert isinstance(err, EmulationContractError) and "bias: emulated 'int32'" in str(err)

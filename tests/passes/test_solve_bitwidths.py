@@ -216,3 +216,154 @@ def test_kernelwise_zero_bits_never_remove_a_whole_layer():
 
     assert dead_layers(True) == []
     assert len(dead_layers(False)) >= 5     # what the per-kernel errors alone would choose
+
+
+# ---------------------------------------------------------------------------------------------
+# act-candidates: (weight, activation) pairs
+
+def _pairs_graph():
+    gm = small_net()
+    annotate(gm, "annotate-bitwidths{weight-bits=4 act-bits=4 first-last-bits=8}")
+    return gm
+
+
+def _pair_ctx():
+    torch.manual_seed(1)
+    return PassContext(example_inputs=(torch.randn(4, 3, 16, 16),), print_stream=io.StringIO())
+
+
+def _independent_errors(gm, x, w_cands, a_cands):
+    """The output-noise error of every (layer, w, a) computed from scratch: inputs captured with
+    forward pre-hooks, min/max quantizers applied explicitly."""
+    from qpasses.numerics import quantizers
+    seen = {}
+
+    def hook(name):
+        def record(module, args):
+            seen[name] = args[0].detach().double()
+        return record
+
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(hook(n))
+             for n in ("c1", "c2", "c3", "c4", "fc")]
+    with torch.no_grad():
+        gm(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, xin in seen.items():
+        w = gm.get_submodule(n).weight.detach().double()
+        m2 = float((xin ** 2).mean())
+        flat = w.reshape(w.shape[0], -1)
+        for b in w_cands:
+            amax = flat.abs().amax(dim=1, keepdim=True)
+            s = amax / ((2 ** b - 1) / 2)
+            wq = torch.clamp(torch.round(flat / s), -2 ** (b - 1), 2 ** (b - 1) - 1) * s
+            sse = float(((wq - flat) ** 2).sum())
+            for a in a_cands:
+                sa, za = quantizers.minmax_qparams(xin, a, "unsigned")
+                mse = float(((quantizers.quantize_dequantize(xin, sa, za, a, "unsigned")
+                              - xin) ** 2).mean())
+                out[(n, b, a)] = (m2 * sse, float((w ** 2).sum()) * mse)
+    return out
+
+
+def test_act_pairs_equal_brute_force_on_a_tiny_model():
+    import itertools
+    from qpasses.algorithms.cost_model import annotated_bits, model_bitops
+    gm = _pairs_graph()
+    ctx = _pair_ctx()
+    x = ctx.example_inputs[0]
+    w_c, a_c = (2, 4, 8), (3, 6)
+    errs = _independent_errors(gm, x, w_c, a_c)
+    w0, a0 = annotated_bits(gm)
+    full = float(model_bitops(gm, w0, a0))
+    for frac in (0.65, 0.85):
+        budget = int(full * frac)
+        # brute force: c2..c4 pick (w, a) with c3 and c4 sharing a (they read one group: the
+        # residual add), fc keeps 8-bit weights and picks a, c1 keeps everything
+        best = None
+        for w2, w3, w4, a2, a34, afc in itertools.product(w_c, w_c, w_c, a_c, a_c, a_c):
+            wm = dict(w0, c2=w2, c3=w3, c4=w4)
+            am = dict(a0, c2=a2, c3=a34, c4=a34, fc=afc)
+            cost = int(model_bitops(gm, wm, am))
+            if cost > budget:
+                continue
+            e = sum(errs[(n, wm[n] if n != "fc" else 8, am[n])][0] * (n != "fc")
+                    + errs[(n, wm[n] if n != "fc" else 8, am[n])][1]
+                    for n in ("c2", "c3", "c4", "fc"))
+            key = (cost < 0.99 * budget, e)          # inside the 1% window first, then error
+            if best is None or key < best[0]:
+                best = (key, cost, wm, am)
+        res = solve_bitwidths(gm, SolveBitwidthsOptions(
+            target_bitops=budget / 1e9, candidates=w_c, act_candidates=a_c), ctx)
+        assert res.total_cost <= budget
+        wm, am = dict(w0, **res.bits), dict(a0, **res.act_bits)
+        assert int(model_bitops(gm, wm, am)) == res.total_cost
+        e = sum(errs[(n, 8 if n == "fc" else wm[n], am[n])][0] * (n != "fc")
+                + errs[(n, 8 if n == "fc" else wm[n], am[n])][1] for n in ("c2", "c3", "c4", "fc"))
+        assert (res.total_cost < 0.99 * budget) == best[0][0]
+        assert e == pytest.approx(best[0][1], rel=1e-6), (res.bits, res.act_bits, best)
+        assert res.act_bits["c3"] == res.act_bits["c4"] and "c1" not in res.act_bits
+
+
+@pytest.mark.parametrize("frac", [0.45, 0.7, 0.9])
+def test_act_pairs_meet_the_budget_from_below_and_share_group_widths(frac):
+    gm = traced("resnet18", 32)
+    annotate(gm, "fold-batch-norm,annotate-bitwidths{weight-bits=6 act-bits=6 first-last-bits=8}")
+    before = AnalysisManager().get("bitops", gm).total
+    target = before * frac
+    torch.manual_seed(1)
+    with PassContext(example_inputs=(torch.randn(2, 3, 32, 32),), print_stream=io.StringIO()):
+        pm = PassManager.parse(f"graph(solve-bitwidths{{target-bitops={target / 1e9!r} "
+                               "act-candidates=[2,3,4,5,6,7,8]})", assume=gm)
+        pm.run(gm)
+    res = AnalysisManager().get("bitops", gm)
+    assert 0.99 * target <= res.total <= target, res.total / target
+    a_bits = {r.name: r.a_bits for r in res.rows}
+    assert len(set(a_bits.values())) >= 2                    # activations were searched
+    from qpasses.ir.joins import layer_input, scale_sharing_groups
+    nodes = {n.name: n for n in gm.graph.nodes}
+    from qpasses.ir.layers import quantizable_layers
+    for group in scale_sharing_groups(gm):
+        widths = {get_qmeta(nodes[i.node]).act.bits for i in quantizable_layers(gm)
+                  if layer_input(nodes[i.node]).name in group}
+        widths |= {get_qmeta(nodes[t]).output.bits for t in group
+                   if get_qmeta(nodes[t]).output is not None}
+        assert len(widths) <= 1, (group, widths)
+
+
+def test_without_act_candidates_activations_are_untouched():
+    gm = _pairs_graph()
+    acts = {n.name: get_qmeta(n).act for n in gm.graph.nodes}
+    target = AnalysisManager().get("bitops", gm).total * 0.7
+    _run(gm, f"target-bitops={target / 1e9!r}")
+    assert {n.name: get_qmeta(n).act for n in gm.graph.nodes} == acts
+
+
+@pytest.mark.parametrize("options,match", [
+    ("act-candidates=[0,4]", "0 activation bits"),
+    ("act-candidates=[]", "at least one bit-width"),
+    ("act-candidates=[4,33]", "out of range"),
+    ("act-candidates=[4,4]", "twice"),
+    ("act-candidates=[4,8] granularity=kernel", "granularity=layer"),
+    ("act-candidates=[4,8] sensitivity=hessian", "sensitivity=quant-error"),
+    ("act-candidates=[4,8] method=greedy", "method=exact"),
+])
+def test_bad_act_candidates_are_typed_errors_naming_the_option(options, match):
+    with pytest.raises(OptionError, match=match) as e:
+        PassManager.parse(f"graph(solve-bitwidths{{target-bitops=1.0 {options}}})",
+                          assume={"bits-annotated"})
+    assert "solve-bitwidths" in str(e.value) and "act-candidates" in str(e.value)
+
+
+def test_act_candidates_need_data_and_a_reachable_target():
+    gm = _pairs_graph()
+    target = AnalysisManager().get("bitops", gm).total * 0.7
+    with pytest.raises(SensitivityError, match="act-candidates.*needs data|measured on data"):
+        _run(gm, f"target-bitops={target / 1e9!r} act-candidates=[4,8]")
+    with pytest.raises(BudgetError, match="act-candidates") as e:
+        _run(gm, "target-bitops=1e-6 act-candidates=[4,8]", _pair_ctx())
+    assert 0 < e.value.minimum < e.value.maximum
+    text = "graph(solve-bitwidths{act-candidates={4,8} target-bitops=1.5})"
+    pm = PassManager.parse(text, assume={"bits-annotated"})
+    assert PassManager.parse(str(pm), assume={"bits-annotated"}).pipeline == pm.pipeline

@@ -37,6 +37,12 @@ class LoweringOptions:
     gate_bits: int = field(default=12, metadata={
         "help": "width of the output grid of a bounded nonlinearity (sigmoid, hardsigmoid, "
                 "tanh) that feeds no quantizer, e.g. a squeeze-excitation gate (4..16)"})
+    bias: Literal["float", "int32"] = field(default="float", metadata={
+        "help": "how rounding=float-rne adds a conv/linear bias before a fused requantization: "
+                "float (fbgemm: b/(s_x·s_w) in float32 added to the float32 accumulator) or "
+                "int32 (ONNX Runtime's QLinearConv/QGemm: rne(b/(s_x·s_w)) added to the int32 "
+                "accumulator; export-onnx's bit-exact contract, docs/export.md); the integer "
+                "contracts always add an int32 bias (see bias-frac-bits)"})
     bias_frac_bits: int | None = field(default=None, metadata={
         "help": "fractional bits kept in the int32 bias of a conv/linear whose requantization "
                 "multiplier M is large (coarse inputs/weights, fine output): acc = (Σ << k) + "

@@ -122,7 +122,7 @@ class LayerRules:
                 raise FloatIsland("bias / (s_x·s_w) does not fit the int32 accumulator (a kernel "
                                   "with a tiny weight scale?)")
             bias_q = bq.to(torch.int64)
-            if self.options.rounding == "float-rne":
+            if self.options.rounding == "float-rne" and self.options.bias == "float":
                 act_w = f32(s_x) * s_eff.to(torch.float32)
                 bias_f = bias.detach().to(torch.float32) / act_w
         if bound > INT32_MAX:

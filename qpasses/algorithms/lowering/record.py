@@ -3,7 +3,7 @@
 
 ``lower-fake-quant-ops`` writes it; the passes after it in ``lower-to-int-sim`` keep it up to date
 (stats, the ``fq_map`` node names). Fields: the contract (``rounding``, ``backend``,
-``multiplier_bits``, ``lut_bits``, ``gate_bits``, ``bias_frac_bits``), ``float_islands`` (node,
+``multiplier_bits``, ``lut_bits``, ``gate_bits``, ``bias_frac_bits``, ``bias``), ``float_islands`` (node,
 op, reason), ``stats``, ``fake_quant`` (a copy of the fake-quant graph, or None), ``ranges``
 (observed ranges of values without a quantizer) and ``fq_map`` (fake-quant activation node ->
 the integer node carrying its codes, with scale and zero point; read by verify-int-sim). The
@@ -40,7 +40,7 @@ def new_record(gm: torch.fx.GraphModule, options: LoweringOptions,
         rounding=options.rounding, backend=options.backend,
         multiplier_bits=options.multiplier_bits, lut_bits=options.lut_bits,
         gate_bits=options.gate_bits, bias_frac_bits=options.bias_frac_bits,
-        float_islands=tuple(islands), stats=stats, ranges=dict(ranges), fq_map=dict(fq_map),
+        bias=options.bias, float_islands=tuple(islands), stats=stats, ranges=dict(ranges), fq_map=dict(fq_map),
         fake_quant=fake_quant)
     set_record(gm, INT_SIM_KEY, record)
     return record

@@ -115,7 +115,7 @@ def build():
 # CASE: prints-as-one-element
 # ASSUME: calibrated
 # RUN: graph(lower-to-int-sim{rounding=single})
-# CHECK: graph(lower-to-int-sim{backend=fast bias-frac-bits=none gate-bits=12 keep-fake-quant=true lut-bits=16 multiplier-bits=31 rounding=single})
+# CHECK: graph(lower-to-int-sim{backend=fast bias=float bias-frac-bits=none gate-bits=12 keep-fake-quant=true lut-bits=16 multiplier-bits=31 rounding=single})
 # -----
 # CASE: needs-a-calibrated-graph
 # RUN: graph(lower-to-int-sim)
