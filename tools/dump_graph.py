@@ -3,14 +3,15 @@
 
     python -m tools.dump_graph --model torchvision:resnet18 [--input-shape 1,3,224,224]
            [--pipeline TEXT|default] [--format table|json|fxir|dot] [--out PATH] [--plot PNG]
-           [--seed N]
+           [--seed N] [--emit onnx=PATH [--onnx-format qdq|qoperator|qonnx]]
 
 ``--model`` is ``torchvision:NAME`` (random init, no downloads) or ``package.module:factory`` for a
 user's own model (the factory returns an ``nn.Module`` or a ``(module, example_inputs)`` pair).
 ``--pipeline default`` runs the registered pipeline named ``default`` if there is one, else
 ``graph(canonicalize,fold-batch-norm,dce)``. Formats: ``table`` (the per-layer report), ``json``
 (the report dict, schema in docs/annotations.md), ``fxir`` (the canonical one-line-per-node dump with
-annotations), ``dot`` (Graphviz). Typed errors print their message and exit with status 2.
+annotations), ``dot`` (Graphviz). ``--emit onnx=PATH`` also writes the final graph as ONNX
+(tools/emit.py, docs/export.md). Typed errors print their message and exit with status 2.
 
 Every step is an importable function (:func:`build`, :func:`run_pipeline`, :func:`render`,
 :func:`to_dot`, :func:`plot_bits`, :func:`main`) so tests call them in-process.
@@ -33,6 +34,7 @@ from passes_registry.printing import format_annotations, format_type, target_nam
 from qpasses.cli import (DEFAULT_INPUT_SHAPE, example_inputs_for, load_model, parse_input_shape,
                          resolve_pipeline_text, run_main, synthetic_batches, trace_quietly)
 from qpasses.errors import InputError
+from tools.emit import add_emit_arguments, emit, parse_emit
 
 FORMATS = ("table", "json", "fxir", "dot")
 
@@ -214,18 +216,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=2, metavar="N",
                    help="random batches shaped like the example inputs fed to calibrate "
                         "(synthetic data: the tool downloads nothing)")
+    add_emit_arguments(p)
     return p
 
 
 def dump(model: str, input_shape: str | None = None, pipeline: str | None = None,
          fmt: str = "table", out: str | None = None, plot: str | None = None,
-         seed: int = 0, calibration_batches: int = 2) -> str:
-    """The whole tool as one function: returns the text it prints (and writes ``out``/``plot``)."""
+         seed: int = 0, calibration_batches: int = 2, emit_specs: list[str] | None = None,
+         onnx_format: str = "qdq", onnx_strict: bool = False) -> str:
+    """The whole tool as one function: returns the text it prints (and writes ``out``/``plot``
+    and the ``--emit`` files, reported on stderr)."""
+    parse_emit(emit_specs)                   # a bad --emit fails before the pipeline runs
     gm, inputs = build(model, input_shape, seed)
+    cal = synthetic_batches(inputs, calibration_batches, seed)
     # Diagnostics printed by passes (print<...>, verify-int-sim{print}) go to stderr, so stdout
     # holds only the requested format (a json dump stays parseable).
     gm, text = run_pipeline(gm, inputs, pipeline, seed=seed, print_stream=sys.stderr,
-                            calibration_data=synthetic_batches(inputs, calibration_batches, seed))
+                            calibration_data=cal)
+    for line in emit(gm, inputs, emit_specs, onnx_format, onnx_strict, cal):
+        sys.stderr.write(line + "\n")
     result = render(gm, fmt, text)
     if out is not None:
         try:
@@ -246,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         text = dump(args.model, args.input_shape, args.pipeline, args.format, args.out,
-                    args.plot, args.seed, args.calibration_batches)
+                    args.plot, args.seed, args.calibration_batches, args.emit,
+                    args.onnx_format, args.onnx_strict)
         if args.out is None:
             sys.stdout.write(text + "\n")
         return 0

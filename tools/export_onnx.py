@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="pipeline ending in a calibrated or lowered graph")
     p.add_argument("--calibration", default="random:4",
                    help="calibration data: random:N or a torch.save'd list of batches")
-    p.add_argument("--format", choices=("qdq", "qoperator"), default="qdq")
+    p.add_argument("--format", choices=("qdq", "qoperator", "qonnx"), default="qdq")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--strict", action="store_true", help="float islands are an error")
     p.add_argument("--out", required=True, help="the .onnx file to write")

@@ -32,8 +32,9 @@ flag                        PassContext field
 ==========================  ==========================
 
 The final graph goes to stdout (``--output-format fxir|table|json``, or ``--out PATH``); IR dumps,
-timing and statistics go to stderr, as in mlir-opt. Typed errors print their message to stderr and
-exit with status 2.
+timing and statistics go to stderr, as in mlir-opt. ``--emit onnx=PATH`` (``--onnx-format
+qdq|qoperator|qonnx``) also writes the final graph as ONNX (tools/emit.py, docs/export.md). Typed
+errors print their message to stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from qpasses.cli import (calibration_data, check_seed, example_inputs_for, load_
                          resolve_pipeline_text, run_main, split_names, trace_quietly)
 from qpasses.errors import InputError
 from qpasses.ir.trace import propagate_shapes
+from tools.emit import add_emit_arguments, emit, parse_emit
 
 OUTPUT_FORMATS = ("fxir", "table", "json")
 
@@ -294,6 +296,7 @@ def make_parser() -> argparse.ArgumentParser:
                      help="format of the final graph (default: fxir)")
     out.add_argument("-o", "--out", help="write the final graph here instead of stdout")
     out.add_argument("--no-output", action="store_true", help="do not print the final graph")
+    add_emit_arguments(out)
     return p
 
 
@@ -310,6 +313,7 @@ def opt(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
     if args.bisect_limit is not None and args.bisect_limit < 0:
         raise InputError("--bisect-limit must be >= 0")
     check_seed(args.seed)
+    parse_emit(args.emit)                    # a bad --emit fails before the pipeline runs
     text = resolve_pipeline_text(args.pass_pipeline)
     # Without --assume, requirements the pipeline leaves open are checked against the input
     # graph's recorded (and verified) properties when it runs.
@@ -333,6 +337,10 @@ def opt(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
         ctx = context_from_args(args, inputs, stderr)
         with ctx:
             gm = pm.run(gm, ctx)
+    if args.emit:
+        cal = calibration_data(args.calibration, inputs, args.seed) if inputs else None
+        for line in emit(gm, inputs, args.emit, args.onnx_format, args.onnx_strict, cal):
+            stderr.write(line + "\n")
     if args.no_output:
         return 0
     result = render(gm, args.output_format, canonical)

@@ -8,7 +8,9 @@ graph). ``format=qdq`` puts QuantizeLinear/DequantizeLinear exactly at the quant
 around float Conv/Gemm/Add/pool ops (per-channel weight scales, int32 biases at ``s_x·s_w``,
 sub-8-bit codes in int8/uint8 containers clipped to their range); ``format=qoperator`` writes the
 integer operators (QLinearConv, QGemm, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...,
-MaxPool on codes, lookup tables as Gather) so the model runs integer-only in onnxruntime.
+MaxPool on codes, lookup tables as Gather) so the model runs integer-only in onnxruntime;
+``format=qonnx`` writes QONNX ``Quant`` nodes with the real (per-kernel) bit-widths for FINN /
+hls4ml (:mod:`qpasses.export.onnx_qonnx`), reproducing the fake-quant graph.
 
 The package needs the ``onnx`` extra (``pip install 'qpasses[onnx]'``); the rest of qpasses does
 not import it.
@@ -109,7 +111,9 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike | None = None,
         raise ExportError(f"export-onnx: opset {opset} is too old; use 17 or newer")
     low = _lowered(gm, example_inputs, calibration_data)
     rec = get_record(low, INT_SIM_KEY)
-    if rec.rounding != "float-rne":
+    if format == "qonnx":
+        pass                  # QONNX reproduces the fake-quant graph, whatever the contract
+    elif rec.rounding != "float-rne":
         warnings.warn(f"export-onnx: the graph was lowered with rounding={rec.rounding}; "
                       "onnxruntime requantizes like rounding=float-rne, so its outputs can "
                       "differ from the int-sim's by a few LSB (lower with "

@@ -25,11 +25,12 @@ from qpasses.modules.int_sim_layers import IntLayer, IntLinear
 from qpasses.modules.int_sim_ops import (IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLUT,
                                          IntMaxPool, IntMul)
 from qpasses.export.onnx_acc import acc_clamp, acc_max_pool, acc_requantize
+from qpasses.export.onnx_qonnx import QonnxGraph, weight_grid
 from qpasses.export.onnx_values import OnnxGraph, Val, container, onnx_grid
 
 __all__ = ["FORMATS", "GraphExporter"]
 
-FORMATS = ("qdq", "qoperator")
+FORMATS = ("qdq", "qoperator", "qonnx")
 MS = "com.microsoft"
 Node = torch.fx.Node
 
@@ -56,13 +57,14 @@ def _f32(x: Any) -> np.ndarray:
 
 
 class GraphExporter:
-    """One export of a lowered GraphModule ``gm`` in ``fmt`` (``qdq`` or ``qoperator``)."""
+    """One export of a lowered GraphModule ``gm`` in ``fmt`` (``qdq``, ``qoperator`` or
+    ``qonnx``: the QDQ walk with QONNX ``Quant`` nodes, :mod:`qpasses.export.onnx_qonnx`)."""
 
     def __init__(self, gm: torch.fx.GraphModule, fmt: str, *, strict: bool = False) -> None:
         if fmt not in FORMATS:
             raise ExportError(f"export-onnx: unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
         self.gm, self.fmt, self.strict = gm, fmt, strict
-        self.g = OnnxGraph()
+        self.g = QonnxGraph() if fmt == "qonnx" else OnnxGraph()
         self.env: dict[str, Val | None] = {}
         self.modules = dict(gm.named_modules())
         rec = get_record(gm, INT_SIM_KEY)
@@ -329,8 +331,9 @@ class GraphExporter:
             self.g.min_opset = max(self.g.min_opset, 21)
         w_zp = np.broadcast_to(mod.w_zp.detach().numpy().reshape(-1), (c,))
         linear = isinstance(mod, IntLinear)
-        wname = self.g.const(f"{name}.weight_q", w.T if linear and self.fmt == "qoperator"
-                             and mod.requant is None else w, wdt)
+        wname = "" if self.fmt == "qonnx" else self.g.const(
+            f"{name}.weight_q", w.T if linear and self.fmt == "qoperator" and mod.requant is None
+            else w, wdt)
         bias = self._int_bias(mod, acc_scale)
         rq = mod.requant
         out = self._out_grid(n, rq, acc_scale) if rq is not None else None
@@ -341,10 +344,16 @@ class GraphExporter:
             return self._layer_qop(n, mod, x, wname, s_w, w_zp, wdt, bias, out, linear)
         # QDQ: DequantizeLinear on input, weights and bias; the float op; QuantizeLinear
         xf = self.g.dequantize(x, f"{name}/input")
-        sw, zw = self.g.scale_zp(f"{name}.weight", s_w, w_zp, wdt)
-        wf = self.g.node("DequantizeLinear", [wname, sw, zw], f"{name}/weight_dequantize", axis=0)
-        ins = [xf, wf]
-        if bias is not None:
+        if isinstance(self.g, QonnxGraph):
+            ins = [xf, self.g.weights(name, w, s_w, w_zp, *weight_grid(n, mod, w))]
+            if bias is not None:
+                ins.append(self.g.bias(name, mod, bias, acc_scale))
+        else:
+            sw, zw = self.g.scale_zp(f"{name}.weight", s_w, w_zp, wdt)
+            ins = [xf, self.g.node("DequantizeLinear", [wname, sw, zw],
+                                   f"{name}/weight_dequantize", axis=0)]
+        wf = ins[1]
+        if bias is not None and len(ins) == 2:
             sb, zb = self.g.scale_zp(f"{name}.bias", acc_scale, np.zeros(c), "int32")
             bq = self.g.const(f"{name}.bias_q", bias, "int32")
             ins.append(self.g.node("DequantizeLinear", [bq, sb, zb], f"{name}/bias_dequantize",
@@ -560,6 +569,8 @@ class GraphExporter:
     def _lut(self, n: Node, mod: IntLUT) -> Val:
         v = self._codes_in(n, mod)
         g, name = self.g, n.name
+        if isinstance(g, QonnxGraph):
+            return g.lut(v, mod, name)
         ydt, shift = onnx_grid(mod.qmin, mod.qmax, name)
         self._check_width(Val("", "codes", ydt), name)
         table = g.const(f"{name}.table", mod.table.detach().numpy() + shift, ydt)

@@ -52,7 +52,11 @@ def quantize_codes(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: in
         raise NumericsError(f"{where}: expects a float tensor, got {x.dtype}")
     xf = x.to(torch.float32)
     finite = torch.isfinite(xf)
-    if not bool(finite.all()):
+    if torch.compiler.is_compiling():
+        # torch.export / torch.compile: no data-dependent Python branch; the same check as a
+        # runtime assertion in the traced program (docs/export.md, "torch.export")
+        torch._assert_async(finite.all(), f"{where}: input has non-finite values (NaN or inf)")
+    elif not bool(finite.all()):
         bad = int((~finite).sum())
         kind = "NaN" if bool(torch.isnan(xf).any()) else "inf"
         raise NumericsError(f"{where}: input has {bad} non-finite value(s) ({kind}); the integer "
