@@ -2,17 +2,25 @@
 """Benchmarks: a list of named sections, each timing something N times and reporting medians.
 
     python -m tools.bench                                 # every section
-    python -m tools.bench --only fold-vs-torchao --repeat 5 --json bench.json
+    python -m tools.bench --only ptq-flow --repeat 5 --json bench.json
+    python -m tools.bench --only ptq-flow --image-size 32 --batch 2 --repeat 1   # a quick check
     python -m tools.bench --list
 
-Sections live in tools/bench_sections.py and register with ``tools.bench_harness.benchmark``;
-each takes the parsed config and returns a ``Section`` (rows of measurements plus notes).
+Sections live in tools/bench_sections.py and tools/bench_flow.py and register with
+``tools.bench_harness.benchmark``; each takes the parsed config and returns a ``Section`` (rows of
+measurements plus notes).
 
-Section ``fold-vs-torchao`` (the foundation's target): torchvision ResNet-50 (random init, input
-1x3x224x224); ours = ``PassManager.parse("graph(canonicalize,fold-batch-norm,dce)")`` +
-``qpasses.trace`` + ``run``; torch.ao = FX-mode ``prepare_fx`` + ``convert_fx`` with
-``get_default_qconfig_mapping("x86")`` (its calibration forward timed separately), on the same
-model in the same process. Reports median seconds and the ratio ours / torch.ao.
+Section ``ptq-flow`` (issue 16's target: <= 0.5x torch.ao): the *whole* post-training flow on
+torchvision ResNet-50 and MobileNetV2 (random init; ``--model`` picks others): ours =
+``PassManager.parse`` + ``qpasses.trace`` + ``run`` of ``graph(canonicalize,fold-batch-norm,dce,
+annotate-bitwidths{weight-bits=8 act-bits=8 first-last-bits=none},insert-fake-quant,calibrate,
+lower-to-int-sim)`` (``--pipeline`` overrides), with a per-pass breakdown from the ``Timing``
+instrument and the peak RSS growth while lowering; torch.ao = FX-mode ``prepare_fx``
+(``get_default_qconfig_mapping("x86")``) + the same calibration forward passes on the same
+batches + ``convert_fx``. ``--calib-batches`` batches of ``--batch`` images at ``--image-size``
+(default one batch of 8 at 224), interleaved runs, 1 thread unless ``--threads``. Reports median
+seconds and the ratio ours / torch.ao. (It replaces ``fold-vs-torchao``, which timed only
+canonicalize + fold-batch-norm + dce against torch.ao's whole prepare + convert.)
 
 Section ``qat-step`` (issue 3's target: <= 1.15x fp32): one SGD training step of torchvision
 ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, the fake-quant graph
@@ -34,9 +42,11 @@ from collections.abc import Sequence
 
 import torch
 
+import tools.bench_sections  # noqa: F401  (registers its sections)
+import tools.bench_ort  # noqa: F401  (registers its section)
 from passes_registry import PassesError
+from tools.bench_flow import PTQ_MODELS, PTQ_PIPELINE
 from tools.bench_harness import BENCHMARKS, format_sections, run_sections
-from tools.bench_sections import FOLD_PIPELINE
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -45,9 +55,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the sections")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per measure (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
-    p.add_argument("--model", default="torchvision:resnet50")
-    p.add_argument("--input-shape", default="1,3,224,224")
-    p.add_argument("--pipeline", default=None, help=f"override (default {FOLD_PIPELINE})")
+    p.add_argument("--model", action="append", metavar="SPEC",
+                   help=f"ptq-flow: model(s) to run (default {', '.join(PTQ_MODELS)})")
+    p.add_argument("--image-size", type=int, default=224, help="ptq-flow: image height and width")
+    p.add_argument("--batch", type=int, default=8, help="ptq-flow: images per calibration batch")
+    p.add_argument("--calib-batches", type=int, default=1, help="ptq-flow: calibration batches")
+    p.add_argument("--pipeline", default=None,
+                   help=f"ptq-flow: our pipeline (default {PTQ_PIPELINE})")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")

@@ -1,7 +1,8 @@
 """The benchmark sections of ``python -m tools.bench`` (importing this module registers them).
 
 Each section times one target of the project against its baseline; see tools/bench.py for the
-command line and the list of sections.
+command line and the list of sections. The whole-flow section ``ptq-flow`` lives in
+tools/bench_flow.py.
 """
 from __future__ import annotations
 
@@ -16,92 +17,9 @@ from typing import Any
 import torch
 
 import qpasses
-from passes_registry import PassContext, PassManager, PassesError, get_record
-from qpasses.cli import example_inputs_for, load_model, parse_input_shape
+from passes_registry import PassContext, PassManager, get_record
 from qpasses.ir.records import INT_SIM_KEY
 from tools.bench_harness import Row, Section, benchmark, timed
-
-
-# ---------------------------------------------------------------------------------------------
-# Section 1: fold batch-norm on ResNet-50, ours vs torch.ao FX mode
-
-FOLD_PIPELINE = "graph(canonicalize,fold-batch-norm,dce)"
-
-
-@benchmark("fold-vs-torchao", "ResNet-50: parse+trace+run of graph(canonicalize,fold-batch-norm,"
-                              "dce) vs torch.ao prepare_fx+convert_fx")
-def bench_fold_vs_torchao(cfg: argparse.Namespace) -> Section:
-    sec = Section("fold-vs-torchao")
-    model, _ = load_model(cfg.model, seed=cfg.seed)
-    inputs = example_inputs_for(parse_input_shape(cfg.input_shape), seed=cfg.seed)
-    pipeline = cfg.pipeline or FOLD_PIPELINE
-    try:
-        PassManager.parse(pipeline)
-    except PassesError as e:
-        sec.skipped = f"pipeline does not build: {str(e).splitlines()[0]}"
-        return sec
-    with torch.no_grad():
-        ref = model(*inputs)
-
-    def ours(verify: bool) -> tuple[float, float, float, torch.fx.GraphModule]:
-        t_parse, pm = timed(lambda: PassManager.parse(pipeline))
-        t_trace, gm = timed(lambda: qpasses.trace(model, inputs))
-        with PassContext(example_inputs=inputs, verify_each=verify) as ctx:
-            t_run, gm = timed(lambda: pm.run(gm, ctx))
-        return t_parse, t_trace, t_run, gm
-
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    qconfig = get_default_qconfig_mapping("x86")
-
-    def torchao() -> tuple[float, float, float]:
-        m = copy.deepcopy(model).eval()  # prepare_fx shares (and fuses) the caller's modules
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t_prep, prepared = timed(lambda: prepare_fx(m, qconfig, inputs))
-            with torch.no_grad():
-                t_cal, _ = timed(lambda: prepared(*inputs))
-            t_conv, _ = timed(lambda: convert_fx(prepared))
-        return t_prep, t_cal, t_conv
-
-    for _ in range(cfg.warmup):
-        ours(True)
-        torchao()
-    parse_t, trace_t, run_t, total_v, total_nv = [], [], [], [], []
-    prep_t, cal_t, conv_t, total_ao = [], [], [], []
-    gm = None
-    for _ in range(cfg.repeat):
-        p, t, r, gm = ours(True)
-        parse_t.append(p), trace_t.append(t), run_t.append(r), total_v.append(p + t + r)
-        p2, t2, r2, _ = ours(False)
-        total_nv.append(p2 + t2 + r2)
-        a, c, v = torchao()
-        prep_t.append(a), cal_t.append(c), conv_t.append(v), total_ao.append(a + v)
-    ao_med = statistics.median(total_ao)
-    name = sec.name
-    sec.rows += [
-        Row(name, "ours: parse", parse_t),
-        Row(name, "ours: trace (deep copy + fx trace + shape propagation)", trace_t),
-        Row(name, "ours: run (verify-each on)", run_t),
-        Row(name, "ours: parse+trace+run, verify-each on (default)", total_v,
-            ratio=statistics.median(total_v) / ao_med),
-        Row(name, "ours: parse+trace+run, --no-verify-each", total_nv,
-            ratio=statistics.median(total_nv) / ao_med),
-        Row(name, "torch.ao: prepare_fx (x86 qconfig mapping)", prep_t),
-        Row(name, "torch.ao: calibration forward (not in total)", cal_t),
-        Row(name, "torch.ao: convert_fx", conv_t),
-        Row(name, "torch.ao: prepare_fx+convert_fx", total_ao, ratio=1.0),
-    ]
-    with torch.no_grad():
-        err = (gm(*inputs) - ref).abs().max().item() if gm is not None else float("nan")
-    bn_left = sum(1 for _, m in gm.named_modules() if isinstance(m, torch.nn.BatchNorm2d)) \
-        if gm is not None else -1
-    sec.notes.append(f"model {cfg.model}, input {cfg.input_shape}, pipeline {pipeline}, "
-                     f"{cfg.repeat} runs (+{cfg.warmup} warm-up), torch {torch.__version__}, "
-                     f"{torch.get_num_threads()} threads")
-    sec.notes.append(f"ours after the pipeline: max |out - float model| = {err:.3g}, "
-                     f"BatchNorm2d modules left = {bn_left}")
-    return sec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +379,7 @@ def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
     return variants, x, notes
 
 
-def _time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
+def time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
                    cfg: argparse.Namespace, base: str, slow: set[str] = frozenset()) -> None:
     """Interleaved wall-clock runs (rows) and, in a note, the medians of the process CPU time of
     the same runs: on a shared machine wall time also counts other processes' load, CPU time
@@ -493,7 +411,7 @@ def _time_variants(sec: Section, variants: dict[str, Any], x: torch.Tensor,
 def bench_int_sim(cfg: argparse.Namespace) -> Section:
     sec = Section("int-sim", ratio_label="ratio vs fp32")
     variants, x, notes = _int_sim_variants("resnet18", (1, 3, 224, 224), cfg.seed, True)
-    _time_variants(sec, variants, x, cfg, "fp32", slow={"int-sim reference"})
+    time_variants(sec, variants, x, cfg, "fp32", slow={"int-sim reference"})
     sec.notes += notes
     fq_t = statistics.median(next(r for r in sec.rows if r.what.startswith("fake")).times)
     fast_t = statistics.median(next(r for r in sec.rows if r.what == "int-sim fast").times)
@@ -512,7 +430,7 @@ def bench_int_sim_resnet50(cfg: argparse.Namespace) -> Section:
     import os
     variants, x, notes = _int_sim_variants("resnet50", (8, 3, 224, 224), cfg.seed, False)
     del variants["fake-quant graph (ours)"]
-    _time_variants(sec, variants, x, cfg, "fp32")
+    time_variants(sec, variants, x, cfg, "fp32")
     load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     sec.notes += notes + [f"{cfg.repeat} interleaved runs, {torch.get_num_threads()} threads, "
                           f"{os.cpu_count()} CPUs, load average {load} (after the runs)"]

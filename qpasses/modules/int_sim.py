@@ -64,6 +64,7 @@ from qpasses.ir.records import INT_SIM_KEY
 from qpasses.numerics.fixed_point import (ROUNDING_CONTRACTS, channel_view, quantize_multiplier,
                                           requantize, requantize_float)
 from qpasses.numerics.int_sim_math import quantize_codes
+from qpasses.numerics.quant_utils import is_compiling
 from qpasses.numerics.fast_requant import (AffineFloor, RequantPlan, code_dtype, lut_gather,
                                            requantize_float_fast)
 
@@ -109,7 +110,10 @@ class IntSimModule(nn.Module):
 
     @property
     def fast(self) -> bool:
-        return self.backend == "fast"
+        """On the fast backend, except while tracing (torch.export / torch.compile): the fast
+        paths' caches, scratch buffers and prepared weights are eager-only, so a traced program
+        runs the reference arithmetic (the same integers, docs/export.md)."""
+        return self.backend == "fast" and not is_compiling()
 
     @property
     def out_dtype(self) -> torch.dtype:

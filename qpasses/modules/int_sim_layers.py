@@ -20,6 +20,7 @@ from qpasses.numerics.int_conv_fast import (RowBlocks, conv_blocks, fast_conv, f
                                             rows_to_output)
 from qpasses.numerics.int_ops import int_conv, int_linear
 from qpasses.numerics.fast_requant import RequantPlan
+from qpasses.numerics.quant_utils import is_compiling
 from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
 
 __all__ = ["INT_LAYER_CLASSES", "IntConv1d", "IntConv2d", "IntConv3d", "IntLayer", "IntLinear",
@@ -97,9 +98,14 @@ class IntLayer(IntSimModule):
         self.kernel = k
         return super().set_backend(backend) or changed
 
+    @property
+    def kernel_now(self) -> str:
+        """``kernel``, except ``reference`` while tracing (see :attr:`IntSimModule.fast`)."""
+        return "reference" if is_compiling() else self.kernel
+
     def accumulate(self, x: Tensor, kernel: str | None = None, with_bias: bool = True) -> Tensor:
         """``Σ (x − z_x)(w − z_w) [+ b_q]`` as int64 on ``kernel`` (default: ``self.kernel``)."""
-        k = kernel or self.kernel
+        k = kernel or self.kernel_now
         bias = self.bias_q if with_bias else None
         if k == "reference":
             acc = self._reference_acc(x, with_bias=False)
@@ -113,6 +119,11 @@ class IntLayer(IntSimModule):
         if bias is not None:
             acc = acc + channel_view(bias, acc, self.channel_axis, "bias")
         return acc
+
+    def _w_zero_point(self) -> Tensor:
+        """``w_zp``, a 0-d tensor when it is per tensor (never a Python int: no data-dependent
+        branch while tracing)."""
+        return self.w_zp.reshape(()) if self.w_zp.numel() == 1 else self.w_zp
 
     def _prepare(self, kernel: str) -> Any:
         key = (kernel, id(self.w_q), self.w_q._version, id(self.w_zp), self.w_zp._version)
@@ -135,7 +146,7 @@ class IntLayer(IntSimModule):
         return state
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if self.kernel != "reference":
+        if self.kernel_now != "reference":
             return self._fast_forward(x)
         if self.requant is None:
             return self.accumulate(x)
@@ -214,7 +225,7 @@ class _IntConv(IntLayer):
         return int_conv(x, self.w_q, self.bias_q if with_bias else None, stride=self.stride,
                         padding=self.int_padding, dilation=self.dilation, groups=self.groups,
                         x_zero_point=self.x_zero_point,
-                        w_zero_point=self.w_zp if self.w_zp.numel() > 1 else int(self.w_zp),
+                        w_zero_point=self._w_zero_point(),
                         kernel="reference")
 
     def _prepare_weights(self, kernel: str) -> Any:
@@ -254,7 +265,7 @@ class IntLinear(IntLayer, nn.Linear):
     def _reference_acc(self, x: Tensor, with_bias: bool) -> Tensor:
         return int_linear(x, self.w_q, self.bias_q if with_bias else None,
                           x_zero_point=self.x_zero_point,
-                          w_zero_point=self.w_zp if self.w_zp.numel() > 1 else int(self.w_zp),
+                          w_zero_point=self._w_zero_point(),
                           kernel="reference")
 
     def _prepare_weights(self, kernel: str) -> Any:

@@ -15,6 +15,7 @@ from qpasses.numerics.fixed_point import (channel_view, multiply_by_quantized_mu
                                           quantize_multiplier, requantize)
 from qpasses.numerics.int_ops import int_avg_pool_sum, int_max_pool
 from qpasses.numerics.int_sim_math import adaptive_avg_pool_sum, add_rescale_params
+from qpasses.numerics.quant_utils import is_compiling
 from qpasses.numerics.fast_requant import (code_dtype, lut_gather, lut_gather2, max_pool_codes,
                                            requantize_fast, scratch_like)
 from qpasses.modules.int_sim import MAX_TABLE_ENTRIES, IntSimModule, Requantize, tensor_versions
@@ -274,12 +275,17 @@ class IntAvgPoolSum(IntSimModule):
     def forward(self, x: Tensor) -> Tensor:
         sums, counts = self.window_sums(x)
         expect = torch.div(torch.full_like(counts, self.lcm), counts, rounding_mode="floor")
-        if expect.shape != self.factor.shape or not torch.equal(expect, self.factor) or \
-                bool((expect * counts != self.lcm).any()):
-            raise NumericsError(
-                f"int-sim average pool: the window counts for input {tuple(x.shape)} differ from "
-                "those the graph was lowered for (the output scale depends on them); lower the "
-                "graph again with example inputs of this spatial size")
+        msg = (f"int-sim average pool: the window counts for input {tuple(x.shape)} differ from "
+               "those the graph was lowered for (the output scale depends on them); lower the "
+               "graph again with example inputs of this spatial size")
+        if expect.shape != self.factor.shape:
+            raise NumericsError(msg)
+        if is_compiling():
+            # torch.export: the same check as a runtime assertion, no data-dependent branch
+            torch._assert_async(((expect == self.factor) & (expect * counts == self.lcm)).all(),
+                                msg)
+        elif not torch.equal(expect, self.factor) or bool((expect * counts != self.lcm).any()):
+            raise NumericsError(msg)
         return (sums * self.factor).to(self.out_dtype)
 
     def extra_repr(self) -> str:

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from qpasses.errors import NumericsError
+from qpasses.numerics.quant_utils import is_compiling
 
 __all__ = [
     "INT32_MAX", "INT32_MIN", "INTEGER_CONTRACTS", "MAX_SHIFT", "MIN_SHIFT", "ROUNDING_CONTRACTS",
@@ -96,6 +97,8 @@ def _as_scale(scale: ScaleLike, name: str = "scale") -> Tensor:
         raise NumericsError(f"{name} must be real numbers, got dtype {t.dtype}")
     t = t.to(torch.float64)
     bad = ~(torch.isfinite(t) & (t > 0))
+    if _traced_check(bad, f"{name} must be finite and > 0"):
+        return t
     if bool(bad.any()):
         raise NumericsError(f"{name} must be finite and > 0; got {t[bad].flatten()[:4].tolist()}")
     return t
@@ -111,8 +114,20 @@ def _as_int64(x: IntLike, name: str) -> Tensor:
     return t.to(torch.int64)
 
 
+def _traced_check(bad: Tensor, message: str) -> bool:
+    """While tracing (torch.export / torch.compile): assert ``not bad.any()`` at run time in the
+    traced program (no data-dependent Python branch) and return True; in eager mode return False
+    (the caller raises its detailed NumericsError). docs/export.md, "torch.export"."""
+    if not is_compiling():
+        return False
+    torch._assert_async(~bad.any(), message)
+    return True
+
+
 def _check_range(t: Tensor, lo: int, hi: int, name: str, why: str) -> None:
     bad = (t < lo) | (t > hi)
+    if _traced_check(bad, f"{name} must lie in [{lo}, {hi}] ({why})"):
+        return
     if bool(bad.any()):
         raise NumericsError(f"{name} must lie in [{lo}, {hi}] ({why}); "
                             f"got {t[bad].flatten()[:4].tolist()}")
@@ -249,7 +264,9 @@ def round_shift(x: IntLike, shift: IntLike, mode: str = "rne") -> Tensor:
     rs = st.clamp(min=0)
     ls = (-st).clamp(min=0)
     xl = torch.bitwise_left_shift(xt, ls)
-    if bool((torch.bitwise_right_shift(xl, ls) != xt).any()):
+    over = torch.bitwise_right_shift(xl, ls) != xt
+    if not _traced_check(over, "round_shift: x * 2**(-shift) overflows int64") and \
+            bool(over.any()):
         raise NumericsError("round_shift: x * 2**(-shift) overflows int64")
     fl = torch.bitwise_right_shift(xl, rs)            # arithmetic shift = floor division
     rem = xl - torch.bitwise_left_shift(fl, rs)       # in [0, 2**rs)
@@ -322,7 +339,9 @@ def multiply_by_quantized_multiplier(acc: IntLike, multiplier: IntLike, shift: I
     if rounding == "gemmlowp":
         left = s.clamp(min=0)
         xl = torch.bitwise_left_shift(x, left)
-        if bool(((xl < INT32_MIN) | (xl > INT32_MAX)).any()):
+        over = (xl < INT32_MIN) | (xl > INT32_MAX)
+        if not _traced_check(over, "gemmlowp: acc * 2**shift overflows int32") and \
+                bool(over.any()):
             raise NumericsError("gemmlowp: acc * 2**shift overflows int32 for a left shift "
                                 f"(max shift {int(left.max())}); use rounding='single' or "
                                 "'hawq', or a smaller output scale ratio")
