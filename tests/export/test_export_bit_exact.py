@@ -160,9 +160,10 @@ def test_digits_bit_exact_with_biases(digits_cnn, fmt, bits):
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
-def test_resnet18_bit_exact(fmt):
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_bit_exact(arch, fmt):
     torchvision = pytest.importorskip("torchvision")
-    model = randomize(torchvision.models.resnet18(num_classes=10), 0)
+    model = randomize(getattr(torchvision.models, arch)(num_classes=10), 0)
     gm, x, cal = calibrated(model, (2, 3, 32, 32), batches=2)
     res = export_onnx(gm, None, format=fmt, example_inputs=(x,), calibration_data=cal)
     assert get_record(res.lowered, INT_SIM_KEY).bias == "int32"
