@@ -19,7 +19,7 @@ import qpasses
 from passes_registry import PassContext, PassManager
 from qpasses.export import EXPORT_LOWERING, export_onnx
 from tools.bench_harness import Section, benchmark
-from tools.bench_sections import INT_SIM_PIPELINE, time_variants
+from tools.bench_sections import INT_SIM_PIPELINE, time_variants, torch_ao_int8
 
 ORT_MODEL = "resnet50"
 
@@ -66,8 +66,6 @@ def _ort_quantize_static(model: torch.nn.Module, x: torch.Tensor, cal: list[torc
                        "and the int-sim, vs fp32 (--batch, --image-size shrink it)")
 def bench_ort_int8(cfg: argparse.Namespace) -> Section:
     import torchvision
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
     sec = Section("ort-int8", ratio_label="ratio vs fp32")
     threads = torch.get_num_threads()
     torch.manual_seed(cfg.seed)
@@ -84,13 +82,7 @@ def bench_ort_int8(cfg: argparse.Namespace) -> Section:
         PassManager.parse("graph(lower-to-int-sim{backend=fast keep-fake-quant=false})",
                           assume=fast).run(fast)
     ours = export_onnx(gm, None, format="qoperator").model.SerializeToString()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
-        with torch.no_grad():
-            for c in cal:
-                prepared(c)
-        fbgemm = convert_fx(prepared)
+    fbgemm = torch_ao_int8(model, x, cal)
     with tempfile.TemporaryDirectory() as folder:
         qdq = _ort_quantize_static(model, x, cal, folder)
     variants = {"fp32": model, "ours: QOperator export in onnxruntime": _ort_runner(ours, threads),

@@ -334,11 +334,24 @@ INT_SIM_PIPELINE = ("graph(canonicalize,fold-batch-norm,annotate-bitwidths{weigh
                     "keep-fake-quant=false})")
 
 
+def torch_ao_int8(model: torch.nn.Module, x: torch.Tensor,
+                  cal: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """torch.ao FX-mode int8 (fbgemm, x86 qconfig mapping) of a copy of ``model``, calibrated on
+    ``cal``: the anchor the int-sim and export benchmarks compare with."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        with torch.no_grad():
+            for c in cal:
+                prepared(c)
+        return convert_fx(prepared)
+
+
 def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
                       with_reference: bool) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
     import torchvision
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     from qpasses.modules.int_sim import set_backend
     from qpasses.modules.int_sim_layers import kernel_table
@@ -361,13 +374,7 @@ def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
         ref = copy.deepcopy(gm)
         set_backend(ref, "reference")
         variants["int-sim reference"] = ref
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
-        with torch.no_grad():
-            for c in cal:
-                prepared(c)
-        variants["torch.ao convert_fx (fbgemm int8)"] = convert_fx(prepared)
+    variants["torch.ao convert_fx (fbgemm int8)"] = torch_ao_int8(model, x, cal)
     counts: dict[str, int] = {}
     for r in kernel_table(gm):
         counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1

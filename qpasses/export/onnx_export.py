@@ -19,6 +19,7 @@ from passes_registry import get_record
 
 from qpasses.errors import ExportError, ExportWarning
 from qpasses.ir import ops
+from qpasses.ir.fx import node_shape
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.modules.int_sim import Dequantize, IntSimModule, Quantize, Requantize
 from qpasses.modules.int_sim_layers import IntLayer, IntLinear
@@ -45,11 +46,6 @@ _FLOAT_BINARY = {**{f: "Add" for f in ops.ADD_FUNCTIONS}, **{f: "Sub" for f in o
                  **{f: "Mul" for f in ops.MUL_FUNCTIONS}, **{f: "Div" for f in ops.DIV_FUNCTIONS}}
 _FLOAT_BINARY_METHODS = {**{m: "Add" for m in ops.ADD_METHODS}, **{m: "Sub" for m in ops.SUB_METHODS},
                          **{m: "Mul" for m in ops.MUL_METHODS}, **{m: "Div" for m in ops.DIV_METHODS}}
-
-
-def _shape(n: Node) -> tuple[int, ...] | None:
-    tm = n.meta.get("tensor_meta")
-    return tuple(int(d) for d in tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def _f32(x: Any) -> np.ndarray:
@@ -99,7 +95,7 @@ class GraphExporter:
 
     def _placeholder(self, n: Node) -> None:
         from onnx import TensorProto, helper
-        shape = _shape(n)
+        shape = node_shape(n)
         if shape is None:
             raise ExportError(f"export-onnx: input '{n.name}' has no traced shape; trace with "
                               "qpasses.trace (example inputs) first")
@@ -116,7 +112,7 @@ class GraphExporter:
                 raise ExportError("export-onnx: graph outputs must be tensors")
             v = self._val(a, n)
             name = self._float(v, f"output_{i}")
-            shape = _shape(a)
+            shape = node_shape(a)
             dims = ["batch"] + list(shape[1:]) if shape else None
             if name in [o.name for o in self.g.outputs] or name in [i.name for i in self.g.inputs]:
                 name = self.g.node("Identity", [name], f"output_{i}")
@@ -134,7 +130,7 @@ class GraphExporter:
             mod = self.modules[str(n.target)]
             if isinstance(mod, IntSimModule):
                 return self._int_module(n, mod)
-            if isinstance(mod, ops.IDENTITY_MODULES + ops.DROPOUT_MODULES):
+            if isinstance(mod, ops.EVAL_IDENTITY_MODULES):
                 return self._val(n.args[0], n)
             if isinstance(mod, (nn.Flatten, nn.Unflatten)):
                 return self._shape_op(n)
@@ -202,7 +198,7 @@ class GraphExporter:
         if t in ops.COPY_FUNCTIONS or t in ops.COPY_METHODS:
             return ("identity", None)
         if t in ops.PERMUTE_FUNCTIONS or t in ops.PERMUTE_METHODS:
-            rank = len(_shape(n.args[0]) or ())
+            rank = len(node_shape(n.args[0]) or ())
             if t in ("permute",) or t is torch.permute:
                 dims = n.args[1:] if t == "permute" else n.args[1]
                 if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -215,7 +211,7 @@ class GraphExporter:
             if perm[0] != 0:
                 raise ExportError(f"export-onnx: '{n.name}' moves the batch dimension")
             return ("Transpose", perm)
-        shape = _shape(n)
+        shape = node_shape(n)
         if shape is None or not shape:
             raise ExportError(f"export-onnx: '{n.name}' has no traced shape")
         return ("Reshape", [0] + list(shape[1:]))
@@ -278,7 +274,7 @@ class GraphExporter:
         if v.kind == "pool":
             raise ExportError(f"export-onnx: '{n.name}': a clamp on pooled sums is not exported")
         return acc_clamp(self.g, v, mod.lo.double().numpy(), mod.hi.double().numpy(), n.name,
-                         len(_shape(n) or ()))
+                         len(node_shape(n) or ()))
 
     def _codes_in(self, n: Node, mod: Any, i: int = 0) -> Val:
         v = self._val(n.args[i], n)
@@ -308,7 +304,7 @@ class GraphExporter:
         s, z, lo, hi = self._out_grid(n, rq, v.scale)
         if v.kind == "pool":
             return self._pool(v, name, (s, z, lo, hi))[1]
-        exact = acc_requantize(self.g, v, rq, (s, z, lo, hi), name, len(_shape(n) or ()))
+        exact = acc_requantize(self.g, v, rq, (s, z, lo, hi), name, len(node_shape(n) or ()))
         if exact is not None:
             return exact
         x = self._float(v, name)
@@ -337,7 +333,7 @@ class GraphExporter:
         bias = self._int_bias(mod, acc_scale)
         rq = mod.requant
         out = self._out_grid(n, rq, acc_scale) if rq is not None else None
-        in_shape = _shape(n.args[0]) or ()
+        in_shape = node_shape(n.args[0]) or ()
         uniform_zp = bool(np.all(w_zp == w_zp[0]))
         if self.fmt == "qoperator" and (not linear or len(in_shape) == 2) and (
                 rq is not None or uniform_zp):
@@ -500,7 +496,7 @@ class GraphExporter:
     def _max_pool(self, n: Node, mod: IntMaxPool) -> Val:
         v = self._val(n.args[0], n)
         v = v if v.kind in ("acc", "accf") else self._codes_in(n, mod)
-        rank = len(_shape(n.args[0]) or ()) - 2
+        rank = len(node_shape(n.args[0]) or ()) - 2
 
         def tup(a: Any) -> list[int]:
             return list(a) if isinstance(a, (tuple, list)) else [int(a)] * rank

@@ -89,6 +89,8 @@ DROPOUT_FUNCTIONS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
 # torch-level spellings take ``train`` instead of ``training``.
 DROPOUT_TORCH_FUNCTIONS = frozenset({torch.dropout, torch.alpha_dropout, torch.feature_dropout,
                                      torch.feature_alpha_dropout})
+# Everything that is the identity in eval mode.
+EVAL_IDENTITY_MODULES: tuple[type, ...] = IDENTITY_MODULES + DROPOUT_MODULES
 
 # ---------------------------------------------------------------------------------------------
 # Pools: function -> number of spatial dims
@@ -131,6 +133,8 @@ RELU_METHODS = frozenset({"relu", "relu_"})
 CLAMP_FUNCTIONS = frozenset({torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max})
 CLAMP_METHODS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
                            "clamp_max", "clamp_max_"})
+# ReLU is a clamp at 0: the methods a lowering folds into an output range.
+CLAMP_OR_RELU_METHODS = CLAMP_METHODS | RELU_METHODS
 # Clamps with a lower bound (a minimum of 0 makes the output non-negative).
 LOWER_CLAMP_FUNCTIONS = frozenset({torch.clamp, torch.clip, torch.clamp_min})
 LOWER_CLAMP_METHODS = frozenset({"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"})
@@ -243,18 +247,6 @@ def is_stochastic_depth(target: Any) -> bool:
     """torchvision.ops.stochastic_depth (identity when ``training=False``)."""
     return getattr(target, "__name__", None) == "stochastic_depth" and \
         str(getattr(target, "__module__", "")).startswith("torchvision.ops")
-
-
-def is_call(node: Any, functions: Any = (), methods: Any = ()) -> bool:
-    """Whether ``node`` calls one of ``functions`` (``call_function``) or ``methods``
-    (``call_method``)."""
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in functions
-    if node.op == "call_method":
-        return node.target in methods
-    return False
 
 
 def target_name(node: torch.fx.Node) -> str:

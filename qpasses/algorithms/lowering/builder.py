@@ -328,7 +328,7 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
         """Dispatch an op on integer inputs to the rule of its family (FloatIsland if none)."""
         t = n.target
         # identities
-        if isinstance(mod, (ops.IDENTITY_MODULES + ops.DROPOUT_MODULES)) and not (mod.training and
+        if isinstance(mod, ops.EVAL_IDENTITY_MODULES) and not (mod.training and
                                                       not isinstance(mod, nn.Identity)):
             return self.env[n.args[0].name]
         if n.op == "call_function" and t in ops.DROPOUT_FUNCTIONS and \
@@ -415,7 +415,7 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
             if u.args and u.args[0] is not cur:
                 return None
             if isinstance(m, (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) or \
-                    isinstance(m, (ops.IDENTITY_MODULES + ops.DROPOUT_MODULES)) or \
+                    isinstance(m, ops.EVAL_IDENTITY_MODULES) or \
                     (u.op == "call_function" and (u.target in ops.PASSTHROUGH_FUNCTIONS
                                                   or u.target in ops.MAX_POOL_FUNCTIONS
                                                   or u.target in ops.DROPOUT_FUNCTIONS)) or \

@@ -50,7 +50,7 @@ class ClampPoolRules:
                     lo, hi = None, node_arg(n, 1, "max", None)
                 if all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
                     return (None if lo is None else float(lo)), (None if hi is None else float(hi))
-        if n.op == "call_method" and t in (ops.CLAMP_METHODS | ops.RELU_METHODS):
+        if n.op == "call_method" and t in ops.CLAMP_OR_RELU_METHODS:
             if t in ("relu", "relu_"):
                 return 0.0, None
             lo, hi = node_arg(n, 1, "min", None), node_arg(n, 2, "max", None)
