@@ -14,7 +14,8 @@ from .instrument import Instrument, IRPrinter, Reproducer, Statistics, Timing
 from .options import NoOptions, OptionInfo, build_options, format_options, option_infos
 from .pass_base import ParametricPass, Pass, PassResult, PreservedAnalyses, function_pass
 from .pass_manager import PassManager, graph_history, graph_properties
-from .pipeline import NamedPipeline, Nested, OptionParseError, Pipeline, parse_pipeline, print_pipeline
+from .pipeline import (NamedPipeline, Nested, OptionParseError, Pipeline, parse_pipeline,
+                       print_pipeline)
 from .printing import fingerprint, format_node, print_graph
 from .records import (get_record, has_record, pop_record, record_problems, record_text,
                       record_to_json, set_record)

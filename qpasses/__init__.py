@@ -7,7 +7,8 @@ from passes_registry import register_annotation_key
 
 from qpasses import errors
 from qpasses.ir.layers import LayerInfo, first_last_layers, quantizable_layers, to_networkx
-from qpasses.ir.annotations import QMETA_KEY, QMeta, QuantSpec, get_qmeta, update_qmeta, validate_qmeta_value, format_qmeta_value
+from qpasses.ir.annotations import (QMETA_KEY, QMeta, QuantSpec, get_qmeta, update_qmeta,
+                                    validate_qmeta_value, format_qmeta_value)
 from qpasses.report import format_table, report
 from qpasses.ir.trace import trace
 

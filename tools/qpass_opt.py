@@ -56,8 +56,9 @@ from passes_registry.instrument import load_annotations
 from passes_registry.options import format_value
 from passes_registry.pass_manager import HISTORY_KEY
 from passes_registry.errors import UsageError
-from qpasses.cli import (calibration_data, check_seed, example_inputs_for, load_model, parse_input_shape,
-                         resolve_pipeline_text, run_main, split_names, trace_quietly)
+from qpasses.cli import (calibration_data, check_seed, example_inputs_for, load_model,
+                         parse_input_shape, resolve_pipeline_text, run_main, split_names,
+                         trace_quietly)
 from qpasses.errors import InputError
 from qpasses.ir.trace import propagate_shapes
 from tools.emit import add_emit_arguments, emit, parse_emit

@@ -17,8 +17,8 @@ import torch.fx
 from passes_registry import OptionError
 from passes_registry.suggest import did_you_mean
 
-from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits, cost_layers,
-                            kernel_bitops, kernel_size_bits)
+from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits,
+                                           cost_layers, kernel_bitops, kernel_size_bits)
 from qpasses.errors import BudgetError, NumericsError, PassFailure
 from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import MAX_BITS, QuantSpec, get_qmeta, update_qmeta

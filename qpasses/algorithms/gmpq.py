@@ -34,15 +34,15 @@ from torch import Tensor, nn
 from passes_registry import get_record, set_record
 from passes_registry.suggest import did_you_mean
 
-from qpasses.algorithms.cost_model import (GMPQ, CostConventions, LayerCost, annotated_bits, cost_layers,
-                                          model_bitops)
+from qpasses.algorithms.cost_model import (GMPQ, CostConventions, LayerCost, annotated_bits,
+                                           cost_layers, model_bitops)
 from qpasses.errors import AnnotationError, InputError, NumericsError
 from qpasses.ir.records import GMPQ_META, SELECTED_META, GmpqSupernetRecord, GmpqTeacherRecord
 from qpasses.ir.fx import node_shape
 from qpasses.ir.layers import first_last_layers, quantizable_layers
 from qpasses.ir.annotations import get_qmeta
 from qpasses.algorithms.sensitivity import (SensitivityError, SensitivityRequest,
-                                           register_sensitivity)
+                                            register_sensitivity)
 from qpasses.modules.gmpq import (TAP_NAME, FeatureTap, GMPQActMixer, GMPQWeightMixer,
                                   has_supernet, supernet_modules, supernet_record)
 

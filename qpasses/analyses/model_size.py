@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from passes_registry import Analysis, register_analysis
 
-from qpasses.algorithms.cost_model import FRACBITS, CostConventions, annotated_bits, kernel_size_bits
+from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, annotated_bits,
+                                           kernel_size_bits)
 from qpasses.analyses.table import LayerTable, bits_text, num, require_annotations, table
 
 

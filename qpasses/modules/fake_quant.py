@@ -43,8 +43,9 @@ from qpasses.errors import CalibrationError, NumericsError
 from qpasses.modules.schemes import grid_scheme
 from qpasses.numerics.fast_fake_quant import FAST_DTYPES, FAST_MAX_BITS, fast_fake_quant
 from qpasses.numerics.observers import MinMaxObserver, Observer
-from qpasses.numerics.quantizers import (MAX_BITS, ROUNDING_MODES, calc_qparams, dorefa_weight, fake_quantize,
-                                  lsq_fake_quant, quantize_dequantize, scheme_qrange)
+from qpasses.numerics.quantizers import (MAX_BITS, ROUNDING_MODES, calc_qparams, dorefa_weight,
+                                         fake_quantize, lsq_fake_quant, quantize_dequantize,
+                                         scheme_qrange)
 
 __all__ = [
     "FakeQuantize", "WeightFakeQuant", "ActFakeQuant", "AffineActFakeQuant", "PACTActFakeQuant",

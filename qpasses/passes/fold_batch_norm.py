@@ -9,10 +9,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes_registry import Pass, PassFailure, PassResult, PreservedAnalyses, register_pass, register_property
+from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, register_pass,
+                             register_property)
 
-from qpasses.ir.fx import (add_tensor_attr, bind, get_attr_value, replace_tensor_attr,
-                       resolve_attr, set_arg, node_shape, tensor_meta_for, tensor_use_counts)
+from qpasses.ir.fx import (add_tensor_attr, bind, get_attr_value, replace_tensor_attr, resolve_attr,
+                           set_arg, node_shape, tensor_meta_for, tensor_use_counts)
 
 # --------------------------------------------------------------------------------------------
 # What counts as a BatchNorm and as a foldable producer

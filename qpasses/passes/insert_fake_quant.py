@@ -50,7 +50,7 @@ from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, LSQAct
                                         PACTActFakeQuant, WeightFakeQuant)
 from qpasses.modules.fake_quant_layers import is_fake_quant_layer, wrap_layer, wrapper_class
 from qpasses.ir.fx import (add_inserted_module, attr_value, call_module_on, graph_device,
-                          module_container, unique_key)
+                           module_container, unique_key)
 from qpasses.modules.schemes import act_spec_scheme, grid_scheme
 from qpasses.modules.lookup import (is_act_fq_node, join_output_fq_node, layer_weight_quantizer,
                                     make_act_observer)

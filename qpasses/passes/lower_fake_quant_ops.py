@@ -44,10 +44,10 @@ class LowerFakeQuantOps(Pass):
     nodes are removed; the kept fake-quant graph is the emulating one.
 
     On an already lowered graph it only switches the backend, and fails when ``rounding``,
-    ``multiplier-bits`` or ``bias`` differ from the graph's. Stats: ``num_int_layers``, ``num_kernel_<k>`` per
-    fast kernel, ``num_requantize``, ``num_luts``, ``num_int_adds``, ``num_int_cats``,
-    ``num_int_muls``, ``num_pools``, ``num_clamps``, ``num_quantize``, ``num_dequantize``,
-    ``num_float_islands``.
+    ``multiplier-bits`` or ``bias`` differ from the graph's. Stats: ``num_int_layers``,
+    ``num_kernel_<k>`` per fast kernel, ``num_requantize``, ``num_luts``, ``num_int_adds``,
+    ``num_int_cats``, ``num_int_muls``, ``num_pools``, ``num_clamps``, ``num_quantize``,
+    ``num_dequantize``, ``num_float_islands``.
     """
     name = "lower-fake-quant-ops"
     summary = "build the integer-only graph of a calibrated fake-quant graph (requants unfused)"
@@ -68,8 +68,8 @@ class LowerFakeQuantOps(Pass):
                 raise PassFailure(
                     f"the graph is already lowered with rounding={rec.rounding} "
                     f"multiplier-bits={rec.multiplier_bits} bias={rec.bias}; lower the "
-                    "fake-quant graph "
-                    "again to change the contract (only backend= can change here)")
+                    "fake-quant graph again to change the contract (only backend= can change "
+                    "here)")
             record_changed = rec.backend != opts.backend
             modules_changed = set_backend(gm, opts.backend)
             return PassResult(modified=modules_changed or record_changed, stats={})

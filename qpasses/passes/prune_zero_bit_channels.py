@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from passes_registry import Pass, PassResult, PreservedAnalyses, get_record, register_pass, set_record
+from passes_registry import (Pass, PassResult, PreservedAnalyses, get_record, register_pass,
+                             set_record)
 
 from qpasses.algorithms.channels import ChannelGroups, no_gc
 from qpasses.algorithms.pruning import (ChannelIndex, ChannelPruner, ChannelSurgery, PrunePlan,

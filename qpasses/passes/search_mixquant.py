@@ -20,7 +20,8 @@ from qpasses.analyses.properties import refuse_realized_widths
 from qpasses.errors import PassFailure
 from qpasses.ir.layers import layer_weight, quantizable_layers
 from qpasses.ir.annotations import get_qmeta
-from qpasses.algorithms.mixquant import MixQuantLayer, qe_metric_names, quantization_errors, select_bits
+from qpasses.algorithms.mixquant import (MixQuantLayer, qe_metric_names, quantization_errors,
+                                         select_bits)
 from qpasses.algorithms.bit_allocation import check_candidates, write_bits
 
 __all__ = ["SearchMixQuant", "SearchMixQuantOptions", "mixquant"]

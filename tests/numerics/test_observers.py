@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qpasses.errors import CalibrationError, NumericsError
-from qpasses.numerics import (OBSERVERS, ACIQObserver, AvgMinMaxObserver, KLObserver, MinMaxObserver,
-                              MovingAverageMinMaxObserver, MSEObserver, PercentileObserver, aciq_clip,
-                              calc_qparams, make_observer, quantize_dequantize)
+from qpasses.numerics import (OBSERVERS, ACIQObserver, AvgMinMaxObserver, KLObserver,
+                              MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
+                              PercentileObserver, aciq_clip, calc_qparams, make_observer,
+                              quantize_dequantize)
 
 FAST = settings(max_examples=25, deadline=None)
 # Small histograms keep the KL / MSE searches fast in tests.

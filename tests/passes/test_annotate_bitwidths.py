@@ -22,7 +22,8 @@ from passes_registry import (AnalysisManager, OptionError, PassContext, PassMana
 from qpasses import get_qmeta
 from qpasses.errors import AnnotationError, ConfigError, ConfigWarning
 from qpasses.ir.joins import scale_sharing_groups
-from qpasses.passes.annotate_bitwidths import AnnotateBitwidths, nonnegative_nodes, resolve_layer_bits
+from qpasses.passes.annotate_bitwidths import (AnnotateBitwidths, nonnegative_nodes,
+                                               resolve_layer_bits)
 from qpasses.analyses.properties import check_bits_annotated
 
 # ---------------------------------------------------------------------------------------------

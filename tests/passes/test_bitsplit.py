@@ -19,8 +19,8 @@ from passes_registry.errors import OptionError
 from qpasses.errors import CalibrationError
 from qpasses.modules.fake_quant import WeightFakeQuant
 from qpasses.ir.annotations import get_qmeta
-from qpasses.algorithms.bitsplit import (bitsplit, bitsplit_solve, channel_error, gram_stats, qmax_for,
-                                  rtn_mse_clip, split_planes, stitch_planes)
+from qpasses.algorithms.bitsplit import (bitsplit, bitsplit_solve, channel_error, gram_stats,
+                                         qmax_for, rtn_mse_clip, split_planes, stitch_planes)
 from tests.conftest import accuracy
 
 

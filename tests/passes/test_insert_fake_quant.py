@@ -21,8 +21,8 @@ from qpasses import get_qmeta
 from qpasses.modules.fake_quant import (ActFakeQuant, AffineActFakeQuant, LSQActFakeQuant,
                                         PACTActFakeQuant, WeightFakeQuant)
 from qpasses.modules.fake_quant_layers import FakeQuantConv2d, FakeQuantLinear
-from qpasses.modules.lookup import (is_act_fq_node, join_output_fq_node,
-                                                       layer_act_fq_node, layer_weight_quantizer)
+from qpasses.modules.lookup import (is_act_fq_node, join_output_fq_node, layer_act_fq_node,
+                                    layer_weight_quantizer)
 from qpasses.analyses.properties import check_fake_quant_inserted
 from tests.models import TinyCNN
 

@@ -13,8 +13,9 @@ from passes_registry import PassContext
 from qpasses.errors import NumericsError
 from qpasses.ir.layers import quantizable_layers
 from qpasses.numerics import quantizers as Q
-from qpasses.algorithms.sensitivity import (SensitivityError, hutchinson_traces, register_sensitivity,
-                                        sensitivity_names, weight_quant_errors)
+from qpasses.algorithms.sensitivity import (SensitivityError, hutchinson_traces,
+                                            register_sensitivity, sensitivity_names,
+                                            weight_quant_errors)
 
 
 @settings(max_examples=40, deadline=None)

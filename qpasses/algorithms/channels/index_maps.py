@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from qpasses.algorithms.channels.state import TensorState, TupleState, has_node, normalize_dim, reshape_mapping, target_name, tuple_shapes
+from qpasses.algorithms.channels.state import (TensorState, TupleState, has_node, normalize_dim,
+                                               reshape_mapping, target_name, tuple_shapes)
 from qpasses.ir.fx import node_arg, node_shape
 
 if TYPE_CHECKING:

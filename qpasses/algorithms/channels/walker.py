@@ -16,7 +16,9 @@ from qpasses.algorithms.channels.atoms import ChannelAtoms
 from qpasses.algorithms.channels.groups import ChannelGroups, TensorChannels, build_groups
 from qpasses.ir import ops
 from qpasses.modules.lookup import is_activation_quantizer
-from qpasses.algorithms.channels.state import IntState, TensorState, TupleState, flat_nodes, has_node, module_forward_is, target_name, tuple_shapes
+from qpasses.algorithms.channels.state import (IntState, TensorState, TupleState, flat_nodes,
+                                               has_node, module_forward_is, target_name,
+                                               tuple_shapes)
 from qpasses.ir.fx import node_arg, node_shape
 from qpasses.ir.layers import LayerInfo, layer_info
 

@@ -16,7 +16,8 @@ from qpasses.algorithms.channels import TensorChannels
 from qpasses.ir import ops
 from qpasses.modules.lookup import is_activation_quantizer
 from qpasses.algorithms.pruning.index import ChannelIndex, PrunePlan
-from qpasses.algorithms.pruning.tensors import (float_dtype, is_observing, sees_full_windows, shape_args, tensor_meta_shape, zero_bit_kernels)
+from qpasses.algorithms.pruning.tensors import (float_dtype, is_observing, sees_full_windows,
+                                                shape_args, tensor_meta_shape, zero_bit_kernels)
 from qpasses.ir.fx import attr_value, node_arg
 
 __all__ = ["ChannelPruner"]

@@ -11,7 +11,9 @@ import torch.fx
 from torch import Tensor, nn
 
 from qpasses.algorithms.pruning.index import ChannelIndex, PrunePlan
-from qpasses.algorithms.pruning.tensors import (is_observing, numpy_view, set_tensor, take, tensor_meta_of, tensor_meta_shape, with_shape, zero_bit_kernels)
+from qpasses.algorithms.pruning.tensors import (is_observing, numpy_view, set_tensor, take,
+                                                tensor_meta_of, tensor_meta_shape, with_shape,
+                                                zero_bit_kernels)
 from qpasses.ir.fx import attr_value, resolve_attr
 from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
 from qpasses.ir.layers import PRUNED_BIAS_BASE, PRUNED_BIAS_FOLD, LayerInfo, bias_parts
