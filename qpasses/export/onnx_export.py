@@ -7,6 +7,7 @@ docs/export.md.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -67,6 +68,7 @@ class GraphExporter:
         self.fq_scale = {v["node"]: float(v["scale"]) for v in rec.fq_map.values()} if rec else {}
         self.islands = [dict(i) for i in rec.float_islands] if rec else []
         self.shifts: dict[str, int] = {}     # fx node -> ONNX code minus int-sim code
+        self.pool_inputs: dict[int, int] = {}  # id(IntAvgPoolSum) -> spatial size of its input
 
     # -- driver -----------------------------------------------------------------------------------
 
@@ -258,6 +260,7 @@ class GraphExporter:
             if v.is_codes:
                 self._check_width(v, n.name)
             s = np.asarray(v.scale, dtype=np.float64) / mod.lcm if v.scale is not None else None
+            self.pool_inputs[id(mod)] = math.prod((node_shape(n.args[0]) or ())[2:])
             return Val(n.name, "pool", "int32", s, v.zero_point * mod.lcm, src=v, pool=mod)
         if isinstance(mod, IntClamp):
             v = self._val(n.args[0], n)
@@ -537,6 +540,9 @@ class GraphExporter:
             op, qop = "AveragePool", "QLinearAveragePool"
         if out is not None:
             s, z, lo, hi = out
+            if op == "GlobalAveragePool" and self.fmt != "qonnx" and src.scale is not None:
+                self._check_global_pool_ratio(name, float(np.max(src.scale)), s,
+                                              self.pool_inputs.get(id(mod), 0))
             ydt, shift = onnx_grid(lo, hi, name)
             if self.fmt == "qoperator" and src.is_codes and ydt == src.dtype:
                 sx, zx = g.scale_zp(f"{name}.input", src.scale, src.onnx_zp, src.dtype)
@@ -561,6 +567,22 @@ class GraphExporter:
         for i, step in enumerate(v.post):
             res = self._apply_step(res, step, f"{name}/shape{i}")
         return res.name, res
+
+    @staticmethod
+    def _check_global_pool_ratio(name: str, s_in: float, s_out: float, size: int) -> None:
+        """onnxruntime computes a quantized global average pool (QLinearGlobalAveragePool, also
+        what it fuses DQ -> GlobalAveragePool -> Q into) only when ``s_in / (s_out * N)`` lies in
+        [2^-32, 256); outside it refuses at run time, so refuse here, naming the node."""
+        if size <= 0:
+            return
+        ratio = float(np.float32(s_in) / (np.float32(s_out) * np.float32(size)))
+        if not 2.0 ** -32 <= ratio < 256.0:
+            raise ExportError(
+                f"export-onnx: '{name}': global average pool with input scale {s_in:.3g}, "
+                f"output scale {s_out:.3g} over {size} positions gives s_in/(s_out*N) = "
+                f"{ratio:.3g}, outside [2^-32, 256) where onnxruntime's "
+                "QLinearGlobalAveragePool computes; give the pool's input more bits (or its "
+                "output fewer), or export with format=qonnx")
 
     def _lut(self, n: Node, mod: IntLUT) -> Val:
         v = self._codes_in(n, mod)
