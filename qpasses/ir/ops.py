@@ -33,9 +33,23 @@ BINARY_FUNCTIONS = ADD_FUNCTIONS | SUB_FUNCTIONS | MUL_FUNCTIONS | DIV_FUNCTIONS
 # Products as ``call_function`` or ``call_method`` targets.
 MUL_TARGETS = MUL_FUNCTIONS | MUL_METHODS
 BINARY_METHODS = ADD_METHODS | SUB_METHODS | MUL_METHODS | DIV_METHODS
+# Products of two tensors over a contracted dim (act x act in attention: Q·Kᵀ, attention·V).
+MATMUL_FUNCTIONS = frozenset({operator.matmul, torch.matmul, torch.bmm})
+MATMUL_METHODS = frozenset({"matmul", "bmm"})
+MATMUL_TARGETS = MATMUL_FUNCTIONS | MATMUL_METHODS
+EINSUM_FUNCTIONS = frozenset({torch.einsum})
 # Python arithmetic on ints derived from sizes (``x.size(1) // 2``).
 INT_FUNCTIONS = frozenset({operator.floordiv, operator.mul, operator.add, operator.sub,
                            operator.truediv, operator.mod, operator.neg, operator.getitem})
+
+# ---------------------------------------------------------------------------------------------
+# Normalizations over the trailing dims and softmax
+
+LAYER_NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,)
+LAYER_NORM_FUNCTIONS = frozenset({F.layer_norm})
+SOFTMAX_MODULES: tuple[type, ...] = (nn.Softmax,)
+SOFTMAX_FUNCTIONS = frozenset({torch.softmax, F.softmax})
+SOFTMAX_METHODS = frozenset({"softmax"})
 
 # ---------------------------------------------------------------------------------------------
 # Joins: several tensors in, one out
