@@ -55,11 +55,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * (model(x).argmax(1) == y).float().mean().item()
 
 
-@pytest.fixture(scope="session")
-def digits_cnn() -> DigitsSetup:
-    """scikit-learn's load_digits (8x8, scaled to [0, 1]; upsampling to 16x16 did not help), a
-    stratified 75/25 split, and a DigitsCNN trained once per session (fixed seeds, one thread,
-    a few seconds on CPU)."""
+def _digits_splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """load_digits as (N, 1, 8, 8) in [0, 1], stratified 75/25: x_train, y_train, x_test, y_test."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -68,31 +65,63 @@ def digits_cnn() -> DigitsSetup:
     y = torch.tensor(digits.target, dtype=torch.long)
     idx_train, idx_test = train_test_split(range(len(y)), test_size=0.25, random_state=0,
                                            stratify=digits.target)
-    x_train, y_train = x[idx_train], y[idx_train]
-    x_test, y_test = x[idx_test], y[idx_test]
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
-    t0 = time.perf_counter()
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
+           adamw: bool) -> nn.Module:
+    """Train with one-cycle Adam(W), batch 64, fixed seeds, one thread; returns it in eval mode."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: one thread is faster and immune to busy neighbours
+    torch.set_num_threads(1)  # tiny layers: one thread is faster and immune to busy neighbours
     try:
-        torch.manual_seed(0)
-        model = DigitsCNN()
-        epochs, batch = 15, 64
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        steps = epochs * ((len(x_train) + batch - 1) // batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+        batch = 64
+        opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01) if adamw
+               else torch.optim.Adam(model.parameters(), lr=lr))
+        steps = epochs * ((len(x) + batch - 1) // batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
         g = torch.Generator().manual_seed(0)
         model.train()
         for _ in range(epochs):
-            perm = torch.randperm(len(x_train), generator=g)
+            perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(perm), batch):
                 b = perm[i:i + batch]
                 opt.zero_grad()
-                F.cross_entropy(model(x_train[b]), y_train[b]).backward()
+                F.cross_entropy(model(x[b]), y[b]).backward()
                 opt.step()
                 sched.step()
-        model.eval()
     finally:
         torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn() -> DigitsSetup:
+    """scikit-learn's load_digits (8x8, scaled to [0, 1]; upsampling to 16x16 did not help), a
+    stratified 75/25 split, and a DigitsCNN trained once per session (fixed seeds, one thread,
+    a few seconds on CPU)."""
+    x_train, y_train, x_test, y_test = _digits_splits()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = _train(DigitsCNN(), x_train, y_train, epochs=15, lr=1e-2, adamw=False)
+    return DigitsSetup(model, x_train, y_train, x_test, y_test,
+                       accuracy(model, x_test, y_test), time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="session")
+def digits_vit() -> DigitsSetup:
+    """A small torchvision VisionTransformer (8x8 input, 2x2 patches, 2 encoder blocks of width
+    32 with 2 heads) trained once per session on the digits splits of :func:`digits_cnn`, the
+    grey image repeated on 3 channels (a few seconds on CPU)."""
+    import torchvision
+
+    x_train, y_train, x_test, y_test = _digits_splits()
+    x_train, x_test = (t.expand(-1, 3, -1, -1).contiguous() for t in (x_train, x_test))
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=8, patch_size=2, num_layers=2,
+                                                 num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                 num_classes=10)
+    model = _train(model, x_train, y_train, epochs=30, lr=3e-3, adamw=True)
     return DigitsSetup(model, x_train, y_train, x_test, y_test,
                        accuracy(model, x_test, y_test), time.perf_counter() - t0)
