@@ -98,3 +98,36 @@ class EmulationWarning(QpassesWarning):
 
 
 __all__ += ["EmulationContractError", "EmulationWarning"]
+
+
+class LoweringMemoryError(PassFailure, MemoryError):
+    """The lowering (``lower-to-int-sim``) of a conv/linear layer needs more memory than the process
+    can allocate: raised before the layer when its temporaries are predicted not to fit
+    (``MemAvailable`` and the ``RLIMIT_AS``/``RLIMIT_DATA`` headroom), or converted from the
+    allocator's failure inside it. ``layer`` (module path), ``bytes_needed`` and
+    ``bytes_available`` (None if unknown) name what did not fit. A ``MemoryError`` too."""
+
+    def __init__(self, layer: str, bytes_needed: int, bytes_available: int | None = None, *,
+                 node: str | None = None, detail: str | None = None):
+        self.layer, self.bytes_needed, self.bytes_available = layer, bytes_needed, bytes_available
+        self.detail = detail
+        have = ("" if bytes_available is None
+                else f", {bytes_available / 2**20:.1f} MiB available")
+        PassFailure.__init__(
+            self, f"lowering layer '{layer}' needs {bytes_needed} bytes "
+                  f"({bytes_needed / 2**20:.1f} MiB{have}) of temporaries and int64 weight codes"
+                  + (f" ({detail})" if detail else "")
+                  + "; free memory (fewer processes, keep-fake-quant=false, a smaller "
+                    "calibration batch) or lower on a machine with more", node)
+
+    def with_context(self, *, pass_name: str, position: int, pipeline: str,
+                     reproducer: str | None = None) -> "LoweringMemoryError":
+        err = LoweringMemoryError(self.layer, self.bytes_needed, self.bytes_available,
+                                  node=self.node, detail=self.detail)
+        err.pass_name, err.position, err.pipeline = pass_name, position, pipeline
+        err.reproducer = reproducer
+        err.args = (err._format(),)
+        return err
+
+
+__all__ += ["LoweringMemoryError"]

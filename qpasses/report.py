@@ -6,7 +6,9 @@ AnalysisManager (cached results are reused), outside one a throwaway manager is 
 FracBits (docs/algorithms.md, "Cost accounting"; see :mod:`qpasses.algorithms.cost_model`): BitOPs = Σ_k MACs_k · w_k · a, summed
 per kernel when bits are per kernel (0-bit kernels cost nothing); a quantized first layer's input
 counts as 8 bits; layers without a bit annotation count as fp32 (32 × 32) so a float model has a
-comparable total. Size is weights at their bit-width plus 32-bit biases. A graph with no bit
+comparable total. Size is weights at their bit-width plus 32-bit biases. Activation x activation
+products (matmul/bmm of two tensors, e.g. attention) follow the layers as rows of op ``matmul``:
+MACs per sample, BitOPs = MACs · b_a1 · b_a2, no parameters and size 0. A graph with no bit
 annotation at all is reported entirely as fp32 (the analyses themselves refuse such a graph).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from passes_registry import AnalysisManager, get_record, graph_history
 
 from qpasses.errors import InputError
 from qpasses.ir.annotations import get_qmeta
-from qpasses.ir.records import MODEL_KEY
+from qpasses.ir.records import INT_SIM_KEY, MODEL_KEY
 
 FP_BITS = 32
 FIRST_LAYER_INPUT_BITS = 8
@@ -66,11 +68,22 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
             "bitops": _num(b.bitops), "size_bits": int(s.size_bits),
             "acc_bits": a.acc_bits if a is not None else None,
             "acc_bits_data": a.acc_bits_data if a is not None else None,
-            "pruned_channels": len(get_qmeta(node).pruned_channels),
+            "pruned_channels": len(get_qmeta(node).pruned_channels), "node": layer.node,
         })
+    for p in bitops.products:  # act x act products (matmul of two activations): no weights
+        rows.append({"name": p.name, "op": p.op, "w_bits": None, "w_bits_per_kernel": None,
+                     "a_bits": p.a_bits, "macs": int(p.macs), "params": 0,
+                     "bitops": _num(p.bitops), "size_bits": 0, "acc_bits": None,
+                     "acc_bits_data": None, "pruned_channels": 0, "node": p.name})
+    lowered = get_record(gm, INT_SIM_KEY) is not None
+    for r in rows:
+        r["integer"] = _runs_integer(gm, nodes.get(r["node"])) if lowered else None
+        del r["node"]
     history = graph_history(gm)
     totals = {k: _num(sum(r[k] for r in rows)) if rows else 0
               for k in ("macs", "params", "bitops", "size_bits")}
+    if lowered:
+        totals["int_macs"] = sum(r["macs"] for r in rows if r["integer"])
     return {
         "model": get_record(gm, MODEL_KEY, type(gm).__name__),
         "pipeline": history["pipeline"][-1] if history["pipeline"] else "",
@@ -79,6 +92,15 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
         "passes": [dict(p) for p in history["passes"]],
         "float_islands": float_islands(gm),
     }
+
+
+def _runs_integer(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> bool:
+    """Whether a layer/product row's node runs as an integer-simulation module (lowered graphs)."""
+    from qpasses.modules.int_sim import IntSimModule
+
+    if node is None or node.op != "call_module" or get_qmeta(node).float_island is not None:
+        return False
+    return isinstance(gm.get_submodule(str(node.target)), IntSimModule)
 
 
 def float_islands(gm: torch.fx.GraphModule) -> list[dict[str, str]]:

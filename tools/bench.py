@@ -22,6 +22,14 @@ batches + ``convert_fx``. ``--calib-batches`` batches of ``--batch`` images at `
 seconds and the ratio ours / torch.ao. (It replaces ``fold-vs-torchao``, which timed only
 canonicalize + fold-batch-norm + dce against torch.ao's whole prepare + convert.)
 
+Section ``lowering-memory`` (issue 16's memory target: peak <= 2x(fp32 weights + activations)):
+``lower-to-int-sim`` of ViT-H/14 and RegNetY-128GF (random weights, tiny inputs), each in a
+subprocess under a 12 GiB ``RLIMIT_DATA`` cap (``RLIMIT_AS`` or none where that stops torch's
+import; the notes say which), reporting the lowering's seconds and peak RSS growth against
+``2 x (fp32 weights + one batch's activations)``; ``--mem-model`` / ``--mem-cap-gib`` override.
+Minutes per model: run it alone. The ``ptq-flow`` notes carry the same peak figure for ResNet-50
+and MobileNetV2.
+
 Section ``qat-step`` (issue 3's target: <= 1.15x fp32): one SGD training step of torchvision
 ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, the fake-quant graph
 (ours, W8A8 and W4A4, calibrated; and W8A8 with activation observers on every step) and torch.ao
@@ -44,6 +52,7 @@ import torch
 
 import tools.bench_sections  # noqa: F401  (registers its sections)
 import tools.bench_ort  # noqa: F401  (registers its section)
+import tools.bench_lowering  # noqa: F401  (registers its section)
 from passes_registry import PassesError
 from tools.bench_flow import PTQ_MODELS, PTQ_PIPELINE
 from tools.bench_harness import BENCHMARKS, format_sections, run_sections
@@ -62,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batches", type=int, default=1, help="ptq-flow: calibration batches")
     p.add_argument("--pipeline", default=None,
                    help=f"ptq-flow: our pipeline (default {PTQ_PIPELINE})")
+    p.add_argument("--mem-model", action="append", metavar="NAME",
+                   help="lowering-memory: torchvision model(s) to lower (default vit_h_14, "
+                        "regnet_y_128gf)")
+    p.add_argument("--mem-cap-gib", type=float, default=12.0,
+                   help="lowering-memory: memory cap of the child process in GiB")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")

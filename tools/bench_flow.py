@@ -6,10 +6,15 @@ Times the *whole* post-training quantization flow against torch.ao's *whole* flo
   ``run`` of :data:`PTQ_PIPELINE` (canonicalize, fold-batch-norm, dce, W8A8 annotation,
   fake-quant insertion, calibration, lowering to the integer simulation), verify-each off (torch.ao
   verifies nothing either), with a per-pass breakdown from the pass manager's ``Timing``
-  instrument and the peak resident-memory growth while ``lower-to-int-sim`` runs;
+  instrument and the peak resident-memory growth while ``lower-to-int-sim`` runs (that
+  measurement's own ``gc`` + ``malloc_trim`` before the lowering is left out of the times);
 - torch.ao: FX-mode ``prepare_fx`` (x86 qconfig mapping) + the same calibration forward passes on
   the same batches + ``convert_fx``; the deep copy that keeps the caller's model intact
   (``prepare_fx`` fuses the caller's modules in place) is shown but not counted in its total.
+
+A reference row times the float model's own forward on the calibration batches (not in any
+total): the floor of ``calibrate``, which runs the same batches through the BN-folded graph with
+its observers.
 
 Both run on the same model, in the same process, interleaved (one ours, one torch.ao, per
 repeat), with one thread unless ``--threads`` says otherwise. Defaults: torchvision ResNet-50 and
@@ -24,6 +29,7 @@ import gc
 import resource
 import statistics
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -42,7 +48,7 @@ PTQ_MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2")
 LOWERING = "lower-to-int-sim"
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     """``VmHWM`` / ``VmRSS`` of this process in KiB (Linux), else None."""
     try:
         with open("/proc/self/status") as f:
@@ -54,7 +60,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux: ``clear_refs`` 5), after handing
     freed heap memory back to the OS (glibc ``malloc_trim``), so that memory an earlier step freed
     but kept resident does not hide the growth that follows."""
@@ -96,6 +102,12 @@ class PeakRSS(Instrument):
     def __init__(self, names: frozenset[str]) -> None:
         self.names, self.bytes, self.method = names, None, ""
         self._start: int | None = None
+        self.seconds = 0.0     # spent in its own hooks (gc + malloc_trim): not the flow's time
+
+    @property
+    def start_bytes(self) -> int | None:
+        """The RSS (``VmHWM`` method) or peak RSS the passes started from, in bytes."""
+        return None if self._start is None else self._start * 1024
 
     @staticmethod
     def _maxrss_kib() -> int:
@@ -105,7 +117,9 @@ class PeakRSS(Instrument):
     def before_pass(self, p: Any, gm: torch.fx.GraphModule) -> None:
         if p.name not in self.names or self._start is not None:
             return
-        rss = _status_kib("VmRSS") if _reset_peak_rss() else None   # RSS after the trim
+        t0 = time.perf_counter()
+        rss = status_kib("VmRSS") if reset_peak_rss() else None   # RSS after the trim
+        self.seconds += time.perf_counter() - t0
         if rss is not None:
             self._start, self.method = rss, "VmHWM - VmRSS at the start, after malloc_trim"
         else:
@@ -114,7 +128,7 @@ class PeakRSS(Instrument):
     def after_pass(self, p: Any, gm: torch.fx.GraphModule, result: Any) -> None:
         if p.name not in self.names or self._start is None:
             return
-        peak = (_status_kib("VmHWM") or self._start) if self.method.startswith("VmHWM") \
+        peak = (status_kib("VmHWM") or self._start) if self.method.startswith("VmHWM") \
             else self._maxrss_kib()
         self.bytes = max(peak - self._start, 0) * 1024
 
@@ -129,10 +143,11 @@ def _ours(model: torch.nn.Module, pipeline: str, example: tuple, cal: list[torch
     timing, peak = Timing(), PeakRSS(lowering)
     t_trace, gm = timed(lambda: qpasses.trace(model, example))
     with PassContext(example_inputs=example, calibration_data=cal, verify_each=False,
-                     instruments=(peak, timing)) as ctx:  # peak's trim untimed
+                     instruments=(peak, timing)) as ctx:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t_run, gm = timed(lambda: pm.run(gm, ctx))
+    t_run -= peak.seconds          # the measurement's gc + malloc_trim is not the flow's time
     steps = {"parse": t_parse, "trace (deep copy + fx trace + shape propagation)": t_trace}
     for r in timing.records:
         if r.kind != "pass":
@@ -146,6 +161,19 @@ def _ours(model: torch.nn.Module, pipeline: str, example: tuple, cal: list[torch
     steps["pass manager overhead (run - sum of passes)"] = t_run - timing.total()
     steps["total"] = t_parse + t_trace + t_run
     return steps, peak.bytes, peak.method, gm
+
+
+FLOAT_FORWARD = "forward of the calibration batches (calibrate's floor; not in a total)"
+
+
+def _float_forward(model: torch.nn.Module, cal: list[torch.Tensor]) -> float:
+    """Seconds of the float model's forward passes on the calibration batches (no grad): the
+    floor of ``calibrate``, which runs the same batches through the (BN-folded) graph."""
+    def run() -> None:
+        with torch.no_grad():
+            for c in cal:
+                model(c)
+    return timed(run)[0]
 
 
 def _torchao(model: torch.nn.Module, example: tuple, cal: list[torch.Tensor]
@@ -182,10 +210,12 @@ def _flow_model(sec: Section, spec: str, pipeline: str, cfg: argparse.Namespace)
         _torchao(model, example, cal)
     ours: dict[str, list[float]] = {}
     ao: dict[str, list[float]] = {}
+    flt: list[float] = []
     peaks: list[int] = []
     method, gm, converted = "", None, None
     for _ in range(cfg.repeat):                   # interleaved: load changes hit both alike
         steps, peak_b, method, gm = _ours(model, pipeline, example, cal)
+        flt.append(_float_forward(model, cal))
         for k, v in steps.items():
             ours.setdefault(k, []).append(v)
         if peak_b is not None:
@@ -201,6 +231,7 @@ def _flow_model(sec: Section, spec: str, pipeline: str, cfg: argparse.Namespace)
     for k, v in ao.items():
         sec.rows.append(Row(sec.name, f"{name} torch.ao: {k}", v,
                             ratio=1.0 if k == "total" else None))
+    sec.rows.append(Row(sec.name, f"{name} float model: {FLOAT_FORWARD}", flt))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     acts = cal[0].numel() * cal[0].element_size()
     peak_txt = (f"{max(peaks) / 2**20:.1f} MiB (max over runs; {method})" if peaks

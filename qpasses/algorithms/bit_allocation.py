@@ -19,6 +19,7 @@ from passes_registry.suggest import did_you_mean
 
 from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits,
                                            cost_layers, kernel_bitops, kernel_size_bits)
+from qpasses.algorithms.product_costs import products_bitops
 from qpasses.errors import BudgetError, NumericsError, PassFailure
 from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import MAX_BITS, QuantSpec, get_qmeta, update_qmeta
@@ -271,6 +272,8 @@ def solve_bitwidths(gm: torch.fx.GraphModule, options: SolveBitwidthsOptions, ct
     if metric == "size":
         fixed += sum(layer.bias_count * conventions.bias_bits
                      for calls in searchable.values() for _, layer, _ in calls)
+    else:  # act x act products (attention matmuls): not searched, a constant of the total
+        fixed += products_bitops(gm, conventions)
 
     # Pinned layers must respect max-acc-bits as well.
     if opts.max_acc_bits is not None:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits,
                                            cost_layers, model_bitops, model_size_bits)
+from qpasses.algorithms.product_costs import products_bitops
 from qpasses.algorithms.sensitivity import register_lambda_source
 from qpasses.errors import NumericsError
 from qpasses.modules.fracbits import fracbits_modules, fracbits_record, has_fracbits
@@ -63,8 +64,9 @@ def model_cost(gm: torch.fx.GraphModule, metric: str = "bitops", *,
     """Current cost from λ: GBitOPs (``metric="bitops"``) or MB (``"size"``), float64 scalar."""
     w_map, a_map = lambda_maps(gm, detach=detach)
     layers = fracbits_cost_layers(gm, conventions)
-    if metric == "bitops":
-        return model_bitops(layers, w_map, a_map, conventions).to(torch.float64) / 1e9
+    if metric == "bitops":  # + the act x act products (not searched: a constant)
+        return (model_bitops(layers, w_map, a_map, conventions).to(torch.float64)
+                + products_bitops(gm, conventions)) / 1e9
     if metric == "size":
         return model_size_bits(layers, w_map, conventions).to(torch.float64) / 8e6
     raise NumericsError(f"unknown cost metric {metric!r}; valid: 'bitops', 'size'")

@@ -36,6 +36,7 @@ from passes_registry.suggest import did_you_mean
 
 from qpasses.algorithms.cost_model import (GMPQ, CostConventions, LayerCost, annotated_bits,
                                            cost_layers, model_bitops)
+from qpasses.algorithms.product_costs import products_bitops
 from qpasses.errors import AnnotationError, InputError, NumericsError
 from qpasses.ir.records import GMPQ_META, SELECTED_META, GmpqSupernetRecord, GmpqTeacherRecord
 from qpasses.ir.fx import node_shape
@@ -91,7 +92,8 @@ def expected_bitops(gm: torch.fx.GraphModule, *, detach: bool = False) -> Tensor
     """Eq. 7 in GBitOPs: ``Σ_k E_k[b_w]·E_k[b_a]·MACs_k / 1e9`` (float64, differentiable)."""
     layers, conv = _cost_layers(gm)
     w_map, a_map = bit_maps(gm, detach=detach)
-    return model_bitops(layers, w_map, a_map, conv).to(torch.float64) / 1e9
+    return (model_bitops(layers, w_map, a_map, conv).to(torch.float64)  # + act x act products
+            + products_bitops(gm, conv)) / 1e9
 
 
 def complexity_loss(gm: torch.fx.GraphModule,

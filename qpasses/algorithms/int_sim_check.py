@@ -61,9 +61,11 @@ def classify_nodes(gm: torch.fx.GraphModule) -> tuple[dict[str, str], list[str]]
                                 "dequantize")
             kind[n.name] = "island"
         elif (n.op == "call_function" and (n.target in ops.PASSTHROUGH_FUNCTIONS
-                                           or n.target in ops.SPLIT_FUNCTIONS)) or \
+                                           or n.target in ops.SPLIT_FUNCTIONS
+                                           or n.target in ops.BROADCAST_FUNCTIONS)) or \
                 (n.op == "call_method" and (n.target in ops.PASSTHROUGH_METHODS
-                                            or n.target in ops.SPLIT_METHODS)):
+                                            or n.target in ops.SPLIT_METHODS
+                                            or n.target in ops.BROADCAST_METHODS)):
             first = n.args[0] if n.args else None
             kind[n.name] = kind.get(first.name, "value") if isinstance(first, torch.fx.Node) \
                 else "value"

@@ -23,6 +23,8 @@ import torch
 import torch.fx
 
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
+from qpasses.modules.int_sim_affine import IntAffine, IntConstant
+from qpasses.modules.int_sim_pad import IntPad
 from qpasses.modules.int_sim_layers import IntLayer, IntLinear
 from qpasses.modules.int_sim_ops import (IntAdd, IntAvgPoolSum, IntCat, IntClamp, IntLUT,
                                          IntMaxPool, IntMul)
@@ -417,10 +419,40 @@ def _lut(mod: IntLUT, q: np.ndarray) -> np.ndarray:
     return table[q.astype(_I64) - mod.in_qmin]
 
 
+def _affine(mod: IntAffine, q: np.ndarray) -> np.ndarray:
+    """``A = σ·(q − z_in)·2^k + B`` in int64, then the requantization of its real multipliers."""
+    x = q.astype(_I64) - mod.in_zero_point
+    acc = x * _channel(mod.sign.numpy(), x, mod.axis) * (1 << mod.frac_bits) \
+        + _channel(mod.bias_q.numpy(), x, mod.axis)
+    rq = mod.rq
+    return requant_ref(acc, rq.real.numpy(), rq.rounding, rq.multiplier_bits, mod.axis,
+                       rq.out_zero_point, rq.qmin, rq.qmax, rq.scale_f32.numpy(),
+                       None if mod.bias_f is None else mod.bias_f.numpy())
+
+
+def _constant(mod: IntConstant) -> np.ndarray:
+    return mod.codes.numpy().astype(_I64)
+
+
 _IMPLS: dict[type, Any] = {Quantize: _quantize, Dequantize: _dequantize, Requantize: _requantize,
                            IntAdd: _add, IntMul: _mul, IntCat: _cat, IntMaxPool: _maxpool,
                            IntAvgPoolSum: _avgpool, IntClamp: _clamp, IntLUT: _lut,
-                           IntLayer: _layer}
+                           IntLayer: _layer, IntAffine: _affine,
+                           IntConstant: _constant}
 
 
+# matmul of activations, softmax, LayerNorm: qpasses/algorithms/int_sim_reference_transformer.py
+from qpasses.algorithms.int_sim_reference_transformer import TRANSFORMER_IMPLS  # noqa: E402
+
+_IMPLS.update(TRANSFORMER_IMPLS)
+
+
+def _pad(mod: IntPad, q: np.ndarray) -> np.ndarray:
+    """Constant padding with the zero-point code (F.pad's tuple lists the last dim first)."""
+    p = list(mod.pad) + [0] * (2 * q.ndim - len(mod.pad))
+    widths = [(p[2 * i], p[2 * i + 1]) for i in range(q.ndim)][::-1]
+    return np.pad(q.astype(_I64), widths, mode="constant", constant_values=mod.code)
+
+
+_IMPLS[IntPad] = _pad
 _INT_SIM_TYPES = tuple(_IMPLS)

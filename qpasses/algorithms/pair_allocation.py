@@ -35,6 +35,7 @@ from qpasses.algorithms.bit_allocation import (PASS_NAME, SolveBitwidthsOptions,
 from qpasses.algorithms.cost_model import (FRACBITS, CostConventions, LayerCost, annotated_bits,
                                            cost_layers, layer_bitops, layer_size_bits,
                                            model_bitops, model_size_bits)
+from qpasses.algorithms.product_costs import products_bitops
 from qpasses.algorithms.sensitivity import (SensitivityError, SensitivityRequest,
                                             lookup_sensitivity)
 from qpasses.errors import BudgetError, PassFailure
@@ -68,7 +69,8 @@ def layer_pair_costs(gm: torch.fx.GraphModule, w_choices: dict[str, tuple],
     costs = {n: {(w, a): cost(n, w, a) for w in w_choices[n] for a in a_choices[n]}
              for n in w_choices}
     layers = [c for cs in calls.values() for c in cs]
-    total = (float(model_bitops(layers, w_now, a_now, conventions)) if metric == "bitops"
+    total = (float(model_bitops(layers, w_now, a_now, conventions))
+             + products_bitops(gm, conventions) if metric == "bitops"  # products: a constant
              else float(model_size_bits(layers, w_now, conventions)))
     fixed = total - sum(cost(n, w_now.get(n), a_now.get(n)) for n in w_choices)
     return costs, fixed

@@ -5,6 +5,9 @@
 :func:`qpasses.algorithms.cost_model.layer_bitops` computes it: per-kernel bit vectors are summed per
 kernel, 0-bit and pruned kernels cost nothing, dead producer channels remove the consumer's input
 channels, the first layers' input counts as 8 bits, unannotated layers count as fp32 (32 × 32).
+Activation x activation products (matmul/bmm of two tensors) are the ``products`` rows:
+``MACs · b_a1 · b_a2`` (:mod:`qpasses.algorithms.product_costs`), included in ``total`` and
+``total_alive_macs``.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from passes_registry import Analysis, register_analysis
 
 from qpasses.algorithms.cost_model import FRACBITS, CostConventions, annotated_bits, kernel_bitops
+from qpasses.algorithms.product_costs import product_cost_bitops, product_costs
 from qpasses.analyses.table import LayerTable, bits_text, num, require_annotations, table
 
 
@@ -34,11 +38,23 @@ class BitopsRow:
 
 
 @dataclass(frozen=True)
+class ProductBitopsRow:
+    """One act x act product: both operands at ``a_bits`` (None: float, counted at float bits)."""
+    name: str
+    op: str
+    a_bits: int | None
+    counted_a_bits: int
+    macs: int
+    bitops: int
+
+
+@dataclass(frozen=True)
 class BitopsResult(LayerTable):
     rows: tuple[BitopsRow, ...]
-    total: int | float
-    total_alive_macs: int
+    total: int | float                        # layers and products
+    total_alive_macs: int                     # layers and products
     conventions: CostConventions = FRACBITS
+    products: tuple[ProductBitopsRow, ...] = ()
 
     @property
     def gbitops(self) -> float:
@@ -67,8 +83,13 @@ def compute_bitops(gm, am, conventions: CostConventions = FRACBITS) -> BitopsRes
             int(layer.kernel_macs()[alive].sum()), num(kb.sum().item()),
             tuple(num(v) for v in kb.tolist()) if per_kernel is not None else None,
             w is None and a is None))
-    total = num(sum(r.bitops for r in rows))
-    return BitopsResult(tuple(rows), total, sum(r.alive_macs for r in rows), conventions)
+    prods = tuple(ProductBitopsRow(p.name, p.op, p.a_bits, p.a_bits if p.a_bits is not None
+                                   else conventions.float_bits, p.macs,
+                                   product_cost_bitops(p, conventions))
+                  for p in product_costs(gm))
+    total = num(sum(r.bitops for r in rows) + sum(p.bitops for p in prods))
+    return BitopsResult(tuple(rows), total, sum(r.alive_macs for r in rows)
+                        + sum(p.macs for p in prods), conventions, prods)
 
 
 @register_analysis
@@ -86,7 +107,11 @@ class BitopsAnalysis(Analysis):
         body = [[r.name, r.op, bits_text(r.w_bits, r.w_bits_per_kernel),
                  "-" if r.a_bits is None else r.a_bits, r.counted_a_bits, r.macs, r.alive_macs,
                  r.bitops] for r in result.rows]
-        body.append(["TOTAL", "", "", "", "", sum(r.macs for r in result.rows),
+        body += [[p.name, p.op, "-", "-" if p.a_bits is None else p.a_bits,
+                  f"{p.counted_a_bits}x{p.counted_a_bits}", p.macs, p.macs, p.bitops]
+                 for p in result.products]
+        body.append(["TOTAL", "", "", "", "", sum(r.macs for r in result.rows)
+                     + sum(p.macs for p in result.products),
                      result.total_alive_macs, result.total])
         return (table(["layer", "op", "w", "a", "a counted", "MACs", "alive MACs", "BitOPs"],
                       body) + f"\nGBitOPs {result.gbitops:.3f}")

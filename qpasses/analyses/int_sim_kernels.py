@@ -1,4 +1,5 @@
-"""``int-sim-kernels``: which kernel each integer layer of a lowered graph runs, and why.
+"""``int-sim-kernels``: which kernel each integer layer (and each matmul of two activations,
+``IntMatMul``: x/w bits are its operands') of a lowered graph runs, and why.
 
 A derived fact (never stored in QMeta): read from the lowered modules. ``print<int-sim-kernels>``
 lists per layer the kernel in use, the fast kernel its bound allows, the bound on every partial
@@ -15,6 +16,7 @@ from passes_registry.analysis_manager import Analysis
 
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.modules.int_sim_layers import kernel_table
+from qpasses.modules.int_sim_transformer import matmul_kernel_table
 
 __all__ = ["IntSimKernels", "IntSimKernelRow", "IntSimKernelsResult"]
 
@@ -58,7 +60,7 @@ class IntSimKernels(Analysis):
                                 "first")
         rows = tuple(IntSimKernelRow(r["layer"], r["kernel"], r["fast_kernel"], r["acc_bound"],
                                      r["acc_bits"], r["x_bits"], r["w_bits"], r["reason"])
-                     for r in kernel_table(gm))
+                     for r in kernel_table(gm) + matmul_kernel_table(gm))
         return IntSimKernelsResult(rows, rec.rounding, rec.backend)
 
     def format(self, result, gm):

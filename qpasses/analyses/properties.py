@@ -196,8 +196,8 @@ def check_lowerable(gm: torch.fx.GraphModule, pass_name: str) -> None:
 
 def warn_unfolded_batch_norms(gm: torch.fx.GraphModule, pass_name: str) -> list[str]:
     """One ``QpassesWarning`` naming the BatchNorm modules still in the graph (fold-batch-norm
-    did not run, or could not fold them): they stay float between quantized layers, float
-    islands of the integer graph. Returns their names."""
+    did not run, or could not fold them): they stay separate per-channel ops between quantized
+    layers (an extra requantization in the integer graph). Returns their names."""
     bns = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"
            and isinstance(gm.get_submodule(str(n.target)), ops.BATCH_NORM_BASE)]
     bns += [n.name for n in gm.graph.nodes
@@ -210,6 +210,8 @@ def warn_unfolded_batch_norms(gm: torch.fx.GraphModule, pass_name: str) -> list[
                 "none follows a conv/linear, so fold-batch-norm cannot fold them")
         warnings.warn(
             f"{pass_name}: {len(bns)} BatchNorm(s) are not folded ({', '.join(bns[:5])}"
-            f"{', ...' if len(bns) > 5 else ''}); they stay float islands between quantized "
-            f"layers; {hint}", QpassesWarning, stacklevel=2)
+            f"{', ...' if len(bns) > 5 else ''}); each costs a quantizer-free per-channel "
+            f"op between quantized layers (lower-to-int-sim: one IntAffine requantization in "
+            f"eval mode, a float island in training mode); {hint}", QpassesWarning,
+            stacklevel=2)
     return bns

@@ -30,6 +30,9 @@ from passes_registry import PassFailure
 
 from qpasses.ir import ops
 from qpasses.ir.activation_forms import ActivationForm, activation_form
+from qpasses.ir.attention_rules import attention_rule
+from qpasses.ir.einsum_rules import einsum_rule
+from qpasses.ir.swin_rules import patch_merging_rule, position_bias_rule, window_attention_rule
 from qpasses.ir.fx import bind, dtype_of, node_shape
 
 __all__ = ["MAX_SWEEPS", "RULES", "RewriteContext", "Rule", "check_canonical", "find_rewrites",
@@ -425,6 +428,18 @@ RULES: tuple[Rule, ...] = (
          _binary_rule("div")),
     Rule("cat", "torch.concat, torch.concatenate, cat(dim=...) -> torch.cat(list, dim >= 0)",
          _cat_rule),
+    Rule("multihead-attention", "nn.MultiheadAttention (no masks, eval) -> q/k/v/out_proj "
+                                "nn.Linear, matmul, softmax (qpasses.ir.attention_rules)",
+         attention_rule),
+    Rule("swin-window-attention", "torchvision shifted_window_attention -> pad/roll/window "
+                                  "reshapes, q/k/v/proj nn.Linear, matmul, softmax "
+                                  "(qpasses.ir.swin_rules)", window_attention_rule),
+    Rule("swin-position-bias", "torchvision _get_relative_position_bias -> table[index] "
+                               "reshape/permute (a constant subgraph)", position_bias_rule),
+    Rule("swin-patch-merging", "torchvision _patch_merging_pad -> pad, strided slices, cat",
+         patch_merging_rule),
+    Rule("einsum", "two-operand torch.einsum matrix product -> permute/flatten, torch.matmul, "
+                   "unflatten/permute (qpasses.ir.einsum_rules)", einsum_rule),
 )
 
 
@@ -451,7 +466,7 @@ def rewrite_to_fixpoint(gm: torch.fx.GraphModule, rules: tuple[Rule, ...] = RULE
                         max_sweeps: int = MAX_SWEEPS) -> Counter[str]:
     """Apply ``rules`` until none matches; returns hits per rule name."""
     hits: Counter[str] = Counter()
-    cx = RewriteContext(gm)  # canonicalization adds and removes no submodule
+    cx = RewriteContext(gm)  # the attention rule refreshes cx.modules after adding modules
     for _ in range(max_sweeps):
         changed = False
         for node in list(gm.graph.nodes):

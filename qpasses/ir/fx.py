@@ -176,13 +176,20 @@ def tensor_use_counts(gm: torch.fx.GraphModule) -> dict[int, int]:
             else:
                 add(obj, max(1, len(node.users)))
         elif node.op == "call_module":
-            try:
-                mod = gm.get_submodule(str(node.target))
-            except AttributeError:
+            mod = submodule_or_none(gm, str(node.target))
+            if mod is None:
                 continue
             for t in module_tensors(mod):
                 add(t)
     return counts
+
+
+def submodule_or_none(gm: nn.Module, target: str) -> Any:
+    """The submodule at ``target``, or None when there is none."""
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None
 
 
 def tensor_meta_for(t: torch.Tensor) -> Any:

@@ -79,16 +79,21 @@ COPY_METHODS = frozenset({"contiguous", "clone", "detach"})
 # Ops whose values pass through unchanged (only moved): reshapes, permutes, copies, indexing.
 PASSTHROUGH_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                                    torch.permute, torch.transpose, torch.t, torch.clone,
-                                   torch.detach, operator.getitem, torch.movedim, torch.swapaxes})
+                                   torch.detach, operator.getitem, torch.movedim, torch.swapaxes,
+                                   torch.roll})
 PASSTHROUGH_METHODS = frozenset({"view", "reshape", "flatten", "permute", "transpose", "t",
                                  "contiguous", "squeeze", "unsqueeze", "clone", "detach", "view_as",
-                                 "reshape_as", "__getitem__", "movedim", "swapaxes"})
+                                 "reshape_as", "__getitem__", "movedim", "swapaxes", "roll"})
 # Reshapes and copies (function targets and method names together) after which a per-channel
 # axis (dim 1, or the last dim) survives when the leading/trailing sizes say so.
 SHAPE_ONLY_TARGETS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                                 torch.clone, torch.detach, "view", "reshape", "flatten",
                                 "contiguous", "squeeze", "unsqueeze", "clone", "detach", "view_as",
                                 "reshape_as"})
+# Broadcasts: values repeated, none changes (the integer lowering replays them on the codes of a
+# constant, e.g. a class token expanded to the batch).
+BROADCAST_FUNCTIONS = frozenset({torch.broadcast_to})
+BROADCAST_METHODS = frozenset({"expand", "expand_as", "repeat"})
 # Methods that read a tensor's size, not its values.
 SHAPE_QUERY_METHODS = frozenset({"size", "dim", "numel", "__len__"})
 

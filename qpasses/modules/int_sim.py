@@ -27,11 +27,15 @@ IntAvgPoolSum      average / adaptive-average pooling as an exact window sum tim
                    next requantization, which applies the fixed-point reciprocal
 IntClamp           an unfused ReLU/ReLU6/clamp on codes
 IntLUT             an elementwise nonlinearity as a table over every input code
+IntMatMul          matmul of two integer activations (exact accumulator, optional requantize)
+IntSoftmax         softmax: exponent table, int64 sum, Q30 division, requantize
+IntLayerNorm       LayerNorm: integer mean/variance, exact isqrt, fixed-point γ/β requantize
 =================  ===========================================================================
 
 This module holds the base class, :class:`Quantize`, :class:`Dequantize`, :class:`Requantize` and
 the graph-level helpers; the layers are in :mod:`qpasses.modules.int_sim_layers`, the joins, pools,
-clamps and tables in :mod:`qpasses.modules.int_sim_ops`.
+clamps and tables in :mod:`qpasses.modules.int_sim_ops`, matmul / softmax / LayerNorm in
+:mod:`qpasses.modules.int_sim_transformer`.
 
 Shape-only ops (flatten, view/reshape, permute, transpose, squeeze, unsqueeze, contiguous,
 getitem, size) stay as ordinary ``call_function`` / ``call_method`` nodes on the integer tensors.

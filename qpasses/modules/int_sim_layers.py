@@ -1,7 +1,10 @@
 """Integer conv/linear layers of the integer simulation (see :mod:`qpasses.modules.int_sim`).
 
 :class:`IntLayer` computes ``Σ(x − z_x)(w − z_w) + b_q`` on the reference int64 kernel or the fast
-kernel its accumulator bound proves exact, then an optional fused :class:`Requantize`. The
+kernel its accumulator bound proves exact, then an optional fused :class:`Requantize`. The weight
+codes ``w_q`` are stored in the narrowest signed integer dtype that holds them (int8 for 8-bit
+codes, int16, int32, else int64: :func:`~qpasses.numerics.int_ops.narrow_int`); every kernel widens
+them to int64 (or its own operand type) where it computes, so the storage changes no result. The
 subclasses :class:`IntConv1d`/``2d``/``3d`` and :class:`IntLinear` are also subclasses of the
 float layer classes, so the report and the cost analyses see the layer at its module path.
 """
@@ -18,7 +21,7 @@ from qpasses.numerics.fixed_point import channel_view
 from qpasses.numerics.int_conv_fast import (RowBlocks, conv_blocks, fast_conv, fast_linear,
                                             linear_blocks, prepare_conv, prepare_linear,
                                             rows_to_output)
-from qpasses.numerics.int_ops import int_conv, int_linear
+from qpasses.numerics.int_ops import codes_dtype, int_conv, int_linear, narrow_int
 from qpasses.numerics.fast_requant import RequantPlan
 from qpasses.numerics.quant_utils import is_compiling
 from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
@@ -44,7 +47,10 @@ class IntLayer(IntSimModule):
                   bias_f: Tensor | None, acc_bound: int, x_bits: int, w_bits: int,
                   fast_kernel: str, kernel: str, kernel_reason: str, x_qmin: int,
                   x_qmax: int) -> None:
-        self.register_buffer("w_q", w_q.to(_I64))
+        # narrow storage (int8 for 8-bit codes: 1/8 of int64); the kernels widen
+        self.register_buffer("w_q", narrow_int(w_q if not (w_q.dtype.is_floating_point or
+                                                           w_q.dtype == torch.bool)
+                                               else w_q.to(_I64)))
         self.register_buffer("w_zp", w_zp.to(_I64))
         self.register_buffer("bias_q", None if bias_q is None else bias_q.to(_I64))
         self.register_buffer("bias_f", None if bias_f is None else bias_f.to(torch.float32))
@@ -139,6 +145,18 @@ class IntLayer(IntSimModule):
 
     def _reference_acc(self, x: Tensor, with_bias: bool) -> Tensor:
         raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # Loaded codes keep their values whatever dtype they were saved in (int64 by older
+        # versions, or codes wider than this layer's): the buffer takes their narrowest dtype.
+        w = state_dict.get(prefix + "w_q")
+        if isinstance(w, Tensor) and not w.dtype.is_floating_point and w.dtype != torch.bool \
+                and self.w_q is not None:
+            dt = codes_dtype(w.detach())
+            if dt != self.w_q.dtype:
+                self._buffers["w_q"] = self.w_q.to(dt)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -17,6 +17,7 @@ from passes_registry.errors import OptionError
 
 from qpasses.errors import CalibrationError
 from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
+from qpasses.ir.fx import submodule_or_none
 from qpasses.ir.joins import is_join, layer_input
 from qpasses.ir.layers import quantizable_layers
 from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
@@ -30,14 +31,6 @@ __all__ = ["OBSERVER_METHODS", "act_fq_module", "is_act_fq_node", "join_output_f
 # Option spelling (kebab-case) -> numerics observer name.
 OBSERVER_METHODS = {"minmax": "minmax", "moving-average": "moving_average", "avg": "avg",
                     "percentile": "percentile", "mse": "mse", "aciq": "aciq", "kl": "kl"}
-
-
-def submodule_or_none(gm: torch.nn.Module, target: str) -> Any:
-    """The submodule at ``target``, or None when there is none."""
-    try:
-        return gm.get_submodule(target)
-    except AttributeError:
-        return None
 
 
 def quantizer_modules(gm: torch.fx.GraphModule) -> dict[str, FakeQuantize]:

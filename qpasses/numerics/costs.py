@@ -32,7 +32,7 @@ __all__ = [
     "BitsLike", "kernel_params", "kernel_macs", "layer_macs", "kernel_macs_pruned",
     "layer_macs_pruned", "layer_bitops", "layer_size_bits", "bits_to_bytes", "bits_to_mb",
     "to_giga", "int_range", "signed_width", "acc_range_worst_case", "acc_bits_worst_case",
-    "acc_bits_distiller", "acc_range_data", "acc_bits_data",
+    "acc_bits_distiller", "acc_range_data", "acc_bits_data", "product_macs", "product_bitops",
 ]
 
 #: A bit-width: a Python number, or a torch tensor (scalar or one entry per output kernel).
@@ -211,6 +211,26 @@ def layer_size_bits(params_per_kernel: int | Sequence[int] | torch.Tensor,
         raise NumericsError(f"bias_count={bias_count} and bias_bits={bias_bits} must be >= 0")
     weights = _weighted_sum(params_per_kernel, w_bits, 1, num_kernels, "layer_size_bits")
     return weights + bias_count * bias_bits
+
+
+def product_macs(a_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """MACs of an activation x activation product ``out = a @ b`` (matmul/bmm), per sample.
+
+    ``prod(batch dims) · M · K · N`` with ``K = a_shape[-1]``, i.e. ``numel(out) · K``; like the
+    conv/linear counts (``out_spatial`` excludes the batch), the leading dim of an output of rank
+    >= 3 is the sample dim and is left out. A rank-1/2 output has no sample dim.
+    """
+    if len(a_shape) < 1 or len(out_shape) < 1:
+        raise NumericsError(f"product_macs needs tensor shapes, got {a_shape} and {out_shape}")
+    per_sample = out_shape[1:] if len(out_shape) >= 3 else out_shape
+    return int(math.prod(per_sample)) * int(a_shape[-1])
+
+
+def product_bitops(macs: int, a_bits: BitsLike, b_bits: BitsLike) -> int | float | torch.Tensor:
+    """BitOPs of an activation x activation product: ``MACs · b_a1 · b_a2`` (no weights)."""
+    _check_nonneg(a_bits, "product_bitops a_bits")
+    _check_nonneg(b_bits, "product_bitops b_bits")
+    return macs * a_bits * b_bits
 
 
 def bits_to_bytes(bits: int | float | torch.Tensor) -> float | torch.Tensor:

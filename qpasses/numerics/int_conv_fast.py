@@ -46,7 +46,7 @@ from qpasses.numerics import fast_requant
 from qpasses.numerics.fast_requant import scratch_like, workspace
 
 __all__ = ["PreparedConv", "PreparedLinear", "RowBlocks", "channels_last", "conv_blocks",
-           "conv_rows", "fast_conv", "fast_linear", "input_offset", "linear_blocks", "linear_rows",
+           "conv_rows", "exact_float_matmul", "fast_conv", "fast_linear", "input_offset", "linear_blocks", "linear_rows",
            "prepare_conv", "prepare_linear", "rows_to_output"]
 
 _FLOAT = {"float32": torch.float32, "float64": torch.float64}
@@ -96,7 +96,11 @@ def _tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
 
 
 def _centered(w: Tensor, w_zp: Tensor | int) -> Tensor:
+    """``w − z_w``: ``w`` itself (read only, in its narrow storage dtype) when every zero point is
+    0, else as int64. Callers sum it as int64 and cast it to their operand dtype."""
     wz = torch.as_tensor(w_zp, dtype=torch.int64)
+    if not w.dtype.is_floating_point and not bool((wz != 0).any()):
+        return w
     return w.to(torch.int64) - (wz.reshape(-1, *([1] * (w.dim() - 1))) if wz.dim() and
                                 wz.numel() > 1 else wz.reshape(()))
 
@@ -113,7 +117,7 @@ def prepare_conv(w: Tensor, w_zp: Tensor | int, *, kernel: str, stride: int | Se
     ws = _centered(w, w_zp)
     o, cg = ws.shape[:2]
     og = o // groups
-    colsum = ws.reshape(o, -1).sum(1)
+    colsum = ws.reshape(o, -1).sum(1, dtype=torch.int64)
     # (O, C_g, *k) -> (O, *k, C_g): the channels-last patch order
     wl = ws.permute(0, *range(2, 2 + nd), 1)
     mats: list[Tensor] = []
@@ -186,7 +190,7 @@ def _patches(xp: Tensor, p: PreparedConv) -> tuple[Tensor, tuple[int, ...]]:
 
 
 @contextlib.contextmanager
-def _exact_float_matmul(t: Tensor) -> Iterator[None]:
+def exact_float_matmul(t: Tensor) -> Iterator[None]:
     """TF32 truncates float32 mantissas on CUDA: keep it off around the exact float GEMMs."""
     if not t.is_cuda:
         yield
@@ -216,7 +220,7 @@ def _matmul(cols: Tensor, w: Tensor, out: Tensor) -> Tensor:
         if cols.is_cuda:
             return out.copy_(_int_mm(cols, w))
         return torch._int_mm(cols, w, out=out)
-    with _exact_float_matmul(cols):
+    with exact_float_matmul(cols):
         return torch.mm(cols, w, out=out)
 
 
@@ -349,7 +353,7 @@ def _depthwise(xp: Tensor, p: PreparedConv) -> tuple[Tensor, tuple[int, ...]]:
 def prepare_linear(w: Tensor, w_zp: Tensor | int, *, kernel: str, x_qmin: int,
                    x_qmax: int) -> PreparedLinear:
     ws = _centered(w, w_zp)
-    colsum = ws.sum(1)
+    colsum = ws.sum(1, dtype=torch.int64)
     if kernel == "int8-mm":
         _check_int8(ws)
         return PreparedLinear(kernel, ws.t().to(torch.int8).contiguous(), colsum,

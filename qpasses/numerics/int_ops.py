@@ -27,13 +27,43 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 
-__all__ = ["FAST_KERNELS", "choose_kernel", "exactness_bound", "int_avg_pool_sum", "int_conv",
-           "int_linear", "int_max_pool", "build_lut", "apply_lut"]
+__all__ = ["FAST_KERNELS", "STORAGE_INT_DTYPES", "choose_kernel", "exactness_bound",
+           "int_avg_pool_sum", "int_conv", "int_linear", "int_max_pool", "build_lut", "apply_lut",
+           "codes_dtype", "narrow_int", "narrowest_int_dtype"]
 
 FAST_KERNELS = ("int8-mm", "float32", "float64")
 _FLOAT32_EXACT = 2 ** 24
 _FLOAT64_EXACT = 2 ** 53
 _INT32_MAX = 2 ** 31 - 1
+
+
+# storage dtypes of integer constants (weight codes), narrowest first; the kernels widen to int64
+STORAGE_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def narrowest_int_dtype(lo: int, hi: int) -> torch.dtype:
+    """The narrowest signed integer dtype holding every integer in ``[lo, hi]`` (int8, int16,
+    int32, else int64)."""
+    for dt in STORAGE_INT_DTYPES:
+        info = torch.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt
+    return torch.int64
+
+
+def codes_dtype(t: Tensor) -> torch.dtype:
+    """:func:`narrowest_int_dtype` of the values of the integer tensor ``t`` (int8 when empty)."""
+    _check_int(t, "codes_dtype: t")
+    if not t.numel():
+        return torch.int8
+    lo, hi = torch.aminmax(t)       # one full reduction (exact)
+    return narrowest_int_dtype(int(lo), int(hi))
+
+
+def narrow_int(t: Tensor) -> Tensor:
+    """``t`` (integer) in :func:`codes_dtype`: the same integers, stored in 1, 2 or 4 bytes
+    instead of 8 (``t`` itself when it already has that dtype)."""
+    return t.to(codes_dtype(t))
 
 
 def _tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -183,10 +213,18 @@ def _int8_matmul(cols: Tensor, wmat: Tensor) -> Tensor:
 
 def exactness_bound(w: Tensor, x_absmax: int, bias_absmax: int = 0,
                     w_zero_point: int | Tensor = 0) -> int:
-    """Largest |partial sum| any summation order can produce: ``max_o L1(w_o − z_w) · max|x| + |b|``."""
+    """Largest |partial sum| any summation order can produce: ``max_o L1(w_o − z_w) · max|x| + |b|``.
+    Temporaries are bounded by chunks of output channels (never an int64 copy of all of ``w``)."""
     wz = torch.as_tensor(w_zero_point, dtype=torch.int64)
-    ws = w.to(torch.int64) - (wz.reshape(-1, *([1] * (w.dim() - 1))) if wz.dim() else wz)
-    l1 = int(ws.abs().reshape(ws.shape[0], -1).sum(1).max()) if ws.numel() else 0
+    if not w.numel():
+        return int(bias_absmax)
+    flat = w.reshape(w.shape[0], -1)
+    wz = wz.reshape(-1, 1) if wz.numel() > 1 else wz.reshape(())
+    step = max(1, (1 << 22) // max(flat.shape[1], 1))
+    l1 = 0
+    for i in range(0, flat.shape[0], step):     # chunks of rows, not single channels
+        z = wz[i:i + step] if wz.dim() else wz
+        l1 = max(l1, int((flat[i:i + step].to(torch.int64) - z).abs().sum(1).max()))
     return l1 * int(x_absmax) + int(bias_absmax)
 
 

@@ -23,7 +23,7 @@ __all__ = [
     "ACIQ_GAUSS", "ACIQ_GAUSS_HALF", "ACIQ_LAPLACE", "ACIQ_LAPLACE_HALF", "OBSERVERS",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "AvgMinMaxObserver",
     "PercentileObserver", "HistogramObserverBase", "MSEObserver", "KLObserver", "ACIQObserver",
-    "aciq_clip", "make_observer",
+    "aciq_clip", "batch_minmax", "make_observer",
 ]
 
 # ACIQ optimal clip multipliers by bit-width (Distiller's tables; docs/algorithms.md,
@@ -68,6 +68,20 @@ def aciq_clip(bits: Bits, dist: Literal["laplace", "gauss"], scale_param: Tensor
     return mean_t.abs() + mult * scale_t
 
 
+def batch_minmax(x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(min, max)`` of ``x``: shape ``(1,)`` per tensor, ``(C,)`` per channel along ``axis``, by
+    one full ``aminmax`` or ``amin`` / ``amax`` over the other dims in place (on CPU 10-20x faster
+    than ``aminmax(..., dim=)`` on a ``(C, N)`` copy; min / max are exact in any order)."""
+    if axis is None:
+        mn, mx = torch.aminmax(x)
+        return mn.reshape(1), mx.reshape(1)
+    ax = axis % x.dim()
+    dims = tuple(d for d in range(x.dim()) if d != ax)
+    if not dims:
+        return x.clone(), x.clone()
+    return x.amin(dim=dims), x.amax(dim=dims)
+
+
 def _check_ready(obs: "Observer") -> None:
     if not obs.observed:
         raise CalibrationError(f"{type(obs).__name__} was never observed: call observe(x) on "
@@ -101,11 +115,15 @@ class Observer(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Fold a batch into the statistics."""
-        flat = self._flatten(x)
-        mn, mx = torch.aminmax(flat, dim=1)
+        x = self._float_input(x)
+        bmin, bmax = batch_minmax(x, self.axis)
+        if self.observed and self.min_val.shape[0] != bmin.shape[0]:
+            raise NumericsError(f"observer saw {self.min_val.shape[0]} channels before and "
+                                f"{bmin.shape[0]} now along axis {self.axis}")
+        mn, mx = bmin, bmax
         if self.observed:
             mn, mx = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
-        self._update(flat, mn, mx)
+        self._fold(x, bmin, bmax, mn, mx)
         self.min_val, self.max_val = mn, mx
 
     def clip_range(self, bits: Bits = 8, scheme: Scheme = "symmetric") -> tuple[Tensor, Tensor]:
@@ -132,6 +150,14 @@ class Observer(nn.Module):
 
     # -- hooks for subclasses ----------------------------------------------------------------------
 
+    def _fold(self, x: Tensor, batch_min: Tensor, batch_max: Tensor, new_min: Tensor,
+              new_max: Tensor) -> None:
+        """Update subclass statistics from the float32 batch ``x`` (min / max per channel: its own
+        ``batch_*``, the running ``new_*``); the ``(C, N)`` view for :meth:`_update` is built only
+        for subclasses that override it."""
+        if type(self)._update is not Observer._update:
+            self._update(self._flatten(x), new_min, new_max)
+
     def _update(self, flat: Tensor, new_min: Tensor, new_max: Tensor) -> None:
         """Update subclass statistics; ``flat`` is the batch as ``(C, N)`` float32."""
 
@@ -140,18 +166,22 @@ class Observer(nn.Module):
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def _float_input(self, x: Tensor) -> Tensor:
+        """``x`` detached as float32, after checking it can be observed along ``axis``."""
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise NumericsError("observers take floating-point tensors")
         if x.numel() == 0:
             raise NumericsError("cannot observe an empty tensor")
-        x = x.detach().float()
+        if self.axis is not None and not -x.dim() <= self.axis < x.dim():
+            raise NumericsError(f"observer axis={self.axis} is out of range for a "
+                                f"{x.dim()}-D tensor")
+        return x.detach().float()
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        x = self._float_input(x)
         if self.axis is None:
             flat = x.reshape(1, -1)
         else:
-            if not -x.dim() <= self.axis < x.dim():
-                raise NumericsError(f"observer axis={self.axis} is out of range for a "
-                                    f"{x.dim()}-D tensor")
             flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
         if self.observed and self.min_val.shape[0] != flat.shape[0]:
             raise NumericsError(f"observer saw {self.min_val.shape[0]} channels before and "
@@ -190,8 +220,8 @@ class MovingAverageMinMaxObserver(Observer):
         self.register_buffer("avg_min", torch.empty(0))
         self.register_buffer("avg_max", torch.empty(0))
 
-    def _update(self, flat: Tensor, new_min: Tensor, new_max: Tensor) -> None:
-        bmin, bmax = torch.aminmax(flat, dim=1)
+    def _fold(self, x: Tensor, bmin: Tensor, bmax: Tensor, new_min: Tensor,
+              new_max: Tensor) -> None:
         if self.avg_min.numel() == 0:
             self.avg_min, self.avg_max = bmin, bmax
         else:
@@ -237,7 +267,7 @@ class AvgMinMaxObserver(Observer):
         if per.shape[2] == 1:  # one element per sample: use the batch min / max, counted once
             smin, smax = per.amin(dim=(0, 2)).unsqueeze(0), per.amax(dim=(0, 2)).unsqueeze(0)
         else:
-            smin, smax = torch.aminmax(per, dim=2)
+            smin, smax = per.amin(dim=2), per.amax(dim=2)
         smin, smax = smin.double().sum(0), smax.double().sum(0)
         n = torch.full_like(smin, float(per.shape[0] if per.shape[2] > 1 else 1))
         if self.n_samples.numel() == 0:
@@ -328,12 +358,13 @@ class HistogramObserverBase(Observer):
         steps = torch.arange(self.bins, device=self.hist.device, dtype=self.hist.dtype) + 0.5
         return self.hist_lo[:, None] + steps[None, :] * width[:, None]
 
-    def _update(self, flat: Tensor, new_min: Tensor, new_max: Tensor) -> None:
+    def _fold(self, x: Tensor, bmin: Tensor, bmax: Tensor, new_min: Tensor,
+              new_max: Tensor) -> None:
+        flat = self._flatten(x)
         if self.absolute:
             flat = flat.abs()
-            blo, bhi = torch.zeros_like(new_min), flat.amax(dim=1)
+            blo, bhi = torch.zeros_like(new_min), torch.maximum(bmax, -bmin)  # = max |x|
         else:
-            bmin, bmax = torch.aminmax(flat, dim=1)
             blo, bhi = bmin.clamp(max=0), bmax.clamp(min=0)
         if self.hist.numel() == 0:
             lo, hi = blo, bhi

@@ -23,10 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
 
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError
@@ -34,8 +31,8 @@ from passes_registry.errors import OptionError
 from qpasses.analyses.properties import (refuse_realized_widths, refuse_unshaped_layers,
                                          warn_unfolded_batch_norms)
 from qpasses.errors import ConfigError, ConfigWarning
-from qpasses.ir import ops
-from qpasses.ir.fx import node_arg
+from qpasses.ir.act_products import leaf_float_islands, product_act_specs
+from qpasses.ir.signs import nonnegative_nodes
 from qpasses.ir.joins import is_join, layer_input, share_components
 from qpasses.ir.layers import LayerInfo, first_last_layers, quantizable_layers
 from qpasses.ir.annotations import MAX_BITS, QMeta, QuantSpec, get_qmeta, update_qmeta
@@ -284,107 +281,6 @@ def resolve_layer_bits(names: Iterable[str], *, weight_bits: int, act_bits: int,
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Non-negativity (unsigned activations)
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, complex)
-
-
-def _value_nonneg(v: Any, nonneg: set[str]) -> bool:
-    if isinstance(v, torch.fx.Node):
-        return v.name in nonneg
-    if v is None:
-        return True
-    if _is_number(v):
-        return v >= 0
-    if isinstance(v, (list, tuple)):
-        return all(_value_nonneg(x, nonneg) for x in v)
-    return False
-
-
-def _min_at_least_zero(v: Any) -> bool:
-    return _is_number(v) and v >= 0
-
-
-def _node_nonneg(gm: torch.fx.GraphModule, n: torch.fx.Node, nonneg: set[str]) -> bool:
-    first = n.args[0] if n.args else None
-    if n.op == "call_module":
-        try:
-            mod = gm.get_submodule(str(n.target))
-        except AttributeError:
-            return False
-        if isinstance(mod, nn.Hardtanh):  # includes ReLU6
-            return _min_at_least_zero(mod.min_val)
-        if isinstance(mod, ops.NONNEGATIVE_MODULES):
-            return True
-        if isinstance(mod, nn.Upsample):
-            return mod.mode in ops.INTERPOLATION_CONVEX_MODES and _value_nonneg(first, nonneg)
-        if isinstance(mod, ops.SIGN_PRESERVING_MODULES):
-            return _value_nonneg(first, nonneg)
-        return False
-    if n.op == "call_function":
-        t = n.target
-        if t in ops.NONNEGATIVE_FUNCTIONS:
-            return True
-        if t in ops.HARDTANH_FUNCTIONS:
-            return _min_at_least_zero(node_arg(n, 1, "min_val", -1.0))
-        if t in ops.LOWER_CLAMP_FUNCTIONS:
-            return _min_at_least_zero(node_arg(n, 1, "min", None))
-        if t is F.threshold:
-            return (_min_at_least_zero(node_arg(n, 1, "threshold", None))
-                    and _min_at_least_zero(node_arg(n, 2, "value", None)))
-        if t is F.interpolate:
-            return (node_arg(n, 3, "mode", "nearest") in ops.INTERPOLATION_CONVEX_MODES
-                    and _value_nonneg(first, nonneg))
-        if t is F.pad:
-            mode, value = node_arg(n, 2, "mode", "constant"), node_arg(n, 3, "value", None)
-            fill_ok = mode != "constant" or value is None or _min_at_least_zero(value)
-            return fill_ok and mode in ("constant", "reflect", "replicate", "circular") \
-                and _value_nonneg(first, nonneg)
-        if t in ops.SIGN_PRESERVING_FUNCTIONS:
-            return _value_nonneg(first, nonneg)
-        if t in ops.MIN_FUNCTIONS:
-            return all(_value_nonneg(a, nonneg) for a in n.all_input_nodes)
-        if t in ops.CAT_FUNCTIONS or t in ops.STACK_FUNCTIONS:
-            return _value_nonneg(node_arg(n, 0, "tensors", None), nonneg)
-        if t in ops.ADD_FUNCTIONS or t in ops.MUL_FUNCTIONS:
-            return all(_value_nonneg(a, nonneg) for a in n.args) and \
-                all(_value_nonneg(v, nonneg) for v in n.kwargs.values())
-        return False
-    if n.op == "call_method":
-        t = str(n.target)
-        if t in ops.NONNEGATIVE_METHODS:
-            return True
-        if t in ops.LOWER_CLAMP_METHODS:
-            return _min_at_least_zero(node_arg(n, 1, "min", None))
-        if t in ops.SIGN_PRESERVING_METHODS:
-            return _value_nonneg(first, nonneg)
-        if t in ops.MIN_METHODS:
-            return all(_value_nonneg(a, nonneg) for a in n.all_input_nodes)
-        if t in ops.ADD_METHODS or t in ops.MUL_METHODS:
-            return all(_value_nonneg(a, nonneg) for a in n.args) and \
-                all(_value_nonneg(v, nonneg) for v in n.kwargs.values())
-        return False
-    return False  # placeholders (network inputs), get_attr constants, outputs: signed
-
-
-def nonnegative_nodes(gm: torch.fx.GraphModule) -> frozenset[str]:
-    """Names of the nodes whose output is provably >= 0 (so an unsigned grid fits it).
-
-    Sound and conservative: relu/relu6/hardtanh(min>=0)/clamp(min>=0)/sigmoid/softmax/... outputs
-    are non-negative; pools, flatten/view/permute, dropout, getitem, safe interpolation keep the
-    sign of their input; cat/stack/add/mul are non-negative when every operand is. Everything
-    else (network inputs, conv/linear/batch-norm outputs, residual adds of signed tensors) is
-    treated as possibly negative.
-    """
-    nonneg: set[str] = set()
-    for n in gm.graph.nodes:
-        if _node_nonneg(gm, n, nonneg):
-            nonneg.add(n.name)
-    return frozenset(nonneg)
-
-
 def _act_spec(bits: int, signed: bool) -> QuantSpec:
     return QuantSpec(bits=bits, signed=signed, scheme="symmetric" if signed else "unsigned")
 
@@ -413,6 +309,14 @@ class AnnotateBitwidths(Pass):
     - ``QMeta.output`` on every add/cat join (``operator.add``, ``torch.add``, ``Tensor.add`` of two
       tensors; ``torch.cat``): the spec shared by the join's inputs and output (below). Later
       passes quantize a join's inputs and output with this spec.
+    - ``QMeta.act`` on every act x act product (a matmul/bmm of two tensors,
+      :mod:`qpasses.ir.act_products`; attention after ``canonicalize``): ``act-bits`` (or a
+      config entry's ``act_bits`` whose glob matches the node name), shared by both operands,
+      unsigned only when both are provably non-negative.
+    - ``QMeta.float_island`` on every ``call_module`` leaf that owns parameters but is neither a
+      quantizable layer nor a known op (an ``nn.MultiheadAttention`` canonicalize did not
+      decompose, with the reason; a custom module: "no integer kernel for <Type>"), so the report
+      lists it. An existing reason is kept.
     - Layers matched by ``skip`` get ``weight=None``, ``act=None`` and ``float_island =
       "skipped by annotate-bitwidths{skip=<glob>}"``. Float islands set by other passes are left
       alone (no specs written).
@@ -449,7 +353,8 @@ class AnnotateBitwidths(Pass):
     Returns ``modified=False`` when every annotation already equals what it would write (re-running
     with the same options). Stats: ``num_layers`` (annotated), ``num_per_kernel``,
     ``num_skipped``, ``num_pinned``, ``num_unsigned_acts``, ``num_joins``, ``num_share_groups``
-    (groups with more than one tensor), ``num_act_conflicts_resolved``.
+    (groups with more than one tensor), ``num_act_conflicts_resolved``, ``num_act_products``,
+    ``num_float_leaves``.
     """
     name = PASS_NAME
     summary = "annotate per-layer/per-kernel weight and input-activation bit-widths"
@@ -550,6 +455,15 @@ class AnnotateBitwidths(Pass):
             modified |= self._write(node, old, changes)
         for j in joins:
             modified |= self._write(j, get_qmeta(j), {"output": group_spec[group_of[j.name]]})
+        products = product_act_specs(gm, opts.act_bits, config.entries if config else (), nonneg)
+        for n, spec in products.items():
+            if get_qmeta(n).float_island is None:
+                modified |= self._write(n, get_qmeta(n), {"act": spec})
+        islands = {n: why for n, why in leaf_float_islands(gm).items()
+                   if get_qmeta(n).float_island in (None, why)}
+        for n, why in islands.items():
+            modified |= self._write(n, get_qmeta(n), {"float_island": why})
+        stats.update(num_act_products=len(products), num_float_leaves=len(islands))
         if raised:
             warnings.warn(f"{self.name}: config act_bits raised to the width of the scale-sharing "
                           f"group (layers reading one tensor, or joined by add/cat, share one "

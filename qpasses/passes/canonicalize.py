@@ -33,7 +33,20 @@ class Canonicalize(Pass):
     - ``operator.add/sub/mul/truediv`` from ``torch.add`` (alpha=1), ``x.add``, ``x.add_``,
       ``operator.iadd`` and the like;
     - ``torch.cat(list, dim)`` from ``torch.concat``/``torch.concatenate``/keyword forms;
-    - ``nn.Identity`` and eval-mode dropout are removed.
+    - ``nn.Identity`` and eval-mode dropout are removed;
+    - ``nn.MultiheadAttention`` (batched inputs, no masks, eval mode or dropout 0) is decomposed
+      (:mod:`qpasses.ir.attention_rules`): plain ``nn.Linear`` ``q_proj``/``k_proj``/``v_proj``/
+      ``out_proj`` at the module's path (copies of its weights; **1/sqrt(head_dim) is folded into
+      q_proj's weight and bias**), head split (reshape + transpose),
+      ``torch.matmul(q, k.transpose(-2, -1))``, ``torch.softmax(.., -1)``,
+      ``torch.matmul(attn, v)``, head merge, ``out_proj``; the attention weights, when read, are
+      ``attn.mean(1)`` (or per head). Sizes are read with ``x.size()``, so the batch stays dynamic.
+    - a two-operand ``torch.einsum`` that is a (batched) matrix product (batch, contracted and
+      free indices only; :mod:`qpasses.ir.einsum_rules`) becomes ``permute``/``flatten`` of each
+      operand, ``torch.matmul`` and ``unflatten``/``permute`` of the result (MaxViT's
+      ``"B G H I D, B G H J D -> B G H I J"`` is ``torch.matmul(q, k.transpose(3, 4))``); other
+      einsums (traces, diagonals, sums over one operand, outer products, 3+ operands,
+      broadcasting) stay and ``annotate-bitwidths`` reports them as float islands.
 
     The rule table is ``RULES``; statistics count hits per rule (``num_relu``...) and in total
     (``num_rewrites``).
@@ -55,6 +68,11 @@ class Canonicalize(Pass):
     - Dropout is removed only in eval mode (module ``training`` False, or an explicit
       ``training=False``); ``F.dropout``'s default ``training=True`` keeps it.
     - Module subclasses are left alone (exact types only): their forward may differ.
+    - Attention with ``attn_mask``/``key_padding_mask``/``is_causal``, ``add_bias_kv``,
+      ``add_zero_attn``, dropout in training mode or unbatched inputs stays a leaf;
+      ``annotate-bitwidths`` reports it as a float island with that reason. Three projections,
+      not one ``3E`` linear and a chunk: each is one chain linear -> reshape -> transpose ->
+      quantizer, which the integer lowering handles.
     """
     name = "canonicalize"
     summary = "Rewrite equivalent operator spellings to one canonical form"

@@ -14,9 +14,10 @@ Graph surgery and names (deterministic; the report keys on layer module paths, w
 - **Activations.** One ``call_module`` node per quantized tensor, inserted right after its producer,
   on a module in the ``activation_fake_quant`` ModuleDict. Every quantized consumer of that tensor
   reads the one node (scale sharing); unquantized consumers keep the float tensor. Quantized tensors
-  are: the inputs of layers with an ``act`` spec, and the inputs and output of add/cat joins with an
+  are: the inputs of layers with an ``act`` spec, the inputs and output of add/cat joins with an
   ``output`` spec (the join's consumers read the quantized output, so the integer add/concat is
-  well defined).
+  well defined), and both operands of every act x act product (matmul/bmm of two tensors) with an
+  ``act`` spec (one node per operand; an operand already quantized is reused).
 - ``join-scales=shared`` (default): the tensors of one scale-sharing group (a join, its inputs, and
   tensors read by several layers: ``annotate_bitwidths.scale_sharing_groups``) share ONE quantizer
   module, called once per tensor, so they end with one scale and zero point and a join is a plain
@@ -58,6 +59,7 @@ from qpasses.ir.layers import LayerInfo, quantizable_layers
 from qpasses.ir.annotations import QuantSpec, get_qmeta, update_qmeta
 from qpasses.ir.records import FROZEN_META, FrozenFracBitsRecord
 from qpasses.ir.joins import is_join, join_inputs, layer_input
+from qpasses.ir.act_products import act_products, product_operands
 
 __all__ = ["InsertFakeQuant", "InsertFakeQuantOptions", "ACT_CONTAINER", "WEIGHT_CONTAINER"]
 
@@ -282,6 +284,7 @@ class InsertFakeQuant(Pass):
             if join_output_fq_node(gm, j) is None:
                 demands.setdefault(j.name, []).append((q.output, f"join '{j.name}' (output)"))
                 join_outs.append(j)
+        product_uses = self._product_uses(gm, demands)
         if not demands:
             return False
 
@@ -358,5 +361,29 @@ class InsertFakeQuant(Pass):
         for j in join_outs:
             if get_qmeta(j).output != spec_of[j.name]:
                 update_qmeta(j, origin=self.name, output=spec_of[j.name])
+        for p, x in product_uses:
+            p.replace_input_with(x, qnode[x.name])
+            if get_qmeta(p).act != spec_of[x.name]:
+                update_qmeta(p, origin=self.name, act=spec_of[x.name])
         return True
+
+    @staticmethod
+    def _product_uses(gm: torch.fx.GraphModule, demands: dict[str, list[tuple[QuantSpec, str]]]
+                      ) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+        """(product, operand) of every act x act product with an ``act`` spec whose operand is
+        not quantized yet; adds each operand's demand (an operand already quantized, e.g. on a
+        second run or a tensor a layer also reads, is reused)."""
+        uses = []
+        for p in act_products(gm):
+            q = get_qmeta(p)
+            if q.act is None or q.float_island is not None:
+                continue
+            if q.act.bits < 1:
+                raise AnnotationError(f"product '{p.name}': activation bits {q.act.bits} must "
+                                      "be >= 1")
+            for x in dict.fromkeys(product_operands(p)):
+                if not is_act_fq_node(gm, x):
+                    demands.setdefault(x.name, []).append((q.act, f"product '{p.name}'"))
+                    uses.append((p, x))
+        return uses
 

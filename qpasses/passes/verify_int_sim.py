@@ -44,6 +44,7 @@ from qpasses.ir.records import INT_SIM_KEY
 from qpasses.algorithms.int_sim_check import classify_nodes
 from qpasses.modules.int_sim import IntSimModule, set_backend
 from qpasses.modules.int_sim_layers import IntLayer
+from qpasses.modules.int_sim_transformer import IntMatMul
 from qpasses.algorithms.int_sim_reference import ReferenceInterpreter
 from qpasses.ir.batches import context_batches
 
@@ -250,6 +251,16 @@ class VerifyIntSim(Pass):
                         f"which needs {need} bits: it exceeds the declared {width}-bit width"
                         + (" (acc-bits option)" if opts.acc_bits is not None else ""),
                         node=n.name)
+            if isinstance(m, IntMatMul):
+                acc = m.accumulate(values[n.args[0].name], values[n.args[1].name], "reference")
+                amax = int(acc.abs().max()) if acc.numel() else 0
+                need = amax.bit_length() + 1
+                max_acc = max(max_acc, need)
+                width = opts.acc_bits if opts.acc_bits is not None else m.acc_bits
+                if need > width:
+                    raise AccumulatorOverflowError(
+                        f"accumulator of matmul '{n.name}' reached |{amax}|, which needs {need} "
+                        f"bits: it exceeds the declared {width}-bit width", node=n.name)
         return {"num_int_nodes": n_int, "max_acc_bits_seen": max_acc}
 
     # -- the oracle ------------------------------------------------------------------------

@@ -12,8 +12,8 @@ Models that do not reach it are listed in ``KNOWN_GAPS`` with the cause (the tes
 they still miss it, so the entry has to go when the gap closes). Today the list is empty: the
 emulation's values are the lowering's own, so the deviation is 0 on every family. DenseNet's
 pre-activation BatchNorm+ReLU pairs follow a concatenation, not a conv, so fold-batch-norm cannot
-fold them: they stay float islands (listed by emulate-int-sim's EmulationWarning) and the 0 LSB is
-over its quantized points, with the islands computed alike in both graphs.
+fold them: they lower to per-channel integer ops (``IntAffine``, docs/int-sim.md "Per-channel
+affine ops") whose values the emulation takes like any other's.
 """
 from __future__ import annotations
 

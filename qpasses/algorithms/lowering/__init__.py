@@ -39,13 +39,28 @@ Rules (fake-quant node → integer nodes):
   bound); when the output reaches no quantizer (e.g. a squeeze-excitation gate feeding a product),
   bounded functions (sigmoid, hardsigmoid, tanh) get a ``gate-bits`` output grid on their exact
   range.
+- matmul of two integer activations, softmax and LayerNorm (``transformer``): :class:`IntMatMul`
+  (exact accumulator, requantized onto the quantizer it reaches or kept at ``s_a·s_b``),
+  :class:`IntSoftmax` (exponent table, Q30 division) and :class:`IntLayerNorm` (integer mean and
+  variance, exact square root, γ/β folded into a fixed-point requantization); wide or per-channel
+  inputs go through a ``lut-bits`` intermediate grid first.
+- per-channel affine ops with constant operands (eval-mode BatchNorm not after a conv,
+  ``x * param``, ``x + param``, ``x - c``, ``c - x``, ``x / c``; ``affine``): :class:`IntAffine`, one
+  requantization with a signed multiplier and an integer bias per channel onto the quantizer the
+  value reaches through clamps and shape ops (the clamps fold into its range), else a ``lut-bits``
+  grid. A per-channel accumulator moved by permute/transpose/movedim (or a reshape that keeps its
+  channel dim whole) keeps its grid, the channel axis moved with it.
+- constants (``constants``): a value computed from parameters and buffers only is evaluated at
+  lowering; under an activation quantizer (a class token, a position embedding) it becomes
+  :class:`IntConstant` codes, the shape ops after it that read runtime shapes (``expand`` to the
+  batch) replayed on the codes; a float constant operand of an add/cat goes onto the join's grid.
 - anything else: a float island — the integer inputs are dequantized, the op runs in float, and the
   next quantizer quantizes again; the node carries ``QMeta.float_island`` with the reason.
 - graph outputs: :class:`Dequantize` (per channel for a raw accumulator, e.g. logits).
 
 The rewrite runs as the passes of the ``lower-to-int-sim`` pipeline: the builder
 (:mod:`~qpasses.algorithms.lowering.builder`, with the rules by family in ``layers``, ``pools``,
-``shapes``, ``joins`` and ``luts``), then requantization fusion (``fusion``), fractional bias bits
+``shapes``, ``joins``, ``luts`` and ``transformer``), then requantization fusion (``fusion``), fractional bias bits
 and exact zero-kernel constants (``biases``) and the removal of what became unused (``cleanup``).
 The op spellings are in ``ops``, the int-sim record in ``record``.
 """

@@ -6,6 +6,8 @@ accumulator reaches its requantization through clamps, pools and shape ops
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import torch
 import torch.fx
@@ -18,7 +20,8 @@ from qpasses.algorithms.lowering.config import INT32_MAX
 from qpasses.ir.fx import node_shape
 from qpasses.ir import ops
 __all__ = ["choose_bias_frac_bits", "constant_chain", "exact_zero_kernel_constants", "pool_lcm",
-           "round_bias", "scaled_bias", "shift_unfused_biases", "zero_kernels"]
+           "remember_zero_kernels", "round_bias", "scaled_bias", "shift_unfused_biases",
+           "zero_kernels"]
 
 Node = torch.fx.Node
 
@@ -61,11 +64,38 @@ def scaled_bias(layer: IntLayer, k: int) -> Tensor:
         torch.int64)
 
 
+# layer -> (key of the w_q / w_zp tensors it was computed for, mask): zero_kernels is asked for
+# by three passes per layer; the builder already knows it (kernels with L1 norm 0)
+_ZERO_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _zero_key(layer: IntLayer) -> tuple[Any, ...]:
+    return (weakref.ref(layer.w_q), layer.w_q._version, weakref.ref(layer.w_zp),
+            layer.w_zp._version)
+
+
+def _key_holds(key: tuple[Any, ...], layer: IntLayer) -> bool:
+    wq, wq_v, wz, wz_v = key
+    return (wq() is layer.w_q and wq_v == layer.w_q._version and wz() is layer.w_zp
+            and wz_v == layer.w_zp._version)
+
+
+def remember_zero_kernels(layer: IntLayer, mask: Tensor) -> None:
+    """Record ``mask`` as :func:`zero_kernels` of ``layer`` (valid while its ``w_q`` and
+    ``w_zp`` tensors stay the same, unmodified)."""
+    _ZERO_KERNELS[layer] = (_zero_key(layer), mask)
+
+
 def zero_kernels(layer: IntLayer) -> Tensor:
     """Output channels whose integer kernel is all zero (``w_q == w_zp``): 0-bit kernels."""
+    hit = _ZERO_KERNELS.get(layer)
+    if hit is not None and _key_holds(hit[0], layer):
+        return hit[1]
     wz = layer.w_zp.reshape(-1, *[1] * (layer.w_q.dim() - 1)) if layer.w_zp.numel() > 1 \
         else layer.w_zp
-    return ((layer.w_q - wz) == 0).flatten(1).all(1)
+    mask = (layer.w_q == wz).flatten(1).all(1)
+    _ZERO_KERNELS[layer] = (_zero_key(layer), mask)
+    return mask
 
 
 def constant_chain(gm: torch.fx.GraphModule, node: Node, layer: IntLayer

@@ -2,7 +2,6 @@
 (:class:`GraphLowering`), and :func:`build_int_sim_graph`, which runs it and installs the result."""
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -12,16 +11,17 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from passes_registry import pop_record
-
-from qpasses.ir.annotations import QMETA_KEY, update_qmeta
-from qpasses.ir.records import INT_SIM_KEY
+from qpasses.ir.annotations import QMETA_KEY, get_qmeta, update_qmeta
 from qpasses.modules.fake_quant import ActFakeQuant, WeightFakeQuant
 from qpasses.modules.fake_quant_layers import is_fake_quant_layer
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize, set_backend
 from qpasses.modules.int_sim_layers import IntLayer
 from qpasses.modules.int_sim_ops import IntClamp
 from qpasses.numerics.fixed_point import fbgemm_scale
+from qpasses.algorithms.lowering.affine import AffineRules, is_shape_query
+from qpasses.algorithms.lowering.constants import ConstRules
+from qpasses.algorithms.lowering.affine_exact import (ExactAffineChains, ExactAffineConstants,
+                                                     exact_affine_chains)
 from qpasses.algorithms.lowering.config import (INT32_MAX, INT_SIM_CONTAINER, FloatIsland,
                                                 LoweringOptions, QType, Rep)
 from qpasses.algorithms.lowering.joins import JoinRules
@@ -32,16 +32,20 @@ from qpasses.ir.fx import is_tensor_node, node_arg
 from qpasses.ir.ops import target_name
 from qpasses.ir import ops
 from qpasses.algorithms.lowering.pools import ClampPoolRules
+from qpasses.algorithms.lowering.pads import PAD_FUNCTIONS, PadRules, zero_pad_reason
 from qpasses.algorithms.lowering.ranges import observe_ranges, range_candidates
-from qpasses.algorithms.lowering.record import new_record
+from qpasses.algorithms.lowering.record import fake_quant_graph, new_record
 from qpasses.algorithms.lowering.shapes import ShapeRules
+from qpasses.algorithms.lowering.transformer import TransformerRules
 
 __all__ = ["GraphLowering", "build_int_sim_graph"]
 
 Node = torch.fx.Node
 
 
-class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules):
+class GraphLowering(LayerRules, ClampPoolRules, PadRules, ShapeRules, JoinRules, LutRules,
+                    TransformerRules, AffineRules, ConstRules, ExactAffineConstants,
+                    ExactAffineChains):
     """Builds the integer graph of a calibrated fake-quant graph in one topological walk.
 
     Every fake-quant value gets a :class:`Rep` in ``env`` (an integer tensor on a :class:`QType`
@@ -185,6 +189,9 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
         if QMETA_KEY in n.meta:
             node.meta[QMETA_KEY] = n.meta[QMETA_KEY]
         value = not is_tensor_node(n)
+        # the reason annotate-bitwidths gave (e.g. why an attention was not decomposed) says more
+        # than the lowering's generic one
+        reason = get_qmeta(n).float_island or reason
         if reason is None and not in_region:
             return Rep(node, value=value)   # prologue: float before the input quantize
         root = reason
@@ -273,6 +280,9 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
         target = self.fq_qtype(mod)
         src = self.env[n.args[0].name]
         if not src.is_int:
+            const = self.lower_const_fake_quant(n, mod, target)   # codes computed now
+            if const is not None:
+                return const
             node = self.call_int(n.name, Quantize(target.scale[0], target.zero_point,
                                                   target.qmin, target.qmax,
                                                   getattr(mod, "rounding", "rne"), n.name),
@@ -369,11 +379,18 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
             return self.lower_avgpool(n, "adaptive", output_size=node_arg(n, 1, "output_size"))
         if (n.op == "call_function" and t is torch.mean) or (n.op == "call_method" and t == "mean"):
             return self.lower_mean(n)
+        if n.op == "call_function" and t in PAD_FUNCTIONS:
+            return self.lower_pad(n)
         # shape-only ops
         if isinstance(mod, nn.Flatten) or (n.op == "call_function" and t in ops.PASSTHROUGH_FUNCTIONS) \
                 or (n.op == "call_method" and t in ops.PASSTHROUGH_METHODS):
             return self.lower_passthrough(n, mod)
-        # joins
+        # per-channel affine ops with constant operands (BatchNorm, x * param, x + param, ...)
+        affine = self.affine_spec(n, mod)
+        if affine is not None:
+            return self.lower_affine(n, *affine)
+        # joins (a constant operand goes onto the join's grid first)
+        self.const_join_operands(n)
         if n.op == "call_function" and t in ops.CAT_FUNCTIONS:
             return self.lower_cat(n)
         tensors = self.tensor_inputs(n)
@@ -383,6 +400,10 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
         if ((n.op == "call_function" and t in ops.MUL_FUNCTIONS) or
                 (n.op == "call_method" and t in ops.MUL_METHODS)) and len(tensors) == 2:
             return self.lower_mul(n, tensors)
+        # matmul of activations, softmax, LayerNorm (lowering/transformer.py)
+        rule = self.transformer_rule(n, mod)
+        if rule is not None:
+            return rule()
         # elementwise
         fn = self.elementwise_fn(n, mod)
         if fn is not None:
@@ -405,7 +426,7 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
         (ops that commute with quantization), following a single-user chain."""
         cur = n
         for _ in range(32):
-            users = list(cur.users)
+            users = [u for u in cur.users if not is_shape_query(u)]
             if len(users) != 1:
                 return None
             u = users[0]
@@ -419,7 +440,8 @@ class GraphLowering(LayerRules, ClampPoolRules, ShapeRules, JoinRules, LutRules)
                     (u.op == "call_function" and (u.target in ops.PASSTHROUGH_FUNCTIONS
                                                   or u.target in ops.MAX_POOL_FUNCTIONS
                                                   or u.target in ops.DROPOUT_FUNCTIONS)) or \
-                    (u.op == "call_method" and u.target in ops.PASSTHROUGH_METHODS):
+                    (u.op == "call_method" and u.target in ops.PASSTHROUGH_METHODS) or \
+                    zero_pad_reason(u) is None:          # pads with the zero-point code
                 cur = u
                 continue
             return None
@@ -435,14 +457,12 @@ def build_int_sim_graph(gm: torch.fx.GraphModule, options: LoweringOptions,
     values of nonlinearities without a quantizer are ranged on up to two of ``batches`` (or
     taken from ``ranges``: an emulating graph's recorded ones). Returns
     the builder's stats (node counts, ``num_kernel_<k>`` per fast kernel)."""
-    source = None
-    if options.keep_fake_quant:
-        source = copy.deepcopy(gm)
-        pop_record(source, INT_SIM_KEY)
     if ranges is None:
         ranges = observe_ranges(gm, list(batches)[:2], range_candidates(gm))
     b = GraphLowering(gm, options, ranges, origin)
     b.run()
+    # the walk leaves the fake-quant graph and its modules as they were: keep them (no copy)
+    source = fake_quant_graph(gm) if options.keep_fake_quant else None
     for path, mod in b.layer_swaps.items():
         gm.set_submodule(path, mod)
     if b.int_modules:
@@ -452,11 +472,13 @@ def build_int_sim_graph(gm: torch.fx.GraphModule, options: LoweringOptions,
         if hasattr(gm, INT_SIM_CONTAINER):
             delattr(gm, INT_SIM_CONTAINER)
         gm.add_module(INT_SIM_CONTAINER, box)
-    gm.graph = b.new
+    gm.graph = b.new                       # (the setter recompiles)
     gm.delete_all_unused_submodules()      # the fake quantizers and float layers replaced
     set_backend(gm, options.backend)
-    gm.recompile()
     stats = dict(b.stats)
+    chains = exact_affine_chains(gm)       # constant channels of affine ops through pools
+    if chains:
+        stats["num_exact_affine_constants"] = stats.get("num_exact_affine_constants", 0) + chains
     for k, v in sorted(b.kernels.items()):
         stats[f"num_kernel_{k.replace('-', '_')}"] = v
     new_record(gm, options, b.islands, stats, source, ranges, b.fq_map)

@@ -3,7 +3,6 @@ the emulated one, take the recorded ranges, remove the emulation nodes
 (:func:`prepare_emulated`)."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch.fx
@@ -14,6 +13,7 @@ from qpasses.errors import EmulationContractError
 from qpasses.ir.records import EMULATION_KEY, EmulationRecord
 from qpasses.modules.emulation import is_emulating, strip_emulation
 from qpasses.algorithms.lowering.config import LoweringOptions
+from qpasses.algorithms.lowering.record import fake_quant_copy
 
 __all__ = ["contract_text", "prepare_emulated"]
 
@@ -46,7 +46,7 @@ def prepare_emulated(gm: torch.fx.GraphModule, options: LoweringOptions, owner: 
             f"(then train/evaluate again)")
     source = None
     if options.keep_fake_quant and is_emulating(gm):
-        source = copy.deepcopy(gm)
+        source = fake_quant_copy(gm)      # shares the weights
     strip_emulation(gm)
     pop_record(gm, EMULATION_KEY)
     return dict(rec.ranges), source

@@ -62,8 +62,9 @@ class JoinRules:
         self.stats["num_int_adds"] += 1
         return Rep(node, target)
 
-    def lower_mul(self, n: Node, tensors: list[Node]) -> Rep:
-        """A tensor product reaching a quantizer: :class:`IntMul` onto its grid."""
+    def product_inputs(self, n: Node, tensors: Sequence[Node]) -> list[Rep]:
+        """The integer operands of a product (mul, matmul), each on a per-tensor grid at most
+        16 bits wide: per-channel or wider values go onto an intermediate grid first."""
         reps = []
         for a in tensors:
             r = self.env[a.name]
@@ -72,6 +73,11 @@ class JoinRules:
             if r.qt.per_channel or r.qt.span >= 2 ** 16:  # type: ignore[union-attr]
                 r = self.intermediate_grid(n, a, r, f"{n.name}_{a.name}_grid")
             reps.append(self.materialize(r, n))
+        return reps
+
+    def lower_mul(self, n: Node, tensors: list[Node]) -> Rep:
+        """A tensor product reaching a quantizer: :class:`IntMul` onto its grid."""
+        reps = self.product_inputs(n, tensors)
         target = self.lookahead_target(n)
         if target is None:
             raise FloatIsland("tensor product whose value reaches no quantizer (no output grid)")

@@ -13,9 +13,11 @@ from qpasses.ir.annotations import QMETA_KEY, get_qmeta
 from qpasses.ir.layers import bias_parts, layer_info
 from qpasses.modules.fake_quant import WeightFakeQuant
 from qpasses.modules.int_sim_layers import make_int_layer
-from qpasses.numerics.int_ops import choose_kernel, exactness_bound
-from qpasses.algorithms.lowering.biases import round_bias
+from qpasses.numerics.int_ops import choose_kernel
+from qpasses.numerics.weight_codes import weight_codes
+from qpasses.algorithms.lowering.biases import remember_zero_kernels, round_bias
 from qpasses.algorithms.lowering.config import INT32_MAX, FloatIsland, QType, Rep
+from qpasses.algorithms.lowering.memory import check_layer_memory, layer_memory_guard
 from qpasses.algorithms.lowering.nodes import f32
 
 __all__ = ["LayerRules"]
@@ -54,11 +56,15 @@ class LayerRules:
             return self.float_op(n, "layer called with extra arguments")
         if getattr(mod, "padding_mode", "zeros") != "zeros":
             return self.float_op(n, f"padding_mode={mod.padding_mode!r} (only zeros is lowered)")
+        path, num_weights = str(n.target), mod.weight.numel()
+        check_layer_memory(path, num_weights, n.name)
         try:
-            params = self._layer_params(n, mod, info, xq)
+            with layer_memory_guard(path, num_weights, n.name):
+                params = self._layer_params(n, mod, info, xq)
         except FloatIsland as e:
             return self.float_op(n, str(e))
         int_layer = make_int_layer(mod, **params["init"])
+        remember_zero_kernels(int_layer, params["zero_kernels"])
         int_layer.register_buffer("acc_scale", torch.tensor(params["qtype"].scale,
                                                             dtype=torch.float64))
         parts = bias_parts(mod)
@@ -76,7 +82,9 @@ class LayerRules:
 
     def _layer_params(self, n: Node, mod: nn.Module, info: Any, xq: QType) -> dict[str, Any]:
         """The integer layer's constructor arguments and accumulator grid: integer weights
-        checked to lie on the grid, int32 bias, exactness bound and kernel."""
+        checked to lie on the grid, int32 bias, exactness bound and kernel. Holds one layer's
+        temporaries at a time (:func:`~qpasses.numerics.weight_codes.weight_codes`: float32,
+        no float64 copy of the weight)."""
         wfq: WeightFakeQuant = mod.weight_fake_quant
         weight = mod.weight
         with torch.no_grad():
@@ -86,32 +94,27 @@ class LayerRules:
         c_out = weight.shape[0]
         if scale.numel() == 1:
             scale, zp = scale.expand(c_out).clone(), zp.expand(c_out).clone()
-        s_eff = scale / 2 if wfq.scheme == "dorefa" else scale
-        zp_eff = torch.zeros_like(zp) if wfq.scheme == "dorefa" else zp
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        codes = torch.round(w_hat.double() / s_eff.reshape(shape)).to(torch.int64) \
-            + zp_eff.reshape(shape)
-        back = ((codes - zp_eff.reshape(shape)).to(torch.float64)
-                * s_eff.reshape(shape)).to(torch.float32)
-        w32 = w_hat.to(torch.float32)
-        if wfq.scheme == "dorefa":
-            # DoReFa's quantizer evaluates 2·(k/L) − 1 in float32, up to one float32 ulp
-            # (<= 2^-24) off the grid point (2k − L)/L = code·scale/2 that the integer layer uses;
-            # the codes are unambiguous (a step is >= 2/(2^16 − 1)) and the difference can only
-            # move an exact rounding tie downstream (at most 1 LSB). Without the tolerance no
-            # DoReFa layer of >= 2 bits lowers (they all became float islands).
-            off = (back - w32).abs() > _DOREFA_TOL
-        else:
-            off = back != w32
-        if bool(off.any()):
-            bad = int(off.sum())
-            raise FloatIsland(f"{bad} fake-quantized weights are not exactly scale·(code − zero "
-                              "point): cannot take integer weights")
-        centered = codes - zp_eff.reshape(shape)
-        w_lo, w_hi = (int(centered.min()), int(centered.max())) if centered.numel() else (0, 0)
+        dorefa = wfq.scheme == "dorefa"
+        s_eff = scale / 2 if dorefa else scale
+        zp_eff = torch.zeros_like(zp) if dorefa else zp
+        # DoReFa's quantizer evaluates 2·(k/L) − 1 in float32, up to one float32 ulp
+        # (<= 2^-24) off the grid point (2k − L)/L = code·scale/2 that the integer layer uses;
+        # the codes are unambiguous (a step is >= 2/(2^16 − 1)) and the difference can only
+        # move an exact rounding tie downstream (at most 1 LSB). Without the tolerance no
+        # DoReFa layer of >= 2 bits lowers (they all became float islands).
+        wc = weight_codes(w_hat, s_eff, zp_eff, _DOREFA_TOL if dorefa else None)
+        del w_hat
+        if wc.num_off:
+            raise FloatIsland(f"{wc.num_off} fake-quantized weights are not exactly scale·(code "
+                              "− zero point): cannot take integer weights")
+        codes = wc.codes
+        assert codes is not None
+        w_lo, w_hi = wc.lo, wc.hi
         s_x, z_x = xq.scale[0], xq.zero_point
         x_absmax = xq.max_abs_centered
-        bound = exactness_bound(codes, x_absmax, 0, zp_eff)
+        bound = (int(wc.l1.max()) if wc.l1.numel() else 0) * int(x_absmax)   # exactness bound
+        zero_mask = wc.l1 == 0
+        del wc
         # bias
         bias = mod.bias
         bias_q = bias_f = None
@@ -159,7 +162,8 @@ class LayerRules:
                     pad = tuple(t // 2 for t in total)
             init["int_padding"] = tuple(int(p) for p in pad)
         bias_max = int(bias_q.abs().max()) if bias_q is not None else 0
-        qt = QType(tuple(float(s_x * float(s)) for s in s_eff.tolist()), 0,
+        # s_x·s_w per channel: one float64 product each, as Python's float multiply gives
+        qt = QType(tuple((s_eff * float(s_x)).tolist()), 0,
                    -(bound + bias_max), bound + bias_max, axis=1 if info.is_conv else -1,
-                   fbgemm=(s_x, tuple(float(s) for s in s_eff.tolist())), kind="acc")
-        return {"init": init, "qtype": qt}
+                   fbgemm=(s_x, tuple(s_eff.tolist())), kind="acc")
+        return {"init": init, "qtype": qt, "zero_kernels": zero_mask}

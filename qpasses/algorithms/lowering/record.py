@@ -4,25 +4,50 @@
 ``lower-fake-quant-ops`` writes it; the passes after it in ``lower-to-int-sim`` keep it up to date
 (stats, the ``fq_map`` node names). Fields: the contract (``rounding``, ``backend``,
 ``multiplier_bits``, ``lut_bits``, ``gate_bits``, ``bias_frac_bits``, ``bias``), ``float_islands`` (node,
-op, reason), ``stats``, ``fake_quant`` (a copy of the fake-quant graph, or None), ``ranges``
+op, reason), ``stats``, ``fake_quant`` (the fake-quant graph as it was, sharing the weight tensors:
+:func:`fake_quant_graph` / :func:`fake_quant_copy`; or None), ``ranges``
 (observed ranges of values without a quantizer) and ``fq_map`` (fake-quant activation node ->
 the integer node carrying its codes, with scale and zero point; read by verify-int-sim). The
 record is frozen: every update here stores a new one with :func:`passes_registry.set_record`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
 import torch.fx
 
-from passes_registry import get_record, set_record
+from passes_registry import get_record, pop_record, set_record
 
 from qpasses.ir.records import INT_SIM_KEY, IntSimRecord
 from qpasses.algorithms.lowering.config import LoweringOptions
 
-__all__ = ["add_to_stats", "int_sim_record", "keep_live_fq_nodes", "new_record",
-           "rename_fq_nodes"]
+__all__ = ["add_to_stats", "fake_quant_copy", "fake_quant_graph", "int_sim_record",
+           "keep_live_fq_nodes", "new_record", "rename_fq_nodes"]
+
+
+def fake_quant_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a fake-quant graph to keep (``keep-fake-quant``) before something rewrites it in
+    place: a deep copy of everything but the Parameters, which it shares with ``gm`` (the integer
+    layers share them too: lowering never writes a weight), so it costs the graph and the
+    quantizers' small buffers, not a second copy of the weights. Without its int-sim record."""
+    memo: dict[int, Any] = {id(p): p for _, p in gm.named_parameters(remove_duplicate=False)}
+    source = copy.deepcopy(gm, memo)
+    pop_record(source, INT_SIM_KEY)
+    return source
+
+
+def fake_quant_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The fake-quant graph to keep (``keep-fake-quant``) when its rewrite builds a *new* graph and
+    new modules and leaves ``gm.graph`` and the modules it calls untouched (the lowering's walk):
+    a GraphModule over ``gm``'s current graph and the very modules it calls (fresh containers, so
+    installing the integer layers in ``gm`` does not reach it), with a deep copy of ``gm.meta``
+    less the int-sim record. No tensor is copied. Call it before ``gm.graph`` is replaced."""
+    source = torch.fx.GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    memo: dict[int, Any] = {id(p): p for _, p in gm.named_parameters(remove_duplicate=False)}
+    source.meta = copy.deepcopy({k: v for k, v in gm.meta.items() if k != INT_SIM_KEY}, memo)
+    return source
 
 
 def new_record(gm: torch.fx.GraphModule, options: LoweringOptions,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from qpasses.algorithms.lowering.affine import moved_axis
 from qpasses.algorithms.lowering.config import FloatIsland, Rep
 from qpasses.ir.fx import node_arg, node_shape
 from qpasses.ir import ops
@@ -84,14 +85,24 @@ class ShapeRules:
                 ok = ins[-1] == outs[-1] and math.prod(ins[:-1]) == math.prod(outs[:-1])
             if not ok:
                 # quantization is elementwise: put the value on the grid of the quantizer it
-                # reaches first, then move it around
+                # reaches first (the requantization then fuses into its layer), then move it
+                # around; else track where the channels go (a permute moves the axis, a reshape
+                # that keeps the channel dim whole keeps it)
                 target = self.lookahead_target(n)
-                if target is None:
-                    raise FloatIsland("shape op moves the channels of a per-channel accumulator "
-                                      "and its value reaches no quantizer")
-                src = self.requantize_to(src, target, src_node, f"{n.name}_requant")
-                qt = src.qt
-                assert qt is not None
+                new_axis = None if target is not None or ins is None or outs is None or \
+                    qt.axis is None else moved_axis(n, qt.axis, ins, outs)
+                if new_axis is not None and outs[new_axis] == len(qt.scale):
+                    qt = replace(qt, axis=new_axis)
+                elif target is None:
+                    # the channels are split or merged and no quantizer follows: a lut-bits
+                    # intermediate grid (calibrated range, else the proven bound) first
+                    src = self.intermediate_grid(n, src_node, src, f"{n.name}_requant")
+                    qt = src.qt
+                    assert qt is not None
+                else:
+                    src = self.requantize_to(src, target, src_node, f"{n.name}_requant")
+                    qt = src.qt
+                    assert qt is not None
         args, kwargs = self.map_args(n, lambda r, a: src.node if a is src_node else r.node)
         node = self.emit(n.op, n.target, args, kwargs, name=n.name, like=n)
         return Rep(node, qt, src.lo, src.hi)
