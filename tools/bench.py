@@ -30,6 +30,11 @@ import; the notes say which), reporting the lowering's seconds and peak RSS grow
 Minutes per model: run it alone. The ``ptq-flow`` notes carry the same peak figure for ResNet-50
 and MobileNetV2.
 
+Section ``int-sim-vit`` (issue 14): ViT-B/16 at 224x224 (random weights; ``--batch``), W8A8, lowered
+to the whole-model integer graph (attention, softmax, LayerNorm in integers): lowering seconds,
+float islands, integer MAC share, and int-sim fast inference vs fp32 and the fake-quant graph.
+``python -m tools.bench --only int-sim-vit --repeat 3 --threads 1 --batch 2``.
+
 Section ``qat-step`` (issue 3's target: <= 1.15x fp32): one SGD training step of torchvision
 ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, the fake-quant graph
 (ours, W8A8 and W4A4, calibrated; and W8A8 with activation observers on every step) and torch.ao
@@ -53,6 +58,7 @@ import torch
 import tools.bench_sections  # noqa: F401  (registers its sections)
 import tools.bench_ort  # noqa: F401  (registers its section)
 import tools.bench_lowering  # noqa: F401  (registers its section)
+import tools.bench_vit  # noqa: F401  (registers its section)
 from passes_registry import PassesError
 from tools.bench_flow import PTQ_MODELS, PTQ_PIPELINE
 from tools.bench_harness import BENCHMARKS, format_sections, run_sections
@@ -66,8 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
     p.add_argument("--model", action="append", metavar="SPEC",
                    help=f"ptq-flow: model(s) to run (default {', '.join(PTQ_MODELS)})")
-    p.add_argument("--image-size", type=int, default=224, help="ptq-flow: image height and width")
-    p.add_argument("--batch", type=int, default=8, help="ptq-flow: images per calibration batch")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="ptq-flow, ort-int8, int-sim-vit: image height and width")
+    p.add_argument("--batch", type=int, default=8,
+                   help="ptq-flow: images per calibration batch; ort-int8, int-sim-vit: batch")
     p.add_argument("--calib-batches", type=int, default=1, help="ptq-flow: calibration batches")
     p.add_argument("--pipeline", default=None,
                    help=f"ptq-flow: our pipeline (default {PTQ_PIPELINE})")

@@ -89,14 +89,19 @@ def _randomize(model: nn.Module, seed: int) -> None:
             _tile_(mod.running_var, uniform, 0.5, 1.0, next(offsets))
 
 
-def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The model in eval mode, randomized, and a random input of its smallest valid size."""
+def build(name: str, seed: int = 0, size: int | None = None,
+          batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
+    """The model in eval mode, randomized, and a random input of ``batch`` images of its smallest
+    valid size (or of ``size``: ViTs are then built for that image size)."""
     torch.manual_seed(seed)
+    kwargs = dict(BUILD_KWARGS.get(name, {}))
+    if size is not None and "image_size" in kwargs:
+        kwargs["image_size"] = size
     with _no_random_init(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet/inception init_weights FutureWarning
-        model = torchvision.models.get_model(name, weights=None, **BUILD_KWARGS.get(name, {}))
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
     _randomize(model, seed)
     model.eval()
-    size = INPUT_SIZE.get(name, DEFAULT_SIZE)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    size = size if size is not None else INPUT_SIZE.get(name, DEFAULT_SIZE)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     return model, x

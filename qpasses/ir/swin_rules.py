@@ -52,7 +52,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from qpasses.ir.fx import bind, dtype_of, node_shape, tensor_meta_for
+from qpasses.ir.fx import bind, dtype_of, graph_device, node_shape, tensor_meta_for
 
 __all__ = ["SWIN_ATTENTION_ARGS", "patch_merging_rule", "position_bias_rule",
            "window_attention_rule", "window_attention_reason"]
@@ -302,7 +302,7 @@ def _rewrite_attention(gm: torch.fx.GraphModule, node: Node, a: dict[str, Any]) 
         while hasattr(owner, name):
             i += 1
             name = f"shift_mask_{i}"
-        owner.register_buffer(name, mask.to(next(iter(gm.parameters())).device))
+        owner.register_buffer(name, mask.to(graph_device(gm)))
         m = em.emit("get_attr", f"{owner_path}.{name}" if owner_path else name, (),
                     f"{base}_shift_mask")
         attn = em.emit("call_method", "reshape", (attn, -1, n_win, heads, n_tok, n_tok),

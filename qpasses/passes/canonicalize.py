@@ -47,6 +47,16 @@ class Canonicalize(Pass):
       ``"B G H I D, B G H J D -> B G H I J"`` is ``torch.matmul(q, k.transpose(3, 4))``); other
       einsums (traces, diagonals, sums over one operand, outer products, 3+ operands,
       broadcasting) stay and ``annotate-bitwidths`` reports them as float islands.
+    - torchvision Swin's ``torch.fx.wrap``ped functions (:mod:`qpasses.ir.swin_rules`), specialized
+      with the traced shapes exactly as the function's Python runs: ``shifted_window_attention``
+      becomes ``F.pad`` (sizes not a multiple of the window), ``torch.roll`` (a shift the window
+      does not cover), window partition (reshape/permute), plain ``nn.Linear`` ``qkv.q/k/v``
+      (copies of the qkv rows, **head_dim^-0.5 folded into q**) and ``proj``, ``torch.matmul``,
+      ``+ relative_position_bias``, ``+ shift_mask`` (a buffer computed now, on the calling
+      module), ``torch.softmax``, window merge, reverse roll, crop; V2's cosine attention keeps
+      ``F.normalize`` and ``clamp(logit_scale).exp()``. ``_get_relative_position_bias`` becomes
+      ``table[index].reshape().permute().unsqueeze(0)`` (a constant subgraph) and
+      ``_patch_merging_pad`` becomes ``F.pad`` + four strided slices + ``torch.cat``.
 
     The rule table is ``RULES``; statistics count hits per rule (``num_relu``...) and in total
     (``num_rewrites``).
@@ -73,6 +83,9 @@ class Canonicalize(Pass):
       ``annotate-bitwidths`` reports it as a float island with that reason. Three projections,
       not one ``3E`` linear and a chunk: each is one chain linear -> reshape -> transpose ->
       quantizer, which the integer lowering handles.
+    - A Swin attention call stays when its input has no traced 4-d shape, in training mode with
+      dropout, or when its qkv/proj weights are not ``<module>.weight``/``.bias`` pairs read by
+      this call only (``qpasses.ir.swin_rules.window_attention_reason`` says which).
     """
     name = "canonicalize"
     summary = "Rewrite equivalent operator spellings to one canonical form"

@@ -76,3 +76,13 @@ def test_ort_int8_section_at_a_tiny_size(monkeypatch, capsys):
     for what in ("ours: QOperator export in onnxruntime", "onnxruntime quantize_static (QDQ)",
                  "torch.ao convert_fx (fbgemm int8)", "int-sim fast (ours)"):
         assert what in text
+
+
+def test_int_sim_vit_section_at_a_tiny_size(capsys):
+    rc = bench.main(["--only", "int-sim-vit", "--repeat", "1", "--warmup", "0", "--batch", "1",
+                     "--image-size", "32"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for what in ("fp32", "fake-quant graph (ours)", "int-sim fast", "0 float islands",
+                 "100.0% of"):
+        assert what in text, what
