@@ -3,10 +3,13 @@
 It evaluates every integer-simulation node from the module's *parameters* with its own arithmetic,
 written from the specification (docs/int-sim.md, "Integer arithmetic") rather than from the
 library code it checks: numpy int64 and Python integers instead of torch; ``QuantizeMultiplier``
-with exact rational arithmetic (``fractions``); gemmlowp's SRDHM/RDBPOT, single rounding and HAWQ's
-round-half-even by floor division instead of shifts; convolution as a sum over kernel offsets of
-strided slices (no im2col); pooling windows from PyTorch's index formulas. Shape-only ops and float
-islands run through torch (they are not integer arithmetic).
+with exact rational arithmetic (``fractions``, vectorized exactly per channel in
+:mod:`qpasses.algorithms.int_sim_reference_kernels`); gemmlowp's SRDHM/RDBPOT, single rounding and
+HAWQ's round-half-even from the floor quotient and its remainder against half (not the library's
+nudge formulas); convolution as a sum over kernel offsets of strided slices (no im2col; each
+offset an exact matmul, float64 only under the 2^53 accumulator bound); pooling windows from
+PyTorch's index formulas. Shape-only ops and float islands run through torch (they are not
+integer arithmetic).
 
 ``run(inputs)`` returns every node's value; :func:`compare` finds the first node where two runs
 differ.
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 import torch.fx
 
+from qpasses.algorithms.int_sim_reference_kernels import (conv_exact, exact_matmul,
+                                                          quantize_multipliers_exact)
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
 from qpasses.modules.int_sim_affine import IntAffine, IntConstant
 from qpasses.modules.int_sim_pad import IntPad
@@ -58,20 +63,23 @@ def _pow2(e: np.ndarray) -> np.ndarray:
 
 
 def _div_round(v: np.ndarray, t: np.ndarray, mode: str) -> np.ndarray:
-    """Round ``v / 2**t`` (t >= 0 elementwise) by floor division: rha, rhu or rne."""
+    """Round ``v / 2**t`` (t >= 0, broadcastable to v): rha, rhu or rne. The floor quotient is
+    numpy's arithmetic ``>>`` on int64 (floor division by 2^t, whole arrays), the remainder
+    ``v − q·2^t`` decides the rounding against half of 2^t."""
+    t = np.asarray(t, dtype=_I64)
     p = _pow2(t)
-    q = np.floor_divide(v, p)
-    rem = v - q * p
-    half = np.where(t > 0, p // 2, 0)
-    above = rem > half
-    tie = (rem == half) & (t > 0)
+    q = np.right_shift(v, t)
+    rem = np.bitwise_and(v, p - 1)            # v − q·2^t in [0, 2^t) (two's complement)
+    # half of 2^t; for t = 0 (rem = 0, exact) a bound never reached, so there is no tie
+    half = np.where(t > 0, p // 2, np.int64(1) << 62)
+    # up when rem > half, or rem == half and the tie goes up: rem + [tie goes up] > half
     if mode == "rhu":
-        up = above | tie
+        up = rem >= half
     elif mode == "rha":
-        up = above | (tie & (v >= 0))
+        up = rem + (v >= 0) > half
     else:  # rne
-        up = above | (tie & (q % 2 != 0))
-    return q + up.astype(_I64)
+        up = rem + (q & 1) > half
+    return q + up
 
 
 def _channel(a: np.ndarray, like: np.ndarray, axis: int | None) -> np.ndarray:
@@ -92,26 +100,26 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
             xf = xf + _channel(bias_f.astype(np.float32), x, axis)
         y = np.rint(xf * _channel(scale_f32.astype(np.float32), x, axis)).astype(_I64)
         return np.clip(y + out_zp, qmin, qmax)
-    if np.abs(x).max(initial=0) > 2 ** 31 - 1:
+    if x.size and max(int(x.max()), -int(x.min())) > 2 ** 31 - 1:
         raise ValueError("requant input outside int32")
-    pairs = [quantize_multiplier_exact(float(r), bits) for r in reals.reshape(-1)]
-    m = _channel(np.array([p[0] for p in pairs], dtype=_I64), x, axis)
-    e = _channel(np.array([p[1] for p in pairs], dtype=_I64), x, axis)
+    mults, shifts = quantize_multipliers_exact(reals, bits)   # = quantize_multiplier_exact
+    m = _channel(mults, x, axis)
+    e = _channel(shifts, x, axis)
     if rounding == "gemmlowp":
         left = np.maximum(e, 0)
-        xl = x * _pow2(left)
-        if np.abs(xl).max(initial=0) > 2 ** 31:
+        xl = x * _pow2(left) if np.any(left) else x
+        if xl.size and max(int(xl.max()), -int(xl.min())) > 2 ** 31:
             raise ValueError("gemmlowp left shift leaves int32")
         m31 = m * (1 << (31 - bits))
-        high = np.floor_divide(xl * m31 + (1 << 30), 1 << 31)      # SRDHM (m31 >= 0)
-        y = _div_round(high, np.broadcast_to(np.maximum(-e, 0), high.shape), "rha")   # RDBPOT
+        high = np.right_shift(xl * m31 + (1 << 30), 31)      # SRDHM (m31 >= 0): floor(/2^31)
+        y = _div_round(high, np.maximum(-e, 0), "rha")   # RDBPOT (t per channel, broadcast)
     else:
         t = bits - e
         prod = x * m
         neg = t < 0
         if np.any(neg):
             prod = np.where(neg, prod * _pow2(np.maximum(-t, 0)), prod)
-        y = _div_round(prod, np.broadcast_to(np.maximum(t, 0), prod.shape),
+        y = _div_round(prod, np.maximum(t, 0),
                        "rhu" if rounding == "single" else "rne")
     return np.clip(y + out_zp, qmin, qmax)
 
@@ -145,18 +153,8 @@ def conv_ref(x: np.ndarray, w: np.ndarray, stride: Any, padding: Any, dilation: 
     out = [(x.shape[2 + i] + 2 * p[i] - d[i] * (ks[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
     wz = w.astype(_I64) - (w_zp.reshape((-1,) + (1,) * (w.ndim - 1)) if w_zp.size > 1
                            else w_zp.reshape(()))
-    n, c = x.shape[:2]
-    o = w.shape[0]
-    cg, og = c // groups, o // groups
-    acc = np.zeros((n, groups, og) + tuple(out), dtype=_I64)
-    wg = wz.reshape((groups, og, cg) + tuple(ks))
-    for off in itertools.product(*[range(k) for k in ks]):
-        idx = tuple(slice(off[i] * d[i], off[i] * d[i] + s[i] * (out[i] - 1) + 1, s[i])
-                    for i in range(nd))
-        sl = xs[(slice(None), slice(None)) + idx].reshape((n, groups, cg) + tuple(out))
-        wk = wg[(slice(None), slice(None), slice(None)) + off]           # (g, og, cg)
-        acc += np.einsum("ngc...,goc->ngo...", sl, wk)
-    return acc.reshape((n, o) + tuple(out))
+    # one exact (batched) matmul per kernel offset (float64 only under the 2^53 bound)
+    return conv_exact(xs, wz, s, d, out, groups)
 
 
 def maxpool_ref(x: np.ndarray, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> np.ndarray:
@@ -244,6 +242,9 @@ class ReferenceInterpreter:
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        # max |accumulator| (bias included) of every conv/linear/matmul node of the last run,
+        # computed from this run's own inputs (verify-int-sim's width check)
+        self.acc_absmax: dict[str, int] = {}
 
     def run(self, *inputs: torch.Tensor, trusted: dict[str, Any] | None = None,
             kinds: dict[str, str] | None = None) -> dict[str, Any]:
@@ -286,6 +287,14 @@ class ReferenceInterpreter:
                     if isinstance(mod, cls):
                         fn = impl
                         break
+            if isinstance(mod, IntLayer):
+                acc, biased = layer_acc(mod, *args)
+                self.acc_absmax[n.name] = int(np.abs(biased).max(initial=0))
+                return _layer_out(mod, acc, biased)
+            if isinstance(mod, IntMatMul):
+                acc = matmul_acc(mod, *args)
+                self.acc_absmax[n.name] = int(np.abs(acc).max(initial=0))
+                return acc if mod.requant is None else requant_of(mod.requant, acc)
             if fn is not None:
                 return fn(mod, *args)
             out = mod(*torch.fx.node.map_aggregate(args, _torch),
@@ -318,19 +327,30 @@ def _requantize(mod: Requantize, q: np.ndarray, bias_f: np.ndarray | None = None
                        mod.out_zero_point, mod.qmin, mod.qmax, mod.scale_f32.numpy(), bias_f)
 
 
-def _layer(mod: IntLayer, x: np.ndarray) -> np.ndarray:
+def layer_acc(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, A + b_q)``: the accumulator ``Σ(x − z_x)(w − z_w)·2^shift`` and with the bias."""
     wzp = mod.w_zp.numpy().reshape(-1)
     if isinstance(mod, IntLinear):
         w = mod.w_q.numpy().astype(_I64) - (wzp.reshape(-1, 1) if wzp.size > 1 else wzp[0])
-        acc = np.matmul(x.astype(_I64) - mod.x_zero_point, w.T)
+        acc = exact_matmul(x.astype(_I64) - mod.x_zero_point, w.T)
     else:
         acc = conv_ref(x, mod.w_q.numpy(), mod.stride, mod.int_padding, mod.dilation,
                        mod.groups, mod.x_zero_point, wzp)
+    acc = acc * (1 << mod.acc_shift)
+    if mod.bias_q is None:
+        return acc, acc
+    return acc, acc + _channel(mod.bias_q.numpy(), acc, mod.channel_axis)
+
+
+def _layer(mod: IntLayer, x: np.ndarray) -> np.ndarray:
+    return _layer_out(mod, *layer_acc(mod, x))
+
+
+def _layer_out(mod: IntLayer, acc: np.ndarray, biased: np.ndarray) -> np.ndarray:
     fused_float = mod.requant is not None and mod.requant.rounding == "float-rne" and \
         mod.bias_f is not None
-    acc = acc * (1 << mod.acc_shift)
-    if mod.bias_q is not None and not fused_float:
-        acc = acc + _channel(mod.bias_q.numpy(), acc, mod.channel_axis)
+    if not fused_float:
+        acc = biased
     if mod.requant is None:
         return acc
     rq = mod.requant
@@ -442,7 +462,9 @@ _IMPLS: dict[type, Any] = {Quantize: _quantize, Dequantize: _dequantize, Requant
 
 
 # matmul of activations, softmax, LayerNorm: qpasses/algorithms/int_sim_reference_transformer.py
-from qpasses.algorithms.int_sim_reference_transformer import TRANSFORMER_IMPLS  # noqa: E402
+from qpasses.algorithms.int_sim_reference_transformer import (  # noqa: E402
+    TRANSFORMER_IMPLS, matmul_acc, requant_of)
+from qpasses.modules.int_sim_transformer import IntMatMul  # noqa: E402
 
 _IMPLS.update(TRANSFORMER_IMPLS)
 

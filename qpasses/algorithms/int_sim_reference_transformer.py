@@ -1,8 +1,9 @@
 """The oracle's arithmetic for the transformer modules (:class:`IntMatMul`, :class:`IntSoftmax`,
 :class:`IntLayerNorm`), written from docs/int-sim.md ("Transformer kernels") in numpy int64 and
 Python integers: the matmul as ``np.matmul`` of centred int64 codes, the softmax exponent table
-re-derived with ``math.exp`` and the division by floor division, the LayerNorm square root by
-``math.isqrt`` and bit lengths by ``int.bit_length``, the requantizations by
+re-derived with ``math.exp`` and the division by floor division, the LayerNorm square root and
+bit lengths exact on whole int64 arrays (a float estimate corrected by integer comparisons,
+:mod:`qpasses.algorithms.int_sim_reference_kernels`), the requantizations by
 :func:`qpasses.algorithms.int_sim_reference.requant_ref` (multipliers re-derived from the real
 scales). Hooked into :class:`~qpasses.algorithms.int_sim_reference.ReferenceInterpreter`.
 """
@@ -13,13 +14,20 @@ from typing import Any
 
 import numpy as np
 
+from qpasses.algorithms.int_sim_reference_kernels import bit_length_vec, exact_matmul, isqrt_vec
 from qpasses.modules.int_sim import Requantize
-from qpasses.modules.int_sim_transformer import IntLayerNorm, IntMatMul, IntSoftmax
+from qpasses.modules.int_sim_transformer import (IntL2Normalize, IntLayerNorm, IntMatMul,
+                                                 IntSoftmax)
 
-__all__ = ["TRANSFORMER_IMPLS", "exp_table_ref", "layer_norm_ref", "normalized_ref",
-           "softmax_probabilities_ref"]
+__all__ = ["TRANSFORMER_IMPLS", "exp_table_ref", "layer_norm_ref", "matmul_acc",
+           "normalized_ref", "requant_of", "softmax_probabilities_ref"]
 
 _I64 = np.int64
+
+
+def requant_of(rq: Requantize, x: np.ndarray) -> np.ndarray:
+    """``rq`` applied to an accumulator, multipliers re-derived from its real scales."""
+    return _requant(rq, x)
 
 
 def _requant(rq: Requantize, x: np.ndarray) -> np.ndarray:
@@ -28,14 +36,13 @@ def _requant(rq: Requantize, x: np.ndarray) -> np.ndarray:
                        rq.out_zero_point, rq.qmin, rq.qmax, rq.scale_f32.numpy())
 
 
+def matmul_acc(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a − z_a) @ (b − z_b)`` exactly (float BLAS only under its exactness bound, else int64)."""
+    return exact_matmul(a.astype(_I64) - mod.a_zero_point, b.astype(_I64) - mod.b_zero_point)
+
+
 def _matmul(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ca = a.astype(_I64) - mod.a_zero_point
-    cb = b.astype(_I64) - mod.b_zero_point
-    k = ca.shape[-1]
-    if k * max(int(np.abs(ca).max(initial=0)), 1) * max(int(np.abs(cb).max(initial=0)), 1) \
-            >= 2 ** 63:
-        raise ValueError("matmul accumulator may leave int64")
-    acc = np.matmul(ca, cb)
+    acc = matmul_acc(mod, a, b)
     return acc if mod.requant is None else _requant(mod.requant, acc)
 
 
@@ -97,30 +104,33 @@ def layer_norm_ref(q: np.ndarray, mod: IntLayerNorm) -> np.ndarray:
     per-row square root and reciprocal."""
     lead = q.shape[:q.ndim - mod.n_dims]
     x = q.astype(_I64).reshape(lead + (mod.n,)) - mod.in_zero_point
-    nv = normalized_ref(x, mod.n, mod.frac_bits, mod.eps_codes)
+    nv = normalized_ref(x, mod.n, mod.frac_bits, mod.eps_codes,
+                        center=not isinstance(mod, IntL2Normalize))
     acc = nv * mod.gain.numpy() + mod.bias.numpy()
     y = _round_pow2(acc, mod.out_frac_bits, _MODE[mod.rounding])
     return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax).reshape(q.shape)
 
 
-def normalized_ref(x: np.ndarray, n: int, k: int, eps_codes: int) -> np.ndarray:
-    """``n_i`` of centred codes ``x`` (last dim = the n normalized values)."""
+def normalized_ref(x: np.ndarray, n: int, k: int, eps_codes: int,
+                   center: bool = True) -> np.ndarray:
+    """``n_i`` of centred codes ``x`` (last dim = the n normalized values); ``center=False``:
+    the L2 normalization (no mean, ``T = max(Σc², E)``)."""
     total = x.sum(-1, keepdims=True)
-    mu = np.floor_divide(total * 2 ** (k + 1) + n, 2 * n)
+    mu = np.floor_divide(total * 2 ** (k + 1) + n, 2 * n) if center else 0
     c = x * 2 ** k - mu
     if np.abs(c).max(initial=0) >= 2 ** 31:
         raise ValueError("layer norm: centred value beyond 2^31")
     sq = c * c
-    if float(sq.astype(np.float64).sum(-1).max(initial=0)) + n * eps_codes >= 2.0 ** 62:
+    if float(sq.astype(np.float64).sum(-1).max(initial=0)) + \
+            (n * eps_codes if center else 0) >= 2.0 ** 62:
         raise ValueError("layer norm: T reached 2^62")
-    t = sq.sum(-1, keepdims=True) + n * eps_codes
-    shift = np.zeros_like(t)
-    inv = np.zeros_like(t)
-    for idx in np.ndindex(*t.shape):
-        tv = max(int(t[idx]), 1)
-        u = (62 - tv.bit_length()) // 2
-        r = math.isqrt(tv * 4 ** u)
-        shift[idx], inv[idx] = u, (2 ** 62 + r) // (2 * r)
+    t = sq.sum(-1, keepdims=True) + n * eps_codes if center else \
+        np.maximum(sq.sum(-1, keepdims=True), eps_codes)
+    # per row, as whole arrays: u = (62 − bitlen T) // 2, r = isqrt(T·4^u), 1/r in 2^61 units
+    tv = np.maximum(t, 1)
+    shift = (62 - bit_length_vec(tv)) // 2
+    r = isqrt_vec(tv << (2 * shift))
+    inv = ((1 << 62) + r) // (2 * r)
     prod = (c * np.power(2, shift)) * inv
     return np.floor_divide(prod + 2 ** 30, 2 ** 31)
 
@@ -129,5 +139,9 @@ def _layer_norm(mod: IntLayerNorm, q: np.ndarray) -> np.ndarray:
     return layer_norm_ref(q, mod)
 
 
+def _l2_normalize(mod: IntL2Normalize, q: np.ndarray) -> np.ndarray:
+    return np.moveaxis(layer_norm_ref(np.moveaxis(q, mod.dim, -1), mod), -1, mod.dim)
+
+
 TRANSFORMER_IMPLS: dict[type, Any] = {IntMatMul: _matmul, IntSoftmax: _softmax,
-                                      IntLayerNorm: _layer_norm}
+                                      IntLayerNorm: _layer_norm, IntL2Normalize: _l2_normalize}

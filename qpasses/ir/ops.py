@@ -47,6 +47,7 @@ INT_FUNCTIONS = frozenset({operator.floordiv, operator.mul, operator.add, operat
 
 LAYER_NORM_MODULES: tuple[type, ...] = (nn.LayerNorm,)
 LAYER_NORM_FUNCTIONS = frozenset({F.layer_norm})
+NORMALIZE_FUNCTIONS = frozenset({F.normalize})       # L2 normalization (IntL2Normalize)
 SOFTMAX_MODULES: tuple[type, ...] = (nn.Softmax,)
 SOFTMAX_FUNCTIONS = frozenset({torch.softmax, F.softmax})
 SOFTMAX_METHODS = frozenset({"softmax"})

@@ -30,6 +30,7 @@ IntLUT             an elementwise nonlinearity as a table over every input code
 IntMatMul          matmul of two integer activations (exact accumulator, optional requantize)
 IntSoftmax         softmax: exponent table, int64 sum, Q30 division, requantize
 IntLayerNorm       LayerNorm: integer mean/variance, exact isqrt, fixed-point γ/β requantize
+IntL2Normalize     F.normalize (p=2, any dim): IntLayerNorm's arithmetic, no mean, no affine
 =================  ===========================================================================
 
 This module holds the base class, :class:`Quantize`, :class:`Dequantize`, :class:`Requantize` and

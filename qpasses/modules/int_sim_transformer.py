@@ -20,7 +20,7 @@ from qpasses.numerics.int_attention import (SOFTMAX_FRAC_BITS, broadcast_batch, 
 from qpasses.numerics.int_norm import (LayerNormConstants, int_layer_norm_fast,
                                        int_layer_norm_reference)
 
-__all__ = ["IntLayerNorm", "IntMatMul", "IntSoftmax", "TRANSFORMER_MODULES", "matmul_kernel_table"]
+__all__ = ["IntL2Normalize", "IntLayerNorm", "IntMatMul", "IntSoftmax", "TRANSFORMER_MODULES", "matmul_kernel_table"]
 
 _I64 = torch.int64
 
@@ -174,7 +174,33 @@ class IntLayerNorm(IntSimModule):
                 f"rounding={self.rounding}")
 
 
-TRANSFORMER_MODULES: tuple[Any, ...] = (IntMatMul, IntSoftmax, IntLayerNorm)
+class IntL2Normalize(IntLayerNorm):
+    """``F.normalize(x, p=2, dim)`` of integer codes: :class:`IntLayerNorm`'s arithmetic without
+    the mean and the affine (``consts.center`` False: ``T = max(Σc², E)``, ``E`` from eps²),
+    over ``dim`` (moved last and back), requantized onto the output grid."""
+
+    def __init__(self, dim: int, consts: LayerNormConstants, *, in_scale: float,
+                 in_zero_point: int, out_scale: float, out_zero_point: int, qmin: int,
+                 qmax: int, rounding: str, eps: float) -> None:
+        if consts.center:
+            raise NumericsError("int l2 normalize: constants built for LayerNorm (center=True)")
+        super().__init__(1, consts, in_scale=in_scale, in_zero_point=in_zero_point,
+                         out_scale=out_scale, out_zero_point=out_zero_point, qmin=qmin,
+                         qmax=qmax, rounding=rounding, eps=eps)
+        self.dim = int(dim)
+
+    def constants(self) -> LayerNormConstants:
+        return LayerNormConstants(self.n, self.frac_bits, self.eps_codes, self.gain, self.bias,
+                                  self.out_frac_bits, center=False)
+
+    def forward(self, q: Tensor) -> Tensor:
+        return super().forward(q.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, " + super().extra_repr()
+
+
+TRANSFORMER_MODULES: tuple[Any, ...] = (IntMatMul, IntSoftmax, IntLayerNorm, IntL2Normalize)
 
 
 def matmul_kernel_table(gm: torch.nn.Module) -> list[dict[str, Any]]:

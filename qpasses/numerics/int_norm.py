@@ -19,6 +19,12 @@ and ``rnd`` the rounding of the contract: half away from zero (gemmlowp), half u
 to even (hawq, float-rne). int64 safety: ``|Σ x·2^(k+1)| <= N·X·2^(k+1)``, ``T < 2^62`` is how
 ``k`` is chosen, ``|c_i·2^u| <= r < 2^31`` and ``inv <= 2^31`` keep the product below 2^62, and
 ``R`` is chosen so that ``(2^30 + 1)·max|g| + max|b| + 2^R < 2^62``.
+
+``center=False`` is the L2 normalization ``x / max(‖x‖₂, eps)`` (``F.normalize``) with the same
+steps: no mean (``c_i = x_i·2^k``), ``E = rne(eps²·4^k / s²)`` and ``T = max(Σ c_i², E)`` (the
+``max`` of the squared norms), ``g = rne(2^(R−30) / s_y)``, ``b = 0``. Bound:
+``Σ c_i² <= N·X²·4^k < 2^62`` is how ``k`` is chosen, and ``c_i² <= T`` still gives
+``|c_i·2^u| <= r``.
 """
 from __future__ import annotations
 
@@ -45,23 +51,33 @@ class LayerNormConstants:
     """The integer constants of one LayerNorm (see the module docstring)."""
 
     def __init__(self, n: int, frac_bits: int, eps_codes: int, gain: Tensor, bias: Tensor,
-                 out_frac_bits: int) -> None:
+                 out_frac_bits: int, center: bool = True) -> None:
         self.n, self.frac_bits, self.eps_codes = int(n), int(frac_bits), int(eps_codes)
         self.gain, self.bias = gain.to(_I64), bias.to(_I64)
         self.out_frac_bits = int(out_frac_bits)
+        self.center = bool(center)
 
 
 def layer_norm_constants(n: int, span: int, max_abs: int, in_scale: float, eps: float,
                          gamma: Tensor | None, beta: Tensor | None, out_scale: float,
-                         max_frac_bits: int = 16) -> LayerNormConstants:
+                         max_frac_bits: int = 16, center: bool = True) -> LayerNormConstants:
     """Choose ``k`` (the largest <= ``max_frac_bits`` with ``T < 2^62`` for every input), ``E``,
-    ``R``, ``g`` and ``b``; NumericsError when even ``k = 0`` or ``R = 0`` cannot be proven safe."""
+    ``R``, ``g`` and ``b``; NumericsError when even ``k = 0`` or ``R = 0`` cannot be proven safe.
+    ``center=False``: the L2 normalization (no mean, ``eps`` bounds the norm, no affine)."""
     if n < 1:
         raise NumericsError("int layer norm: empty normalized shape")
     if not (in_scale > 0 and out_scale > 0):
         raise NumericsError("int layer norm: scales must be > 0")
+    if not center and (gamma is not None or beta is not None):
+        raise NumericsError("int l2 normalize: has no affine parameters")
     k_found = None
     for k in range(max_frac_bits, -1, -1):
+        if not center:                      # T = max(Σc², E) with |c| <= X·2^k
+            e_codes = round(eps * eps * 4.0 ** k / (in_scale * in_scale))
+            if n * (max_abs << k) ** 2 < _T_LIMIT and e_codes < _T_LIMIT:
+                k_found, e_found = k, int(e_codes)
+                break
+            continue
         e_codes = round(eps * 4.0 ** k / (in_scale * in_scale))
         if n * max_abs * 2 ** (k + 2) >= 2 ** 62:
             continue
@@ -72,7 +88,8 @@ def layer_norm_constants(n: int, span: int, max_abs: int, in_scale: float, eps: 
         raise NumericsError(f"int layer norm: {n} values spanning {span} codes with eps/s² = "
                             f"{eps / in_scale ** 2:.3g} leave int64")
     g_real = (torch.ones(n, dtype=torch.float64) if gamma is None
-              else gamma.detach().double().reshape(-1)) * math.sqrt(n) / out_scale
+              else gamma.detach().double().reshape(-1)) * (math.sqrt(n) if center else 1.0) \
+        / out_scale
     b_real = (torch.zeros(n, dtype=torch.float64) if beta is None
               else beta.detach().double().reshape(-1)) / out_scale
     if g_real.numel() != n or b_real.numel() != n or not bool(torch.isfinite(g_real).all()) \
@@ -87,7 +104,7 @@ def layer_norm_constants(n: int, span: int, max_abs: int, in_scale: float, eps: 
         g = torch.round(torch.ldexp(g_real, torch.tensor(r - NORM_BITS))).to(_I64)
         b = torch.round(torch.ldexp(b_real, torch.tensor(r))).to(_I64)
         if (2 ** NORM_BITS + 1) * int(g.abs().max()) + int(b.abs().max()) + 2 ** r < 2 ** 62:
-            return LayerNormConstants(n, k_found, e_found, g, b, r)
+            return LayerNormConstants(n, k_found, e_found, g, b, r, center)
     raise NumericsError("int layer norm: gain or bias too large for int64")
 
 
@@ -114,10 +131,14 @@ def _flatten_last(x: Tensor, n_dims: int) -> Tensor:
 def normalized_fast(x: Tensor, c: LayerNormConstants) -> Tensor:
     """``n_i`` of centred codes ``x`` (int64, last dim = the N normalized values)."""
     n, k = c.n, c.frac_bits
-    mu = torch.div((x.sum(-1, keepdim=True) << (k + 1)) + n, 2 * n, rounding_mode="floor")
-    cx = (x << k) - mu
-    t = (cx * cx).sum(-1, keepdim=True) + n * c.eps_codes
-    t = t.clamp_(min=1)
+    if c.center:
+        mu = torch.div((x.sum(-1, keepdim=True) << (k + 1)) + n, 2 * n, rounding_mode="floor")
+        cx = (x << k) - mu
+        t = (cx * cx).sum(-1, keepdim=True) + n * c.eps_codes
+        t = t.clamp_(min=1)
+    else:
+        cx = x << k
+        t = (cx * cx).sum(-1, keepdim=True).clamp_(min=max(c.eps_codes, 1))
     u = (62 - _bit_length(t)) >> 1
     r = isqrt(t << (2 * u))
     inv = torch.div((1 << 62) + r, 2 * r, rounding_mode="floor")
@@ -172,11 +193,18 @@ def normalized_reference(x: Tensor, c: LayerNormConstants) -> Tensor:
     if x.shape[-1] != n:
         raise NumericsError(f"int layer norm: normalizing {x.shape[-1]} values, built for {n}")
     total = x.sum(-1, keepdim=True)
-    if total.numel() and int(total.abs().max()) * 2 ** (k + 2) >= 2 ** 62:
-        raise NumericsError("int layer norm: the sum leaves int64")
-    mu = (total * 2 ** (k + 1) + n) // (2 * n)
-    cx = x * 2 ** k - mu
-    t = (cx * cx).sum(-1, keepdim=True) + n * c.eps_codes
+    if c.center:
+        if total.numel() and int(total.abs().max()) * 2 ** (k + 2) >= 2 ** 62:
+            raise NumericsError("int layer norm: the sum leaves int64")
+        mu = (total * 2 ** (k + 1) + n) // (2 * n)
+        cx = x * 2 ** k - mu
+        t = (cx * cx).sum(-1, keepdim=True) + n * c.eps_codes
+    else:                                                  # L2: T = max(Σc², E)
+        cx = x * 2 ** k
+        if cx.numel() and int(cx.abs().max()) >= 2 ** 31:
+            raise NumericsError("int l2 normalize: scaled code beyond 2^31")
+        t = torch.maximum((cx * cx).sum(-1, keepdim=True),
+                          torch.full_like(total, c.eps_codes))
     if t.numel() and int(t.max()) >= _T_LIMIT:
         raise NumericsError("int layer norm: Σc² + N·E reached 2^62")
     t = torch.maximum(t, torch.ones_like(t))

@@ -25,7 +25,7 @@ class TwoLayer(nn.Module):
 
 
 LAYER_KEYS = {"name", "op", "w_bits", "w_bits_per_kernel", "a_bits", "macs", "params", "bitops",
-              "size_bits", "acc_bits", "acc_bits_data", "pruned_channels"}
+              "size_bits", "acc_bits", "acc_bits_data", "pruned_channels", "integer"}
 
 
 def test_schema_and_float_costs():

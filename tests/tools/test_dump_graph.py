@@ -26,7 +26,7 @@ def test_json_format_follows_the_report_schema():
     assert set(rep) == {"model", "pipeline", "layers", "totals", "passes", "float_islands"}
     assert [r["name"] for r in rep["layers"]] == ["conv1", "conv2", "fc"]
     keys = {"name", "op", "w_bits", "w_bits_per_kernel", "a_bits", "macs", "params", "bitops",
-            "size_bits", "acc_bits", "acc_bits_data", "pruned_channels"}
+            "size_bits", "acc_bits", "acc_bits_data", "pruned_channels", "integer"}
     assert all(set(r) == keys for r in rep["layers"])
     assert rep["layers"][0]["macs"] == 8 * 3 * 9 * 8 * 8
     assert set(rep["totals"]) == {"macs", "params", "bitops", "size_bits"}

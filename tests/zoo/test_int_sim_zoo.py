@@ -2,7 +2,8 @@
 
 A sample of families (plain and inverted residual CNNs, squeeze-excitation, dense concatenation
 with pre-activation BatchNorm, grouped and channel-shuffled blocks, ConvNeXt with LayerNorm and
-layer scale, the vision transformer with decomposed attention), seeded random weights at the
+layer scale, the vision transformer with decomposed attention, Swin V2 with shifted-window cosine
+attention), seeded random weights at the
 smallest input (``tools.zoo_models.build``), through the default pipeline (W4A8, 8-bit first/last
 layers) and the W8A8 ``ptq-int8`` variant, then ``lower-to-int-sim`` and ``verify-int-sim``
 (bit-exact against its oracle, or it raises). Each must have 0 float islands, and the report must
@@ -30,7 +31,7 @@ PIPELINES = {"default": "graph(default)",
 CASES = [("resnet18", "default"), ("mobilenet_v3_small", "default"),
          ("efficientnet_b0", "w8a8"), ("regnet_x_400mf", "default"),
          ("shufflenet_v2_x0_5", "w8a8"), ("googlenet", "default"), ("convnext_tiny", "default"),
-         ("vit_b_16", "default"), ("vit_b_16", "w8a8")]
+         ("vit_b_16", "default"), ("vit_b_16", "w8a8"), ("swin_v2_t", "default")]
 
 
 @pytest.fixture(autouse=True)

@@ -42,8 +42,9 @@ Rules (fake-quant node → integer nodes):
 - matmul of two integer activations, softmax and LayerNorm (``transformer``): :class:`IntMatMul`
   (exact accumulator, requantized onto the quantizer it reaches or kept at ``s_a·s_b``),
   :class:`IntSoftmax` (exponent table, Q30 division) and :class:`IntLayerNorm` (integer mean and
-  variance, exact square root, γ/β folded into a fixed-point requantization); wide or per-channel
-  inputs go through a ``lut-bits`` intermediate grid first.
+  variance, exact square root, γ/β folded into a fixed-point requantization), ``F.normalize``
+  (p=2) to :class:`IntL2Normalize` (the same arithmetic without mean and affine); wide or
+  per-channel inputs go through a ``lut-bits`` intermediate grid first.
 - per-channel affine ops with constant operands (eval-mode BatchNorm not after a conv,
   ``x * param``, ``x + param``, ``x - c``, ``c - x``, ``x / c``; ``affine``): :class:`IntAffine`, one
   requantization with a signed multiplier and an integer bias per channel onto the quantizer the

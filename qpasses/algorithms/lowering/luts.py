@@ -40,7 +40,10 @@ class LutRules:
                     return mod, name
             return None
         tensors = self.tensor_inputs(n)
-        if len(tensors) != 1 or not n.args or n.args[0] is not tensors[0]:
+        scalar_left = n.op == "call_function" and t in ops.SCALAR_ARITH_FUNCTIONS and \
+            len(n.args) == 2 and isinstance(n.args[0], (int, float)) and \
+            len(tensors) == 1 and n.args[1] is tensors[0]          # 16 * x (Swin V2's bias)
+        if len(tensors) != 1 or not n.args or (n.args[0] is not tensors[0] and not scalar_left):
             return None
         rest_args = n.args[1:]
         if any(a is not tensors[0] for a in n.all_input_nodes):

@@ -17,7 +17,8 @@ from qpasses.ir.annotations import QMETA_KEY
 from qpasses.ir.fx import attr_value, node_arg, node_shape
 from qpasses.ir.ops import target_name
 from qpasses.modules.int_sim import Requantize
-from qpasses.modules.int_sim_transformer import IntLayerNorm, IntMatMul, IntSoftmax
+from qpasses.modules.int_sim_transformer import (IntL2Normalize, IntLayerNorm, IntMatMul,
+                                                 IntSoftmax)
 from qpasses.numerics.fixed_point import fbgemm_scale
 from qpasses.numerics.int_attention import (SOFTMAX_FRAC_BITS, matmul_bound, softmax_exp_table)
 from qpasses.numerics.int_norm import layer_norm_constants
@@ -54,6 +55,8 @@ class TransformerRules:
         if isinstance(mod, ops.LAYER_NORM_MODULES) or \
                 (n.op == "call_function" and t in ops.LAYER_NORM_FUNCTIONS):
             return lambda: self.lower_layer_norm(n, mod)
+        if n.op == "call_function" and t in ops.NORMALIZE_FUNCTIONS:
+            return lambda: self.lower_normalize(n)
         return None
 
     def _count(self, key: str) -> None:
@@ -219,4 +222,46 @@ class TransformerRules:
         node = self.call_int(n.name, m, (src.node,), n, n.name)
         self._finish(n, node)
         self._count("num_int_layer_norms")
+        return Rep(node, target)
+
+    # -- L2 normalize ----------------------------------------------------------------------------
+
+    def lower_normalize(self, n: Node) -> Rep:
+        """``F.normalize(x, p=2, dim, eps)``: :class:`IntL2Normalize` (LayerNorm's integer
+        arithmetic without mean and affine) onto the quantizer it reaches, or onto a signed
+        ``lut-bits`` grid of [−1, 1]."""
+        p = node_arg(n, 1, "p", 2.0)
+        dim = node_arg(n, 2, "dim", 1)
+        eps = node_arg(n, 3, "eps", 1e-12)
+        if node_arg(n, 4, "out", None) is not None:
+            raise FloatIsland("normalize with out=")
+        if not isinstance(p, (int, float)) or float(p) != 2.0:
+            raise FloatIsland(f"normalize with p={p} (only p=2 has an integer kernel)")
+        if not isinstance(dim, int):
+            raise FloatIsland("normalize with a non-constant dim")
+        if not isinstance(eps, (int, float)) or not eps >= 0:
+            raise FloatIsland(f"normalize with eps={eps} (a constant >= 0 is needed)")
+        x_node = n.args[0]
+        shape = node_shape(x_node) if isinstance(x_node, Node) else None
+        if not shape or not -len(shape) <= dim < len(shape):
+            raise FloatIsland("normalize of an input without a traced shape containing dim")
+        src = self._narrow_input(n, x_node, "normalize")
+        qt = src.qt
+        assert qt is not None
+        target = self.lookahead_target(n)
+        if target is None:
+            half = 2 ** (self.options.lut_bits - 1) - 1
+            target = QType((float(f32(1.0 / half)),), 0, -half, half, kind="codes")
+        try:
+            consts = layer_norm_constants(shape[dim], qt.span, qt.max_abs_centered, qt.scale[0],
+                                          float(eps), None, None, target.scale[0], center=False)
+        except NumericsError as e:
+            raise FloatIsland(str(e)) from None
+        m = IntL2Normalize(dim, consts, in_scale=qt.scale[0], in_zero_point=qt.zero_point,
+                           out_scale=target.scale[0], out_zero_point=target.zero_point,
+                           qmin=target.qmin, qmax=target.qmax, rounding=self.options.rounding,
+                           eps=float(eps))
+        node = self.call_int(n.name, m, (src.node,), n, n.name)
+        self._finish(n, node)
+        self._count("num_int_l2_normalizes")
         return Rep(node, target)
