@@ -141,6 +141,7 @@ class LutRules:
         amax = 2.0 ** math.ceil(math.log2(amax)) if amax > 0 else 1.0
         half = 2 ** (self.options.lut_bits - 1) - 1
         grid = QType((float(f32(amax / half)),), 0, -half, half, kind="codes")
-        rep = self.requantize_to(src, grid, n, name)
+        # like=x_node: the requantized value has the shape of the value, not of its consumer
+        rep = self.requantize_to(src, grid, x_node, name)
         rep.node.meta["qpasses.int_sim.note"] = f"intermediate grid: {how} range ±{amax:.4g}"
         return rep
