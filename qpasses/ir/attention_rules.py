@@ -40,10 +40,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from qpasses.ir.fx import bind, dtype_of, node_shape, submodule_or_none, tensor_meta_for
+from qpasses.ir.fx import MetaEmitter, bind, node_shape, submodule_or_none
 
 __all__ = ["MHA_ARGS", "attention_rule", "undecomposed_reason"]
 
@@ -159,53 +158,11 @@ def _projections(mod: nn.MultiheadAttention) -> nn.Module:
 # Emitting nodes with shapes
 
 
-class _Emitter:
-    """Creates nodes before ``anchor`` and gives each its ``tensor_meta``, computed by running the
-    op on meta tensors of the traced shapes (ints for ``size`` queries)."""
-
-    def __init__(self, gm: torch.fx.GraphModule, anchor: Node, shapes_known: bool):
-        self.gm, self.anchor, self.known = gm, anchor, shapes_known
-        self.vals: dict[Node, Any] = {}
-
-    def value(self, x: Any) -> Any:
-        if isinstance(x, Node):
-            if x not in self.vals:
-                self.vals[x] = torch.empty(node_shape(x), dtype=dtype_of(x) or torch.float32,
-                                           device="meta")
-            return self.vals[x]
-        if isinstance(x, (tuple, list)):
-            return type(x)(self.value(v) for v in x)
-        return x
-
-    def emit(self, op: str, target: Any, args: tuple, name: str,
-             compute: Callable[..., Any] | None = None) -> Node:
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.create_node(op, target, args, {}, name=name)
-        if self.known:
-            vals = [self.value(a) for a in args]
-            if compute is not None:
-                out = compute(*vals)
-            elif op == "call_method":
-                out = getattr(vals[0], target)(*vals[1:])
-            else:
-                out = target(*vals)
-            self.vals[node] = out
-            if isinstance(out, torch.Tensor):
-                meta = tensor_meta_for(out)
-                if meta is not None:
-                    node.meta["tensor_meta"] = meta
-        return node
-
-    def linear(self, target: str, lin: nn.Linear, x: Node, name: str) -> Node:
-        w = torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta")
-        return self.emit("call_module", target, (x,), name, lambda v: F.linear(v, w))
-
-
 def _decompose(gm: torch.fx.GraphModule, node: Node, a: dict[str, Any], mod: nn.MultiheadAttention,
                path: str) -> None:
     base = node.name
     shapes_known = all(node_shape(a[x]) is not None for x in ("query", "key", "value"))
-    em = _Emitter(gm, node, shapes_known)
+    em = MetaEmitter(gm, node, shapes_known)
     h, d, e = mod.num_heads, mod.head_dim, mod.embed_dim
 
     def batch_first(x: Node, tag: str, done: dict[Node, Node]) -> Node:
@@ -224,8 +181,7 @@ def _decompose(gm: torch.fx.GraphModule, node: Node, a: dict[str, Any], mod: nn.
     s = ln if k_in is q_in else em.emit("call_method", "size", (k_in, 1), f"{base}_s")
 
     def heads(x: Node, which: str, tokens: Node) -> Node:
-        lin = gm.get_submodule(f"{path}.{which}_proj")
-        p = em.linear(f"{path}.{which}_proj", lin, x, f"{base}_{which}_proj")
+        p = em.linear(f"{path}.{which}_proj", x, f"{base}_{which}_proj")
         r = em.emit("call_method", "reshape", (p, n, tokens, h, d), f"{base}_{which}_heads")
         return em.emit("call_method", "transpose", (r, 1, 2), f"{base}_{which}")
 
@@ -236,8 +192,7 @@ def _decompose(gm: torch.fx.GraphModule, node: Node, a: dict[str, Any], mod: nn.
     ctx = em.emit("call_function", torch.matmul, (attn, v), f"{base}_context")
     ctx_t = em.emit("call_method", "transpose", (ctx, 1, 2), f"{base}_context_t")
     merged = em.emit("call_method", "reshape", (ctx_t, n, ln, e), f"{base}_merged")
-    out = em.linear(f"{path}.out_proj", gm.get_submodule(f"{path}.out_proj"), merged,
-                    f"{base}_out_proj")
+    out = em.linear(f"{path}.out_proj", merged, f"{base}_out_proj")
     if not mod.batch_first:
         out = em.emit("call_method", "transpose", (out, 0, 1), f"{base}_out")
     weights: Node | None = None

@@ -44,7 +44,7 @@ import torch
 import torch.fx
 
 from qpasses.ir import ops
-from qpasses.ir.fx import dtype_of, node_shape, tensor_meta_for
+from qpasses.ir.fx import MetaEmitter, node_shape
 
 __all__ = ["EinsumProduct", "einsum_island_reason", "einsum_product", "einsum_reason",
            "einsum_rule", "parse_einsum"]
@@ -250,26 +250,10 @@ def _steps(p: EinsumProduct) -> tuple[list[tuple[str, tuple]], list[tuple[str, t
     return sa, sb, sr
 
 
-def _meta(x: Node) -> torch.Tensor:
-    return torch.empty(node_shape(x), dtype=dtype_of(x) or torch.float32, device="meta")
-
-
 def _rewrite(gm: torch.fx.GraphModule, node: Node, p: EinsumProduct) -> None:
     sa, sb, sr = _steps(p)
     base = node.name
-    vals: dict[Node, torch.Tensor] = {p.a: _meta(p.a), p.b: _meta(p.b)}
-    graph = gm.graph
-
-    def emit(op: str, target: Any, args: tuple, name: str) -> Node:
-        with graph.inserting_before(node):
-            new = graph.create_node(op, target, args, {}, name=name)
-        xs = [vals[a] if isinstance(a, Node) else a for a in args]
-        out = getattr(xs[0], target)(*xs[1:]) if op == "call_method" else target(*xs)
-        vals[new] = out
-        meta = tensor_meta_for(out) if isinstance(out, torch.Tensor) else None
-        if meta is not None:
-            new.meta["tensor_meta"] = meta
-        return new
+    emit = MetaEmitter(gm, node).emit
 
     def chain(x: Node, steps: list[tuple[str, tuple]], tag: str) -> Node:
         for i, (method, extra) in enumerate(steps):

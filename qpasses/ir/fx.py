@@ -201,6 +201,68 @@ def tensor_meta_for(t: torch.Tensor) -> Any:
         return None
 
 
+class MetaEmitter:
+    """Creates nodes before ``anchor`` for a rewrite rule; each gets its ``tensor_meta`` by
+    running the op on meta tensors of the traced shapes (get_attr values as meta copies, ints for
+    ``size`` queries). With ``shapes_known=False`` (inputs without traced shapes) the nodes are
+    created without meta."""
+
+    def __init__(self, gm: torch.fx.GraphModule, anchor: torch.fx.Node,
+                 shapes_known: bool = True) -> None:
+        self.gm, self.anchor, self.known = gm, anchor, shapes_known
+        self.vals: dict[torch.fx.Node, Any] = {}
+
+    def value(self, x: Any) -> Any:
+        """The meta value of an argument (nodes, nested tuples/lists, constants)."""
+        if isinstance(x, torch.fx.Node):
+            if x not in self.vals:
+                if x.op == "get_attr":
+                    t = attr_value(self.gm, str(x.target))
+                    self.vals[x] = t.detach().to("meta") if isinstance(t, torch.Tensor) else t
+                else:
+                    self.vals[x] = torch.empty(node_shape(x), dtype=dtype_of(x) or torch.float32,
+                                               device="meta")
+            return self.vals[x]
+        if isinstance(x, (tuple, list)):
+            return type(x)(self.value(v) for v in x)
+        return x
+
+    def emit(self, op: str, target: Any, args: tuple, name: str, kwargs: dict | None = None,
+             compute: Callable[..., Any] | None = None) -> torch.fx.Node:
+        """A new node before the anchor; ``compute`` (on meta values) replaces running the op."""
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.create_node(op, target, args, kwargs or {}, name=name)
+        if not self.known:
+            return node
+        vals = [self.value(a) for a in args]
+        kw = {k: self.value(v) for k, v in (kwargs or {}).items()}
+        if compute is not None:
+            out = compute(*vals)
+        elif op == "call_method":
+            out = getattr(vals[0], target)(*vals[1:], **kw)
+        elif op == "get_attr":
+            out = self.value(node)
+        else:
+            out = target(*vals, **kw)
+        self.vals[node] = out
+        if isinstance(out, torch.Tensor):
+            meta = tensor_meta_for(out)
+            if meta is not None:
+                node.meta["tensor_meta"] = meta
+        return node
+
+    def method(self, name: str, x: torch.fx.Node, *args: Any) -> torch.fx.Node:
+        """``x.<name>(*args)``, named after the anchor."""
+        return self.emit("call_method", name, (x, *args), f"{self.anchor.name}_{name}")
+
+    def linear(self, target: str, x: torch.fx.Node, name: str) -> torch.fx.Node:
+        """A call of the nn.Linear installed at ``target``."""
+        lin = self.gm.get_submodule(target)
+        w = torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta")
+        return self.emit("call_module", target, (x,), name,
+                         compute=lambda v: torch.nn.functional.linear(v, w))
+
+
 def graph_device(gm: torch.nn.Module) -> torch.device:
     """The device of the graph's first parameter or buffer (CPU for a graph without tensors)."""
     for t in gm.parameters():

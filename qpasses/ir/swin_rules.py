@@ -52,7 +52,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from qpasses.ir.fx import bind, dtype_of, graph_device, node_shape, tensor_meta_for
+from qpasses.ir.fx import MetaEmitter, bind, dtype_of, graph_device, node_shape
 
 __all__ = ["SWIN_ATTENTION_ARGS", "patch_merging_rule", "position_bias_rule",
            "window_attention_rule", "window_attention_reason"]
@@ -73,65 +73,6 @@ def _tv_function(node: Node, name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Emitting nodes with shapes
-
-
-class _Emitter:
-    """Creates nodes before ``anchor``; each gets its ``tensor_meta`` by running the op on meta
-    tensors of the traced shapes."""
-
-    def __init__(self, gm: torch.fx.GraphModule, anchor: Node):
-        self.gm, self.anchor = gm, anchor
-        self.vals: dict[Node, Any] = {}
-
-    def value(self, x: Any) -> Any:
-        if isinstance(x, Node):
-            if x not in self.vals:
-                if x.op == "get_attr":
-                    t = _attr(self.gm, str(x.target))
-                    self.vals[x] = t.detach().to("meta") if isinstance(t, torch.Tensor) else t
-                else:
-                    self.vals[x] = torch.empty(node_shape(x), dtype=dtype_of(x) or torch.float32,
-                                               device="meta")
-            return self.vals[x]
-        if isinstance(x, (tuple, list)):
-            return type(x)(self.value(v) for v in x)
-        return x
-
-    def emit(self, op: str, target: Any, args: tuple, name: str, kwargs: dict | None = None,
-             compute: Callable[..., Any] | None = None) -> Node:
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.create_node(op, target, args, kwargs or {}, name=name)
-        vals = [self.value(a) for a in args]
-        kw = {k: self.value(v) for k, v in (kwargs or {}).items()}
-        if compute is not None:
-            out = compute(*vals)
-        elif op == "call_method":
-            out = getattr(vals[0], target)(*vals[1:], **kw)
-        elif op == "get_attr":
-            out = self.value(node)
-        else:
-            out = target(*vals, **kw)
-        self.vals[node] = out
-        if isinstance(out, torch.Tensor):
-            meta = tensor_meta_for(out)
-            if meta is not None:
-                node.meta["tensor_meta"] = meta
-        return node
-
-    def method(self, name: str, x: Node, *args: Any) -> Node:
-        return self.emit("call_method", name, (x, *args), f"{self.anchor.name}_{name}")
-
-    def linear(self, target: str, x: Node, name: str) -> Node:
-        lin = self.gm.get_submodule(target)
-        w = torch.empty(lin.weight.shape, dtype=lin.weight.dtype, device="meta")
-        return self.emit("call_module", target, (x,), name, compute=lambda v: F.linear(v, w))
-
-
-def _attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +207,7 @@ def _rewrite_attention(gm: torch.fx.GraphModule, node: Node, a: dict[str, Any]) 
     gm.set_submodule(qkv_path, _qkv_box(gm.get_submodule(qkv_path), a["qkv_bias"] is not None,
                                         heads, cosine))
     gm.set_submodule(proj_path, _linear_of(gm.get_submodule(proj_path), a["proj_bias"] is not None))
-    em = _Emitter(gm, node)
+    em = MetaEmitter(gm, node)
     base = node.name
     x = a["input"]
     if pad_r or pad_b:
@@ -362,7 +303,7 @@ def position_bias_rule(cx: Any, node: Node) -> Callable[[], None] | None:
         return None
 
     def rewrite() -> None:
-        em = _Emitter(cx.gm, node)
+        em = MetaEmitter(cx.gm, node)
         n_tok = ws[0] * ws[1]
         g = em.emit("call_function", operator.getitem, (table, index), f"{node.name}_gather")
         r = em.emit("call_method", "reshape", (g, n_tok, n_tok, -1), f"{node.name}_pairs")
@@ -383,7 +324,7 @@ def patch_merging_rule(cx: Any, node: Node) -> Callable[[], None] | None:
         return None
 
     def rewrite() -> None:
-        em = _Emitter(cx.gm, node)
+        em = MetaEmitter(cx.gm, node)
         hh, ww = shape[-3], shape[-2]
         y = x
         if hh % 2 or ww % 2:
