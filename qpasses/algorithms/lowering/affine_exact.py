@@ -6,6 +6,7 @@ channel's integer bias, a few 2^-k input steps) keeps pruned and unpruned graphs
 lowering, as ``exact-zero-kernel-constants`` does for the layers themselves."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -132,23 +133,32 @@ class ExactAffineConstants:
         if not bool(bad.any()):
             return 0
         base = mod.bias_q.clone()
-        best = base.clone()
-        fixed = torch.zeros(c, dtype=torch.bool)
-        for d in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
-            mod.bias_q.copy_(base + d)
-            out = mod.rq.reference(mod.accumulate_with_bias(q0)).reshape(-1)
-            hit = bad & ~fixed & (out == want)
-            best = torch.where(hit, base + d, best)
-            fixed |= hit
-            if bool(fixed[bad].all()):
-                break
-        mod.bias_q.copy_(best)
-        mod.refresh()
+
+        def run(bias: Tensor) -> Tensor:
+            mod.bias_q.copy_(bias)
+            return mod.rq.reference(mod.accumulate_with_bias(q0)).reshape(-1)
+        best = _nudge_biases(mod, run, base, bad, want)
         if mod.acc_max > INT32_MAX:            # cannot happen for offsets of <= 64 steps, but
             mod.bias_q.copy_(base)             # never leave an unproven accumulator behind
             mod.refresh()
             return 0
         return int((best != base).sum())
+
+
+def _nudge_biases(mod: IntAffine, run: Callable[[Tensor], Tensor], base: Tensor, bad: Tensor,
+                  want: Tensor) -> Tensor:
+    """Per channel in ``bad``, the integer bias nearest ``base`` (within ±_SEARCH) for which
+    ``run(bias)`` (per-channel codes) gives ``want``; installs the result in ``mod``."""
+    best, fixed = base.clone(), torch.zeros_like(bad)
+    for d in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
+        hit = bad & ~fixed & (run(base + d) == want)
+        best = torch.where(hit, base + d, best)
+        fixed |= hit
+        if bool(fixed[bad].all()):
+            break
+    mod.bias_q.copy_(best)
+    mod.refresh()
+    return best
 
 
 def _exact_avg(m: nn.Module) -> bool:
@@ -277,14 +287,6 @@ def exact_affine_chains(gm: torch.fx.GraphModule) -> int:
         if not bool(bad.any()):
             mod.bias_q.copy_(base)
             continue
-        best, fixed = base.clone(), torch.zeros_like(known)
-        for d in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
-            hit = bad & ~fixed & (run(base + d) == want)
-            best = torch.where(hit, base + d, best)
-            fixed |= hit
-            if bool(fixed[bad].all()):
-                break
-        mod.bias_q.copy_(best)
-        mod.refresh()
+        best = _nudge_biases(mod, run, base, bad, want)
         changed += int((best != base).sum())
     return changed
