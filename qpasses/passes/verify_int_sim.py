@@ -251,6 +251,18 @@ class VerifyIntSim(Pass):
         mods = dict(gm.named_modules())
         same = {} if same is None else same
         n_int, max_acc = 0, 0
+
+        def check_width(amax: int, declared: int, n: torch.fx.Node, what: str) -> int:
+            """The bits ``|amax|`` needs; AccumulatorOverflowError beyond the declared width."""
+            need = amax.bit_length() + 1
+            width = opts.acc_bits if opts.acc_bits is not None else declared
+            if need > width:
+                raise AccumulatorOverflowError(
+                    f"accumulator of {what} reached |{amax}|, which needs {need} bits: it "
+                    f"exceeds the declared {width}-bit width"
+                    + (" (acc-bits option)" if opts.acc_bits is not None else ""), node=n.name)
+            return need
+
         for n in gm.graph.nodes:
             if kinds.get(n.name) != "int":
                 continue
@@ -280,28 +292,15 @@ class VerifyIntSim(Pass):
                 if amax is None:
                     acc = m.accumulate(x, kernel="reference")
                     amax = int(acc.abs().max()) if acc.numel() else 0
-                need = amax.bit_length() + 1
-                max_acc = max(max_acc, need)
-                width = opts.acc_bits if opts.acc_bits is not None else m.acc_bits
-                if need > width:
-                    raise AccumulatorOverflowError(
-                        f"accumulator of layer '{n.target}' (node '{n.name}') reached |{amax}|, "
-                        f"which needs {need} bits: it exceeds the declared {width}-bit width"
-                        + (" (acc-bits option)" if opts.acc_bits is not None else ""),
-                        node=n.name)
+                max_acc = max(max_acc, check_width(
+                    amax, m.acc_bits, n, f"layer '{n.target}' (node '{n.name}')"))
             if isinstance(m, IntMatMul):
                 amax = _oracle_acc(n, n.args[:2], values, ref, accs, same)
                 if amax is None:
                     acc = m.accumulate(values[n.args[0].name], values[n.args[1].name],
                                        "reference")
                     amax = int(acc.abs().max()) if acc.numel() else 0
-                need = amax.bit_length() + 1
-                max_acc = max(max_acc, need)
-                width = opts.acc_bits if opts.acc_bits is not None else m.acc_bits
-                if need > width:
-                    raise AccumulatorOverflowError(
-                        f"accumulator of matmul '{n.name}' reached |{amax}|, which needs {need} "
-                        f"bits: it exceeds the declared {width}-bit width", node=n.name)
+                max_acc = max(max_acc, check_width(amax, m.acc_bits, n, f"matmul '{n.name}'"))
         return {"num_int_nodes": n_int, "max_acc_bits_seen": max_acc}
 
     # -- the oracle ------------------------------------------------------------------------
