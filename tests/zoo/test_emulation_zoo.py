@@ -41,13 +41,6 @@ QUANT = ("graph(canonicalize,fold-batch-norm,dce,annotate-bitwidths{weight-bits=
 LOWER = "graph(lower-to-int-sim,verify-int-sim{samples=4})"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_lowered_emulating_graph_matches_it(name: str):

@@ -34,13 +34,6 @@ CASES = [("resnet18", "default"), ("mobilenet_v3_small", "default"),
          ("vit_b_16", "default"), ("vit_b_16", "w8a8")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _independent_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     """MACs per sample of conv/linear/matmul ops as torch's FLOP counter sees them."""

@@ -38,20 +38,15 @@ def _tiny_maxvit() -> MaxVit:
 
 
 def test_tiny_maxvit_lowers_without_float_islands() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, x = _tiny_maxvit(), torch.randn(2, 3, 32, 32)
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(x)
-        gm = qpasses.trace(model, x)
-        assert sum(n.target is torch.einsum for n in gm.graph.nodes) == 8
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with PassContext(example_inputs=(x,), calibration_data=[x]):
-                PassManager.parse("graph(default)").run(gm)
-    finally:
-        torch.set_num_threads(threads)
+    model, x = _tiny_maxvit(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    gm = qpasses.trace(model, x)
+    assert sum(n.target is torch.einsum for n in gm.graph.nodes) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with PassContext(example_inputs=(x,), calibration_data=[x]):
+            PassManager.parse("graph(default)").run(gm)
     rep = report(gm)
     assert rep["float_islands"] == [], rep["float_islands"][:5]
     assert rep["totals"]["int_macs"] == rep["totals"]["macs"] == fc.get_total_flops() // 2 // 2

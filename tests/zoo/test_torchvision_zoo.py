@@ -11,8 +11,8 @@ Speed (the whole file must stay far below 5 minutes on 2 cores; about 5.5 G para
 - torchvision's initializers are replaced by no-ops while a model is constructed and the
   parameters are filled at memcpy speed (tools/zoo_models.py). The comparison is between the
   same weights before and after the passes, so it stays exact and honest.
-- One intra-op thread: on these tiny inputs threads only add OpenMP/oneDNN start-up and
-  spin-wait costs (efficientnet_b2's first forward: 0.02 s on 1 thread, 0.5 s on 2 here).
+- One intra-op thread (tests/zoo/conftest.py): on these tiny inputs threads only add OpenMP/oneDNN
+  start-up and spin-wait costs (efficientnet_b2's first forward: 0.02 s on 1 thread, 0.5 s on 2 here).
 - ViTs are built with ``image_size = 2 * patch_size`` (4 patches): same layers and parameter
   shapes except the position-embedding length; at 224x224 ViT-H alone costs ~0.5 TFLOP here.
 """
@@ -34,13 +34,6 @@ PIPELINE = "graph(canonicalize,fold-batch-norm,dce)"
 # TraceError, so the entry has to go when one starts to trace.
 TRACE_FAILURES: dict[str, str] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _outputs(out: object) -> list[torch.Tensor]:
