@@ -188,9 +188,9 @@ def test_requant_window_changes_no_output(case):
     rounding, bits, m, s, z, qmin, qmax, bound, sf, bf, k, add, seed = case
     c = m.numel()
 
-    def f(a):
-        return _reference(a.reshape(1, -1), rounding, m, s, z, -2 ** 31, 2 ** 31 - 1, bits, sf,
-                          bf).reshape(-1)
+    def f(a):      # (c,) or (c, K), channel c in row c
+        return _reference(a.reshape(c, -1).t(), rounding, m, s, z, -2 ** 31, 2 ** 31 - 1, bits,
+                          sf, bf).t().reshape(a.shape)
     lo, hi, clamp = requant_window(f, qmin, qmax, bound, c)
     g = torch.Generator().manual_seed(seed)
     a = torch.cat([torch.randint(-bound, bound + 1, (300, c), generator=g),
@@ -202,6 +202,33 @@ def test_requant_window_changes_no_output(case):
     else:
         assert int(got.min()) >= qmin and int(got.max()) <= qmax
     assert torch.equal(got, want)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(plans())
+def test_requant_window_is_the_tightest_on_small_ranges(case):
+    """The k-ary search finds exactly the definition's bounds: lo the largest A with
+    f(A) <= qmin, hi the smallest with f(A) >= qmax (brute force over every |A| <= 3000)."""
+    rounding, bits, m, s, z, qmin, qmax, bound, sf, bf, k, add, seed = case
+    c, bound = m.numel(), min(bound, 3000)
+
+    def f(a):
+        return _reference(a.reshape(c, -1).t(), rounding, m, s, z, -2 ** 31, 2 ** 31 - 1, bits,
+                          sf, bf).t().reshape(a.shape)
+    lo, hi, _ = requant_window(f, qmin, qmax, bound, c)
+    # a guess (right, wrong or absurd) changes nothing but the time
+    for slope in (torch.rand(c, generator=torch.Generator().manual_seed(seed)) * 3, -1e30):
+        assert [torch.equal(u, v) for u, v in zip(
+            requant_window(f, qmin, qmax, bound, c, torch.as_tensor(slope), torch.tensor(z)),
+            (lo, hi))] == [True, True]
+    every = torch.arange(-bound, bound + 1).expand(c, -1)
+    y = f(every)
+    low = torch.where(y <= qmin, every, -bound - 1).amax(1)
+    high = torch.where(y >= qmax, every, bound + 1).amin(1)
+    want_lo = torch.where(low >= -bound, low, -bound)
+    want_hi = torch.where(high <= bound, high, bound)
+    assert torch.equal(hi, want_hi)
+    assert torch.equal(lo, torch.minimum(want_lo, want_hi))
 
 
 @settings(max_examples=60, deadline=None)
