@@ -42,8 +42,9 @@ ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, t
 fake-quant inference overhead). ``python -m tools.bench --only qat-step --repeat 5``.
 
 Section ``qat-step-emulation`` (issue 17's target: <= 1.25x fp32): one SGD step of ResNet-18
-(10 classes, batch 8x3x32x32) for fp32, the W4A8 fake-quant graph and the same graph after
-``emulate-int-sim``, interleaved. ``python -m tools.bench --only qat-step-emulation --threads 1``.
+(batch 8x3x224x224, as ``qat-step``) for fp32, the W4A8 fake-quant graph and the same graph after
+``emulate-int-sim``, interleaved, wall and process CPU time.
+``python -m tools.bench --only qat-step-emulation --repeat 5 --threads 1``.
 """
 from __future__ import annotations
 

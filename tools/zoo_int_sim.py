@@ -9,6 +9,7 @@ top-1 agreement with the fake-quant graph, seconds, and peak RSS.
 
     python -m tools.zoo_int_sim                       # all 80 models, default pipeline
     python -m tools.zoo_int_sim --models vit_b_16 densenet121 --widths w8a8
+    python -m tools.zoo_int_sim --widths emulate     # emulation mode: deviation, agreement
     python -m tools.zoo_int_sim --json zoo.json --plot zoo.png
 
 Exit status 1 when a model fails, keeps a float island, or is not bit-exact.
@@ -29,6 +30,11 @@ from tabulate import tabulate
 PIPELINES = {
     "default": "graph(default)",
     "w8a8": "graph(ptq-int8,lower-to-int-sim,verify-int-sim)",
+    # the default's quantization, then emulation mode: the lowered graph checked against the
+    # emulating fake-quant graph (deviation and top-1 agreement, issue 17)
+    "emulate": "graph(canonicalize,fold-batch-norm,dce,annotate-bitwidths{weight-bits=4 "
+               "act-bits=8 first-last-bits=8},insert-fake-quant{weight-scheme=symmetric "
+               "per-channel=true},calibrate,emulate-int-sim,lower-to-int-sim,verify-int-sim)",
 }
 
 
@@ -68,6 +74,7 @@ def run_one(name: str, widths: str) -> dict[str, Any]:
         "int_macs_pct": None if int_macs is None or not total else 100.0 * int_macs / total,
         "bit_exact": bool(verify.get("num_nodes_checked")),
         "top1_agree_pct": verify.get("top1_agree_pct"),
+        "max_lsb_diff": verify.get("max_lsb_diff"),
         "lower_s": lower_s, "total_s": time.perf_counter() - t0,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -129,18 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["model"], "-", "error", "-", "-", "-", "-", "-", r["error"]])
+            body.append([r["model"], "-", "error", "-", "-", "-", "-", "-", "-", "-",
+                         r["error"]])
             continue
         pct = r["int_macs_pct"]
         body.append([r["model"], f"{r['params_m']:.1f}", r["float_islands"],
                      "-" if pct is None else f"{pct:.1f}", "yes" if r["bit_exact"] else "NO",
-                     r["top1_agree_pct"], f"{r['lower_s']:.2f}", f"{r['total_s']:.1f}",
+                     r["top1_agree_pct"], r.get("max_lsb_diff"), f"{r['lower_s']:.2f}",
+                     f"{r['total_s']:.1f}",
                      f"{r['peak_rss_mib']:.0f}",
                      ", ".join(f"{k} x{v}" for k, v in r["island_ops"].items())])
     print(tabulate(body, headers=["model", "params (M)", "islands", "int MACs %", "bit-exact",
-                                  "top-1 agree %", "lower s", "total s", "peak RSS MiB",
+                                  "top-1 agree %", "max LSB diff", "lower s", "total s",
+                                  "peak RSS MiB",
                                   "island ops"]))
-    bad = [r["model"] for r in rows if "error" in r or r["float_islands"] or not r["bit_exact"]]
+    bad = [r["model"] for r in rows if "error" in r or r["float_islands"] or not r["bit_exact"]
+           or (args.widths == "emulate" and ((r["max_lsb_diff"] or 0) > 1
+                                             or r["top1_agree_pct"] not in (None, 100.0)))]
     print(f"\n{len(rows) - len(bad)}/{len(rows)} models integer-only and bit-exact"
           + (f"; not: {', '.join(bad)}" if bad else ""))
     if args.json:

@@ -3,6 +3,7 @@ dtypes, value metadata, containers for inserted modules, and inserting a module 
 graph. One implementation each; passes never keep their own copies."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -353,3 +354,30 @@ def insert_module_before(gm: torch.fx.GraphModule, consumer: torch.fx.Node,
     node = call_module_on(gm, target, value, before=consumer)
     consumer.replace_input_with(value, node)
     return node
+
+
+def copy_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with its own graph, meta and module objects (so a pass may swap modules,
+    set attributes or switch train/eval in it) whose parameters and buffers are ``gm``'s own
+    tensors — a deep copy without copying weights. The caller must not write into the tensors."""
+    memo: dict[int, nn.Module] = {}
+
+    def copy_module(m: nn.Module) -> nn.Module:
+        if id(m) not in memo:
+            new = copy.copy(m)
+            new.__dict__ = dict(m.__dict__)
+            new._parameters = dict(m._parameters)
+            new._buffers = dict(m._buffers)
+            memo[id(m)] = new
+            new._modules = {k: None if v is None else copy_module(v)
+                            for k, v in m._modules.items()}
+        return memo[id(m)]
+
+    root = copy_module(gm)
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    old_out = next(n for n in gm.graph.nodes if n.op == "output")
+    graph.output(out, type_expr=old_out.type)
+    new = torch.fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new

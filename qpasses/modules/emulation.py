@@ -22,12 +22,17 @@ graph (``lower-fake-quant-ops`` does this before it lowers an emulating graph).
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+
+from qpasses.numerics.fixed_point import channel_view
+from qpasses.modules.fake_quant_layers import EMULATED_ACCUMULATORS, is_fake_quant_layer
+from qpasses.modules.int_sim_layers import IntLayer
 
 __all__ = ["EMULATION_MODULE", "IntSimEmulation", "emulate_output", "emulate_point",
            "emulation_points", "install_emulation", "is_emulating", "strip_emulation"]
@@ -91,7 +96,11 @@ class IntSimEmulation(nn.Module):
         self.__dict__["plain"] = plain
         self.__dict__["lower"] = lower
         self.__dict__["_cache"] = None
+        self.__dict__["_sinks"] = {}
+        self.__dict__["_accs"] = {}
         self.num_lowerings = 0
+        # module paths of the fake-quant layers that take the integer graph's accumulator
+        self.accumulating: set[str] = set()
 
     def _key(self) -> tuple[tuple, list[Tensor]]:
         """Parameter versions (bumped by optimizer steps) and copies of the buffers (quantizer
@@ -114,28 +123,54 @@ class IntSimEmulation(nn.Module):
             return cache[1], cache[2]
         gm, fq_map = self.lower(self.plain)
         points = _expose_points(gm, fq_map)
+        self._attach_sinks(gm)
         self.__dict__["_cache"] = (self._key(), gm, points)
         self.num_lowerings += 1
         return gm, points
 
+    def _attach_sinks(self, gm: torch.fx.GraphModule) -> None:
+        """Make each integer layer whose fake-quant layer takes the engine's values (an
+        ``emulation=`` argument in the emulating graph) hand its accumulator over."""
+        sinks: dict[int, tuple[nn.Module, Tensor]] = {}
+        for path, mod in gm.named_modules():
+            if not isinstance(mod, IntLayer) or path not in self.accumulating or \
+                    getattr(mod, "acc_scale", None) is None:
+                continue
+            fq = self.plain.get_submodule(path)
+            sinks[id(mod)] = (fq, mod.acc_scale.detach().to(torch.float32).reshape(-1))
+            mod.acc_sink = self._collect
+        self.__dict__["_sinks"] = sinks
+
+    def _collect(self, layer: IntLayer, acc: Tensor) -> None:
+        fq, scale = self.__dict__["_sinks"][id(layer)]
+        accs = self.__dict__["_accs"]
+        # a layer run twice in one forward: ambiguous, its fake-quant layer convolves itself
+        accs[fq] = None if fq in accs else acc.mul_(
+            channel_view(scale, acc, layer.channel_axis, "acc_scale"))
+
     def forward(self, *inputs: Any) -> dict[str, Any]:
         gm, points = self.lowered()
+        self.__dict__["_accs"] = {}
         with torch.no_grad():
             outs, codes = gm(*[x.detach() if isinstance(x, Tensor) else x for x in inputs])
+        accs, self.__dict__["_accs"] = self.__dict__["_accs"], {}
         values: dict[str, Any] = {}
         for (name, (scale, zp)), q in zip(points.items(), codes):
-            values[name] = (q.to(torch.int64) - zp).to(torch.float32) * \
-                torch.tensor(scale, dtype=torch.float32, device=q.device)
+            # s·(q − z) as the fake quantizer: q − z is exact in float32 (|q − z| < 2^24), then
+            # one float32 product
+            values[name] = q.to(torch.float32).sub_(zp).mul_(
+                torch.tensor(scale, dtype=torch.float32, device=q.device))
         values["__outputs__"] = torch.utils._pytree.tree_flatten(outs)[0]
+        values[EMULATED_ACCUMULATORS] = {m: a for m, a in accs.items() if a is not None}
         return values
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "IntSimEmulation":
         import copy
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_cache"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_sinks", "_accs")}
         new.__dict__.update(copy.deepcopy(state, memo))
-        new.__dict__["_cache"] = None
+        new.__dict__.update(_cache=None, _sinks={}, _accs={})
         return new
 
     def extra_repr(self) -> str:
@@ -192,6 +227,7 @@ def install_emulation(gm: torch.fx.GraphModule, points: list[str], lower: Lower)
     wanted = set(points)
     phs = [n for n in old.nodes if n.op == "placeholder"]
     emu: torch.fx.Node | None = None
+    layer_calls = Counter(str(n.target) for n in old.nodes if n.op == "call_module")
 
     def arg(a: torch.fx.Node) -> torch.fx.Node:
         return env[a.name]
@@ -215,6 +251,12 @@ def install_emulation(gm: torch.fx.GraphModule, points: list[str], lower: Lower)
             if "tensor_meta" in n.meta:
                 p.meta["tensor_meta"] = n.meta["tensor_meta"]
             env[n.name] = p
+        elif _takes_accumulator(gm, n, layer_calls):
+            assert emu is not None
+            c = new.node_copy(n, arg)
+            c.kwargs = {"emulation": emu}
+            engine.accumulating.add(str(n.target))
+            env[n.name] = c
         else:
             env[n.name] = new.node_copy(n, arg)
     if hasattr(gm, EMULATION_MODULE):
@@ -223,6 +265,17 @@ def install_emulation(gm: torch.fx.GraphModule, points: list[str], lower: Lower)
     gm.graph = new
     gm.recompile()
     return engine
+
+
+def _takes_accumulator(gm: torch.fx.GraphModule, n: torch.fx.Node,
+                       layer_calls: dict[str, int]) -> bool:
+    """A fake-quant conv/linear called once, with one argument: its value can come from the
+    integer graph's accumulator of the same layer (its gradient stays its own)."""
+    if n.op != "call_module" or len(n.args) != 1 or n.kwargs or layer_calls[str(n.target)] != 1:
+        return False
+    mod = gm.get_submodule(str(n.target))
+    return is_fake_quant_layer(mod) and getattr(mod, "padding_mode", "zeros") == "zeros" and \
+        not isinstance(getattr(mod, "padding", ()), str)
 
 
 def strip_emulation(gm: torch.fx.GraphModule) -> bool:
@@ -245,6 +298,10 @@ def strip_emulation(gm: torch.fx.GraphModule) -> bool:
             env[n.name] = env[n.args[0].name]
         elif n.op == "call_function" and n.target is emulate_output:
             env[n.name] = torch.fx.node.map_arg(n.args[0], arg)
+        elif n.op == "call_module" and "emulation" in n.kwargs:
+            c = new.node_copy(n, arg)
+            c.kwargs = {k: v for k, v in c.kwargs.items() if k != "emulation"}
+            env[n.name] = c
         elif n.name in renames:
             c = new.create_node(n.op, n.target, torch.fx.node.map_arg(n.args, arg),
                                 torch.fx.node.map_arg(n.kwargs, arg), name=renames[n.name])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,7 +18,7 @@ from qpasses.errors import NumericsError
 from qpasses.modules.fake_quant import FakeQuantize, WeightFakeQuant
 
 __all__ = [
-    "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
+    "EMULATED_ACCUMULATORS", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
     "fake_quant_modules", "is_fake_quant_layer", "set_fake_quant", "set_observing",
     "unwrap_layer", "wrap_layer", "wrapper_class",
 ]
@@ -27,12 +28,77 @@ __all__ = [
 # layer wrappers: subclasses of the float layer that fake-quantize their weight
 # ------------------------------------------------------------------------------------------------
 
-def _conv_forward(self: Any, input: Tensor) -> Tensor:
-    return self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias)
+# The key of an emulation engine's values (``emulate-int-sim``) under which it hands each
+# fake-quant layer (by module) the integer graph's accumulator of the same layer, float32 in real
+# units: ``s_x·s_w·Σ (x − z_x)(w − z_w)``.
+EMULATED_ACCUMULATORS = "__accumulators__"
 
 
-def _linear_forward(self: Any, input: Tensor) -> Tensor:
-    return F.linear(input, self.weight_fake_quant(self.weight), self.bias)
+def _conv_forward(self: Any, input: Tensor, emulation: dict[str, Any] | None = None) -> Tensor:
+    w = self.weight_fake_quant(self.weight)
+    acc = _emulated_accumulator(self, emulation)
+    if acc is not None and isinstance(self.padding, tuple) and \
+            tuple(acc.shape) == _conv_out_shape(self, input):
+        return _FromAccumulator.apply(input, w, self.bias, acc,
+                                      (self.stride, self.padding, self.dilation, self.groups))
+    return self._conv_forward(input, w, self.bias)
+
+
+def _linear_forward(self: Any, input: Tensor, emulation: dict[str, Any] | None = None) -> Tensor:
+    w = self.weight_fake_quant(self.weight)
+    acc = _emulated_accumulator(self, emulation)
+    if acc is not None and tuple(acc.shape) == (*input.shape[:-1], w.shape[0]):
+        return _FromAccumulator.apply(input, w, self.bias, acc, None)
+    return F.linear(input, w, self.bias)
+
+
+def _emulated_accumulator(layer: nn.Module, emulation: dict[str, Any] | None) -> Tensor | None:
+    if not isinstance(emulation, dict):
+        return None
+    return emulation.get(EMULATED_ACCUMULATORS, {}).get(layer)
+
+
+def _conv_out_shape(layer: Any, x: Tensor) -> tuple[int, ...]:
+    nd = x.dim() - 2
+    return (x.shape[0], layer.out_channels, *[
+        (x.shape[2 + d] + 2 * layer.padding[d] - layer.dilation[d] * (layer.kernel_size[d] - 1)
+         - 1) // layer.stride[d] + 1 for d in range(nd)])
+
+
+class _FromAccumulator(torch.autograd.Function):
+    """A conv/linear whose forward value is computed elsewhere: ``acc + bias`` with ``acc`` the
+    integer graph's accumulator in real units (the exact value of the layer on the fake-quant
+    input and weight), and whose backward is the layer's own (input, weight and bias gradients at
+    the saved input and fake-quant weight). Saves the duplicate GEMM of an emulating graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, acc: Tensor,
+                conv: tuple[Any, ...] | None) -> Tensor:  # noqa: D401
+        ctx.save_for_backward(x, w)
+        ctx.conv, ctx.has_bias = conv, b is not None
+        if b is None:
+            return acc.clone()
+        axis = 1 if conv is not None else -1
+        shape = [1] * acc.dim()
+        shape[axis] = -1
+        return acc + b.detach().to(acc.dtype).view(shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.conv is None:
+            g2 = g.reshape(-1, g.shape[-1])
+            gx = (g @ w.to(g.dtype)) if need_x else None
+            gw = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)) if need_w else None
+            gb = g2.sum(0) if need_b and ctx.has_bias else None
+            return gx, gw, gb, None, None
+        stride, padding, dilation, groups = ctx.conv
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
+            list(dilation), False, [0] * len(stride), groups,
+            [need_x, need_w, need_b and ctx.has_bias])
+        return gx, gw, gb, None, None
 
 
 class FakeQuantConv1d(nn.Conv1d):

@@ -10,6 +10,7 @@ float layer classes, so the report and the cost analyses see the layer at its mo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,11 @@ class IntLayer(IntSimModule):
     bias_q: Tensor | None
     bias_f: Tensor | None
     channel_axis: int = 1
+    # Called as ``acc_sink(layer, acc)`` after each fast forward with the layer's accumulator
+    # ``Σ (x − z_x)(w − z_w)`` (no bias) as float32 in the output's shape: set by the emulation
+    # engine (``emulate-int-sim``) so the fake-quant layer takes its value instead of
+    # convolving again. Not state: never saved or copied.
+    acc_sink: Callable[["IntLayer", Tensor], None] | None = None
 
     def _init_int(self, w_q: Tensor, w_zp: Tensor, x_zero_point: int, bias_q: Tensor | None,
                   bias_f: Tensor | None, acc_bound: int, x_bits: int, w_bits: int,
@@ -161,6 +167,7 @@ class IntLayer(IntSimModule):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_prepared"] = None          # derived, rebuilt on first use
+        state.pop("acc_sink", None)        # the emulation engine's, not the layer's
         return state
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -178,6 +185,8 @@ class IntLayer(IntSimModule):
         straight into narrow output codes."""
         p = self._prepare(self.kernel)
         run, rebuild = self._blocks(x, p)
+        if self.acc_sink is not None:
+            run = _tee_rows(self, run, rebuild, self.acc_sink)
         plan, add = self._epilogue(p)
         rq = self.requant
         # no plan: the accumulator itself (e.g. logits), or a requantization whose int32
@@ -231,6 +240,23 @@ class IntLayer(IntSimModule):
         if self.requant is not None:
             out += f", requant=({self.requant.extra_repr()})"
         return out
+
+
+def _tee_rows(layer: IntLayer, run: RowBlocks, rebuild: Any,
+              sink: Callable[[IntLayer, Tensor], None]) -> RowBlocks:
+    """``run`` whose blocks are also copied (before the epilogue may overwrite them) into one
+    float32 (rows, O) tensor, handed to ``sink`` in the output's shape once every block passed."""
+    rows = torch.empty((run.rows, int(layer.w_q.shape[0])), dtype=torch.float32,
+                       device=layer.w_q.device)
+
+    def blocks() -> Any:
+        for r0, r1, acc in run.blocks:
+            rows[r0:r1] = acc
+            yield r0, r1, acc
+        if run.offset is not None:
+            rows.add_(run.offset.to(torch.float32))
+        sink(layer, rebuild(rows))
+    return RowBlocks(run.rows, run.offset, run.out_sizes, blocks())
 
 
 class _IntConv(IntLayer):

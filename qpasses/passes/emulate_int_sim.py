@@ -18,6 +18,7 @@ from passes_registry.errors import OptionError
 
 from qpasses.errors import EmulationWarning
 from qpasses.ir.batches import context_batches
+from qpasses.ir.fx import copy_sharing_tensors
 from qpasses.ir.records import EMULATION_KEY, INT_SIM_KEY, EmulationRecord
 from qpasses.modules.emulation import install_emulation, strip_emulation
 from qpasses.modules.int_sim import is_int_sim_graph
@@ -69,8 +70,8 @@ def lower_emulated(plain: torch.fx.GraphModule
     :class:`~qpasses.ir.records.EmulationRecord`) with ``lower-to-int-sim`` under the recorded
     contract and ranges; (integer graph in eval mode, its ``fq_map``). The engine of
     :mod:`qpasses.modules.emulation` calls this whenever the weights changed."""
-    gm = copy.deepcopy(plain)
-    gm.meta.update({k: v for k, v in plain.meta.items() if k not in gm.meta})
+    # the lowering swaps modules and reads weights, it never writes into them: no weight copy
+    gm = copy_sharing_tensors(plain)
     gm.eval()
     rec: EmulationRecord = get_record(gm, EMULATION_KEY)
     backend = getattr(plain, "emulation_backend", "fast")

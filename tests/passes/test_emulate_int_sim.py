@@ -5,6 +5,8 @@
   at every quantization point and on the outputs;
 - gradients reach the weights and quantizer parameters (straight-through), and after an optimizer
   step the emulation follows the new weights (relowered);
+- fake-quant layers take the integer graph's accumulator (no second GEMM) with their own
+  gradients;
 - the trained digits CNN after a few QAT steps in emulation mode (W8A8, W4A8, W3A3): int-sim top-1
   agreement with the emulating graph 100% and equal accuracy;
 - bad input: another contract at lowering -> EmulationContractError naming both; an op without an
@@ -26,6 +28,7 @@ from passes_registry import PassContext, PassManager, get_record
 from qpasses.errors import EmulationContractError, EmulationWarning
 from qpasses.ir.records import EMULATION_KEY, INT_SIM_KEY
 from qpasses.modules.emulation import emulation_points, is_emulating, strip_emulation
+from qpasses.modules.fake_quant_layers import EMULATED_ACCUMULATORS
 
 from .int_sim_helpers import calibrated, randomize
 
@@ -131,6 +134,66 @@ def test_gradients_flow_and_emulation_follows_weight_updates():
     assert v["max_lsb_diff"] == 0 and v["output_max_abs_diff"] == 0.0
     with torch.no_grad():
         assert torch.equal(lowered(x), y_emu)
+
+
+def _grads(gm: torch.fx.GraphModule, x: torch.Tensor, y: torch.Tensor
+           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    gm.zero_grad(set_to_none=True)
+    out = gm(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in gm.named_parameters()
+                          if p.grad is not None}
+
+
+@pytest.mark.parametrize("rounding", ["gemmlowp", "float-rne"])
+def test_layers_take_the_integer_accumulator_with_their_own_gradients(rounding):
+    """Each fake-quant conv/linear of an emulating graph takes its value from the integer
+    graph's accumulator (no second GEMM): same outputs, and the same gradients up to float32
+    rounding as when it convolves itself; the float value it stands for is the layer's own."""
+    gm, x, cal = calibrated(randomize(Stack(), 3), (4, 3, 8, 8), bits=BITS["W4A8"])
+    _emulate(gm, x, cal, f"rounding={rounding}")
+    gm.train()
+    engine = gm.int_sim_emulation
+    assert engine.accumulating == {"c1", "c2", "fc"}
+    with torch.no_grad():
+        values = engine(x)
+    accs = values[EMULATED_ACCUMULATORS]
+    assert {m for m in accs} == {gm.c1, gm.c2, gm.fc}
+    # the accumulator in real units is the layer's float value on the emulated input
+    x_c1 = values["activation_fake_quant_x"]
+    with torch.no_grad():
+        conv = F.conv2d(x_c1, gm.c1.weight_fake_quant(gm.c1.weight), None, padding=1)
+    torch.testing.assert_close(accs[gm.c1], conv, rtol=1e-5, atol=1e-5)
+    y = torch.tensor([0, 1, 2, 3])
+    out, shared = _grads(gm, x, y)
+    engine.accumulating.clear()               # every layer convolves itself again
+    engine.__dict__["_cache"] = None
+    out2, own = _grads(gm, x, y)
+    assert torch.equal(out, out2)
+    assert set(shared) == set(own) and {"c1.weight", "c2.weight", "fc.weight"} <= set(shared)
+    for name in own:
+        torch.testing.assert_close(shared[name], own[name], rtol=1e-4, atol=1e-6)
+
+
+def test_relowering_shares_the_weights_and_leaves_the_trained_graph_alone():
+    """The engine lowers a copy that shares the weights (no weight copy per step): the trained
+    graph's tensors (values and versions), modules and train mode are untouched."""
+    gm, x, cal = calibrated(randomize(Stack(), 4), (4, 3, 8, 8), bits=BITS["W4A8"])
+    _emulate(gm, x, cal)
+    gm.train()
+    engine = gm.int_sim_emulation
+    plain = engine.plain
+    before = {k: (v.clone(), v._version) for k, v in plain.state_dict(keep_vars=True).items()}
+    modes = {n: m.training for n, m in plain.named_modules()}
+    mods = dict(plain.named_modules())
+    lowered, _ = engine.lower(plain)
+    assert lowered.c1 is not plain.c1 and lowered.c1.weight is plain.c1.weight
+    after = plain.state_dict(keep_vars=True)
+    assert set(after) == set(before)
+    for k, (v, version) in before.items():
+        assert torch.equal(after[k], v) and after[k]._version == version, k
+    assert {n: m.training for n, m in plain.named_modules()} == modes
+    assert dict(plain.named_modules()) == mods
 
 
 def test_other_contract_at_lowering_is_a_typed_error_naming_both():

@@ -1,5 +1,6 @@
 # Goldens for emulate-int-sim: an engine node after the inputs, an emulate_point node after each
-# activation quantizer (taking over its name), the emulated outputs; lowering removes them again.
+# activation quantizer (taking over its name), the emulated outputs, and each fake-quant layer gets
+# the engine's values (it takes the integer graph's accumulator); lowering removes them again.
 # PACT activations with a fixed clip and calibrate{method=trained}: calibrated without data.
 # -----
 # CASE: emulation-nodes
@@ -9,7 +10,8 @@
 # CHECK: %int_sim_values = call_module[int_sim_emulation](%x)
 # CHECK-NEXT: %activation_fake_quant_x_fq = call_module[activation_fake_quant.x](%x) : f32[1,3,6,6]
 # CHECK-NEXT: %activation_fake_quant_x = call_function[qpasses.modules.emulation.emulate_point](%activation_fake_quant_x_fq, %int_sim_values, 'activation_fake_quant_x') : f32[1,3,6,6]
-# CHECK-NEXT: %conv1 = call_module[conv1](%activation_fake_quant_x)
+# CHECK-NEXT: %conv1 = call_module[conv1](%activation_fake_quant_x, emulation=%int_sim_values)
+# CHECK: %fc = call_module[fc](%activation_fake_quant_flatten, emulation=%int_sim_values)
 # CHECK: %emulated_output = call_function[qpasses.modules.emulation.emulate_output](%fc, %int_sim_values)
 # CHECK-NEXT: output(%emulated_output)
 
