@@ -12,7 +12,11 @@ An emulating graph is the fake-quant graph plus
   codes at that point, dequantized as the fake quantizer does (``s·(q − z)`` in float32), and whose
   gradient is the fake quantizer's own (straight-through, LSQ, PACT: whatever the quantizer
   computes in backward);
-- an :func:`emulate_output` node before the output with the integer graph's (dequantized) outputs.
+- an :func:`emulate_output` node before the output with the integer graph's (dequantized) outputs;
+- an ``emulation=`` argument to each fake-quant conv/linear called once: the layer takes its value
+  from the integer layer's accumulator (scaled to real units, plus its float bias) instead of a
+  second GEMM, with its own gradients
+  (:data:`~qpasses.modules.fake_quant_layers.EMULATED_ACCUMULATORS`).
 
 So every quantization point and output computes exactly what the lowered graph computes under the
 recorded contract (the :class:`~qpasses.ir.records.EmulationRecord`), by construction: the values
