@@ -18,7 +18,7 @@ import torch.fx
 from qpasses.algorithms.cost_model import FRACBITS, CostConventions
 from qpasses.ir.act_products import product_operands
 from qpasses.ir.annotations import get_qmeta
-from qpasses.ir.fx import node_shape
+from qpasses.ir.fx import node_shape, rows_per_sample
 from qpasses.modules.int_sim_transformer import IntMatMul
 from qpasses.modules.lookup import submodule_or_none
 from qpasses.numerics import costs
@@ -62,7 +62,8 @@ def product_costs(gm: torch.fx.GraphModule) -> tuple[ProductCost, ...]:
         q = get_qmeta(n)
         bits = q.act.bits if q.act is not None and q.float_island is None else None
         out.append(ProductCost(n.name, n.name, "matmul", int(a_shape[-1]), out_shape,
-                               costs.product_macs(a_shape, out_shape), bits,
+                               costs.product_macs(a_shape, out_shape,
+                                                  rows_per_sample(gm, out_shape)), bits,
                                q.float_island is not None))
     return tuple(out)
 

@@ -273,6 +273,28 @@ def graph_device(gm: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def graph_batch(gm: torch.fx.GraphModule) -> int | None:
+    """The traced batch size: dim 0 of the first tensor input's traced shape (None: unknown)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            break
+        shape = node_shape(n)
+        if shape:
+            return int(shape[0])
+    return None
+
+
+def rows_per_sample(gm: torch.fx.GraphModule, out_shape: tuple[int, ...] | None) -> int:
+    """How many rows of a value's leading dim belong to one sample: ``out_shape[0] / batch``
+    when the leading dim is a multiple of the traced batch (Swin's windows, a linear on
+    (batch·tokens, C)), else 1 (the leading dim is the sample dim). Per-sample costs multiply by
+    it, so they equal the whole batch's cost divided by the batch size."""
+    batch = graph_batch(gm)
+    if not out_shape or not batch or out_shape[0] == batch or out_shape[0] % batch:
+        return 1
+    return int(out_shape[0]) // batch
+
+
 def num_graph_inputs(gm: torch.fx.GraphModule) -> int:
     """How many inputs the graph takes (its placeholders; at least 1)."""
     return max(1, sum(1 for n in gm.graph.nodes if n.op == "placeholder"))

@@ -6,6 +6,7 @@ which shapes?" uses :func:`quantizable_layers`, so they all agree.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from qpasses.ir.fx import attr_value, node_arg, node_shape
+from qpasses.ir.fx import attr_value, node_arg, node_shape, rows_per_sample
 
 CONV_MODULES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 LINEAR_MODULES: dict[type, str] = {nn.Linear: "linear"}
@@ -45,6 +46,7 @@ class LayerInfo:
     out_shape: tuple[int, ...]
     weight_attr: str       # qualified name of the weight parameter
     bias_attr: str | None
+    rows_per_sample: int = 1   # leading-dim rows of one sample (Swin windows; ir.fx)
 
     @property
     def is_conv(self) -> bool:
@@ -56,10 +58,12 @@ class LayerInfo:
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
-        """Output positions per sample each kernel is applied at (tokens for linear layers)."""
+        """Output positions per sample each kernel is applied at (tokens for linear layers),
+        with the leading-dim rows of one sample first when there are several."""
+        rows = (self.rows_per_sample,) if self.rows_per_sample > 1 else ()
         if self.is_conv:
-            return tuple(self.out_shape[2:])
-        return tuple(self.out_shape[1:-1])
+            return rows + tuple(self.out_shape[2:])
+        return rows + tuple(self.out_shape[1:-1])
 
     @property
     def fan_in(self) -> int:
@@ -118,6 +122,14 @@ def _arg(node: torch.fx.Node, names: tuple[str, ...], name: str, default: Any) -
 
 def layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | None:
     """LayerInfo of a conv/linear node, or None when the node is not a quantizable layer."""
+    info = _layer_info(gm, node)
+    if info is None or len(info.out_shape) < 2:      # rank <= 1: no sample dim
+        return info
+    rows = rows_per_sample(gm, info.out_shape)
+    return info if rows == 1 else dataclasses.replace(info, rows_per_sample=rows)
+
+
+def _layer_info(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LayerInfo | None:
     in_shape = node_shape(node.args[0]) if node.args else None
     out_shape = node_shape(node)
     if node.op == "call_module":

@@ -213,17 +213,21 @@ def layer_size_bits(params_per_kernel: int | Sequence[int] | torch.Tensor,
     return weights + bias_count * bias_bits
 
 
-def product_macs(a_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+def product_macs(a_shape: Sequence[int], out_shape: Sequence[int],
+                 rows_per_sample: int = 1) -> int:
     """MACs of an activation x activation product ``out = a @ b`` (matmul/bmm), per sample.
 
     ``prod(batch dims) · M · K · N`` with ``K = a_shape[-1]``, i.e. ``numel(out) · K``; like the
     conv/linear counts (``out_spatial`` excludes the batch), the leading dim of an output of rank
-    >= 3 is the sample dim and is left out. A rank-1/2 output has no sample dim.
+    >= 3 is the sample dim and is left out — ``rows_per_sample`` of its rows are one sample's
+    (e.g. Swin's windows: batch·windows rows). A rank-1/2 output has no sample dim.
     """
-    if len(a_shape) < 1 or len(out_shape) < 1:
-        raise NumericsError(f"product_macs needs tensor shapes, got {a_shape} and {out_shape}")
+    if len(a_shape) < 1 or len(out_shape) < 1 or rows_per_sample < 1:
+        raise NumericsError(f"product_macs needs tensor shapes and rows_per_sample >= 1, got "
+                            f"{a_shape}, {out_shape}, {rows_per_sample}")
     per_sample = out_shape[1:] if len(out_shape) >= 3 else out_shape
-    return int(math.prod(per_sample)) * int(a_shape[-1])
+    rows = rows_per_sample if len(out_shape) >= 3 else 1
+    return rows * int(math.prod(per_sample)) * int(a_shape[-1])
 
 
 def product_bitops(macs: int, a_bits: BitsLike, b_bits: BitsLike) -> int | float | torch.Tensor:

@@ -67,8 +67,9 @@ def test_integer_graph_has_no_float_island(name: str, widths: str):
 def test_swin_v2_lowers_to_integers_and_lowering_keeps_the_costs():
     """Swin V2 (shifted windows, cosine attention: integer L2 normalize): 0 float islands, every
     MAC in integer layers, and the same MAC count before and after lowering (an intermediate grid
-    once gave a layer its consumer's shape). Not compared with FlopCounterMode: the report counts
-    a linear applied to windows (leading dim batch x windows) per window, not per image."""
+    once gave a layer its consumer's shape). Not compared with FlopCounterMode: its continuous
+    position-bias MLP runs once per forward on a constant table (the counter divides it by the
+    batch, the report counts it per sample; lowering folds it into a constant)."""
     model, x = build("swin_v2_t")
     gm = qpasses.trace(model, x)
     with warnings.catch_warnings():
@@ -82,3 +83,14 @@ def test_swin_v2_lowers_to_integers_and_lowering_keeps_the_costs():
     rep = report(gm)
     assert rep["float_islands"] == [], rep["float_islands"][:5]
     assert rep["totals"]["int_macs"] == rep["totals"]["macs"] == before
+
+
+def test_swin_costs_count_every_window_of_a_sample():
+    """Swin's linears and attention products run on (batch·windows, tokens, C): the report counts
+    every window of a sample (rows per sample = leading dim / traced batch), so its MACs equal
+    torch's FLOP counter / 2 / batch."""
+    model, x = build("swin_t")
+    expected_macs = _independent_macs(model, x)
+    gm = qpasses.trace(model, x)
+    PassManager.parse("graph(canonicalize)").run(gm)
+    assert report(gm)["totals"]["macs"] == expected_macs
