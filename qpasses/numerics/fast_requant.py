@@ -250,13 +250,20 @@ class RequantPlan:
             def f(a: Tensor) -> Tensor:
                 return requantize(a, m, s, z, INT32_MIN, INT32_MAX, rounding, axis=0,
                                   multiplier_bits=multiplier_bits)
-        if rounding == "float-rne":     # f(A) ≈ slope·A + offset: a guess for the search
+        # f(A) = round(slope·A + offset + e): a guess for the window search. gemmlowp's first
+        # rounding (SRDHM) moves the value by up to 2^-(r+1) before the rounding shift by r;
+        # single/hawq round once (hawq's ties to even: within the search's slack); float-rne
+        # rounds A to float32 and the product once, far below 2^-10 of an output unit here
+        if rounding == "float-rne":
             slope = sf.to(torch.float64)
             offset = z + (0.0 if bf is None else bf.to(torch.float64) * slope)
+            spread = torch.full((n,), 2.0 ** -10, dtype=torch.float64)
         else:
             slope, offset = torch.ldexp(m.to(torch.float64), s - self.bits), torch.tensor(z)
+            spread = torch.ldexp(torch.ones(n, dtype=torch.float64), -(-s).clamp(min=0) - 1) \
+                if rounding == "gemmlowp" else torch.zeros(n, dtype=torch.float64)
         lo, hi, self.clamp = requant_window(f, self.qmin, self.qmax, self.bound, n, slope,
-                                            offset)
+                                            offset, spread)
         add = _vec(pre_add, n, torch.int64) if pre_add is not None else None
         self.pre_shift = int(pre_shift)
         vecs: dict[str, Tensor] = {"lo": lo.to(torch.float64), "hi": hi.to(torch.float64)}

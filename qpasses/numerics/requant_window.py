@@ -62,14 +62,17 @@ def _last_at_most(f: Callable[[Tensor], Tensor], targets: Sequence[int], lo: Ten
 
 
 def requant_window(f: Callable[[Tensor], Tensor], qmin: int, qmax: int, bound: int,
-                   channels: int, slope: Tensor | None = None,
-                   offset: Tensor | None = None) -> tuple[Tensor, Tensor, bool]:
+                   channels: int, slope: Tensor | None = None, offset: Tensor | None = None,
+                   spread: Tensor | float = 1.0) -> tuple[Tensor, Tensor, bool]:
     """``(lo, hi, clamp)``: per-channel accumulator bounds such that for every ``|A| <= bound``
     ``clamp(f(A), qmin, qmax) == f(clamp(A, lo, hi))``, clamped again to ``[qmin, qmax]`` only if
     ``clamp`` (a monotone ``f`` that jumps over ``qmin`` or ``qmax``, i.e. a multiplier > 1).
     ``f`` maps accumulators of shape ``(channels, K)`` (channel ``c`` in row ``c``) to their
-    requantized values; ``slope``/``offset`` (per channel, optional) say ``f(A) ≈ slope·A +
-    offset``, which only speeds the search up.
+    requantized values; ``slope``/``offset``/``spread`` (per channel, optional) say
+    ``f(A) = round(slope·A + offset + e)`` with ``|e| <= spread`` (the contract's rounding of
+    an intermediate, in output units), which only speeds the search up: a right claim leaves a
+    bracket of a few accumulator units around each answer, a wrong one costs time, never
+    exactness.
 
     ``lo`` is the largest ``A`` with ``f(A) <= qmin`` (every smaller ``A`` saturates alike), ``hi``
     the smallest with ``f(A) >= qmax``. The window is what makes float arithmetic exact: inside it
@@ -83,8 +86,9 @@ def requant_window(f: Callable[[Tensor], Tensor], qmin: int, qmax: int, bound: i
         off = torch.zeros(()) if offset is None else torch.as_tensor(offset).to(torch.float64)
         want = torch.tensor([qmin + 0.5, qmax - 0.5], dtype=torch.float64)
         at = (want.view(1, 2) - off.reshape(-1, 1)) / sl.view(-1, 1)
-        # rounding moves a crossing by up to ~1/slope; then 4 units of slack
-        slack = 4.0 + 2.0 / sl.abs().view(-1, 1)
+        # e moves a crossing by up to spread/slope; then a few units and float64's rounding
+        sp = torch.as_tensor(spread, dtype=torch.float64).reshape(-1, 1)
+        slack = 3.0 + (sp + 2.0 ** -30) / sl.abs().view(-1, 1) + at.abs() * 2.0 ** -40
         guess = ((at - slack).clamp(-2.0 ** 62, 2.0 ** 62),
                  (at + slack).clamp(-2.0 ** 62, 2.0 ** 62))
     last, found = _last_at_most(f, (qmin, qmax - 1), lo_b, hi_b, guess)
