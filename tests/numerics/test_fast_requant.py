@@ -315,3 +315,26 @@ def test_conv_blocks_equal_the_reference_for_any_block_size(n, c, k, stride, pad
     if run.offset is not None:
         got += run.offset
     assert torch.equal(got.view(n, *run.out_sizes, o).permute(0, 3, 1, 2), want)
+
+
+@pytest.mark.parametrize("rounding,shift", [("gemmlowp", -9), ("gemmlowp", 2), ("single", -5),
+                                            ("hawq", -5)])
+def test_requant_window_with_the_contracts_estimate_takes_three_calls(rounding, shift):
+    """With the multiplier's estimate and the contract's rounding spread, the search needs the
+    ends, one round and the final check: 3 evaluations of the contract (the plan of every
+    lowered layer runs it, once per relowering in emulation mode)."""
+    c = 64
+    m = torch.randint(2 ** 30, 2 ** 31 - 1, (c,), generator=torch.Generator().manual_seed(1))
+    s = torch.full((c,), shift)
+    calls = []
+
+    def f(a):
+        calls.append(a.shape)
+        return requantize(a, m, s, 3, -2 ** 31, 2 ** 31 - 1, rounding, axis=0)
+    slope = torch.ldexp(m.double(), s - 31)
+    spread = 2.0 ** (-max(-shift, 0) - 1) if rounding == "gemmlowp" else 0.0
+    got = requant_window(f, 0, 255, 2 ** 24, c, slope, torch.tensor(3), spread)
+    assert len(calls) == 3
+    calls.clear()
+    want = requant_window(f, 0, 255, 2 ** 24, c)
+    assert len(calls) > 3 and all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
