@@ -145,32 +145,54 @@ def _grads(gm: torch.fx.GraphModule, x: torch.Tensor, y: torch.Tensor
                           if p.grad is not None}
 
 
-@pytest.mark.parametrize("rounding", ["gemmlowp", "float-rne"])
-def test_layers_take_the_integer_accumulator_with_their_own_gradients(rounding):
+class Grouped(nn.Module):
+    """Strided, depthwise, grouped/dilated and 1-d convolutions, and a linear on tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.c1d = nn.Conv1d(8, 6, 3, padding=1, bias=False)
+        self.tokens = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.grouped(F.relu(self.dw(x))))
+        x = F.relu(self.c1d(x.flatten(2)))              # (N, 6, 16)
+        return self.tokens(x.transpose(1, 2)).flatten(1)   # (N, 16, 5) -> (N, 80)
+
+
+@pytest.mark.parametrize("model,rounding", [(Stack, "gemmlowp"), (Stack, "float-rne"),
+                                            (Grouped, "single")])
+def test_layers_take_the_integer_accumulator_with_their_own_gradients(model, rounding):
     """Each fake-quant conv/linear of an emulating graph takes its value from the integer
     graph's accumulator (no second GEMM): same outputs, and the same gradients up to float32
     rounding as when it convolves itself; the float value it stands for is the layer's own."""
-    gm, x, cal = calibrated(randomize(Stack(), 3), (4, 3, 8, 8), bits=BITS["W4A8"])
+    gm, x, cal = calibrated(randomize(model(), 3), (4, 3, 8, 8), bits=BITS["W4A8"])
     _emulate(gm, x, cal, f"rounding={rounding}")
     gm.train()
     engine = gm.int_sim_emulation
-    assert engine.accumulating == {"c1", "c2", "fc"}
+    layers = {n for n, m in model().named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d,
+                                                                      nn.Linear))}
+    assert engine.accumulating == layers
     with torch.no_grad():
         values = engine(x)
     accs = values[EMULATED_ACCUMULATORS]
-    assert {m for m in accs} == {gm.c1, gm.c2, gm.fc}
+    assert {m for m in accs} == {gm.get_submodule(n) for n in layers}
     # the accumulator in real units is the layer's float value on the emulated input
-    x_c1 = values["activation_fake_quant_x"]
+    first = gm.get_submodule("c1" if model is Stack else "stem")
     with torch.no_grad():
-        conv = F.conv2d(x_c1, gm.c1.weight_fake_quant(gm.c1.weight), None, padding=1)
-    torch.testing.assert_close(accs[gm.c1], conv, rtol=1e-5, atol=1e-5)
+        conv = first._conv_forward(values["activation_fake_quant_x"],
+                                   first.weight_fake_quant(first.weight), None)
+    torch.testing.assert_close(accs[first], conv, rtol=1e-5, atol=1e-5)
     y = torch.tensor([0, 1, 2, 3])
     out, shared = _grads(gm, x, y)
     engine.accumulating.clear()               # every layer convolves itself again
     engine.__dict__["_cache"] = None
     out2, own = _grads(gm, x, y)
     assert torch.equal(out, out2)
-    assert set(shared) == set(own) and {"c1.weight", "c2.weight", "fc.weight"} <= set(shared)
+    assert set(shared) == set(own) and {f"{n}.weight" for n in layers} <= set(shared)
     for name in own:
         torch.testing.assert_close(shared[name], own[name], rtol=1e-4, atol=1e-6)
 
