@@ -70,10 +70,13 @@ def report(gm: torch.fx.GraphModule, am: AnalysisManager | None = None) -> dict[
             "acc_bits_data": a.acc_bits_data if a is not None else None,
             "pruned_channels": len(get_qmeta(node).pruned_channels), "node": layer.node,
         })
+    acc_products = {r.name: r for r in acc.products} if acc is not None else {}
     for p in bitops.products:  # act x act products (matmul of two activations): no weights
+        pa = acc_products.get(p.name)
         rows.append({"name": p.name, "op": p.op, "w_bits": None, "w_bits_per_kernel": None,
                      "a_bits": p.a_bits, "macs": int(p.macs), "params": 0,
-                     "bitops": _num(p.bitops), "size_bits": 0, "acc_bits": None,
+                     "bitops": _num(p.bitops), "size_bits": 0,
+                     "acc_bits": pa.acc_bits if pa is not None else None,
                      "acc_bits_data": None, "pruned_channels": 0, "node": p.name})
     lowered = get_record(gm, INT_SIM_KEY) is not None
     for r in rows:

@@ -27,6 +27,7 @@ import torch
 from passes_registry import Analysis, register_analysis
 
 from qpasses.ir.layers import layer_bias, layer_weight, quantizable_layers
+from qpasses.algorithms.product_costs import ProductCost, product_costs
 from qpasses.ir.annotations import QuantSpec, get_qmeta
 from qpasses.numerics import costs, quantizers
 from qpasses.analyses.table import LayerTable, bits_text, require_annotations, table
@@ -51,10 +52,12 @@ class AccWidthRow:
 @dataclass(frozen=True)
 class AccWidthResult(LayerTable):
     rows: tuple[AccWidthRow, ...]
+    # act x act products (attention's matmuls): worst case over their operands' grid
+    products: tuple[AccWidthRow, ...] = ()
 
     @property
     def max_acc_bits(self) -> int | None:
-        vals = [r.acc_bits for r in self.rows if r.acc_bits is not None]
+        vals = [r.acc_bits for r in self.rows + self.products if r.acc_bits is not None]
         return max(vals) if vals else None
 
     @property
@@ -143,10 +146,39 @@ def _row(gm, info, q) -> AccWidthRow:
         bias_included=int_bias is not None, note=note)
 
 
+# quantizer schemes whose zero point is 0 (docs/algorithms.md, "Scheme names")
+_ZERO_POINT_FREE = frozenset({"symmetric", "unsigned", "pact", "lsq"})
+
+
+def _product_row(p: ProductCost, spec: QuantSpec | None) -> AccWidthRow:
+    """An act x act product ``Σ_k (a − z_a)(b − z_b)``: both operands on the product's act grid
+    (one spec, each operand its own quantizer). Zero points are not in the spec: 0 for the
+    zero-point-free schemes, else the worst over every zero point of the grid (the extremes of
+    a bilinear form are at the corners). No weights, so no data-aware bound."""
+    base = dict(name=p.name, op=p.op, w_bits=None, w_bits_per_kernel=None,
+                a_bits=None if spec is None else spec.bits, fan_in=p.k,
+                acc_bits_data=None, kernel_acc_bits=None, kernel_acc_bits_data=None)
+    if spec is None or p.float_island or spec.bits == 0:
+        return AccWidthRow(**base, acc_bits=None,
+                           note="float island" if p.float_island else "operands not quantized")
+    lo, hi = costs.int_range(spec.bits, spec.signed, spec.narrow_range)
+    zps = [0] if spec.scheme in _ZERO_POINT_FREE else sorted({int(lo), int(hi)})
+    width = max(int(costs.acc_bits_worst_case(spec.bits, spec.bits, p.k, w_signed=spec.signed,
+                                              a_signed=spec.signed, w_zero_point=za,
+                                              a_zero_point=zb, w_narrow=spec.narrow_range,
+                                              a_narrow=spec.narrow_range))
+                for za in zps for zb in zps)
+    return AccWidthRow(**base, acc_bits=width,
+                       note="act x act: worst case only" + ("" if zps == [0] else
+                                                            " (any zero points)"))
+
+
 def compute_acc_width(gm, am) -> AccWidthResult:
     nodes = {n.name: n for n in gm.graph.nodes}
     return AccWidthResult(tuple(_row(gm, info, get_qmeta(nodes[info.node]))
-                                for info in quantizable_layers(gm)))
+                                for info in quantizable_layers(gm)),
+                          tuple(_product_row(p, get_qmeta(nodes[p.node]).act)
+                                for p in product_costs(gm)))
 
 
 @register_analysis
@@ -165,7 +197,7 @@ class AccWidthAnalysis(Analysis):
                  "-" if r.a_bits is None else r.a_bits, r.fan_in,
                  "-" if r.acc_bits is None else r.acc_bits,
                  "-" if r.acc_bits_data is None else r.acc_bits_data, r.note or ""]
-                for r in result.rows]
+                for r in result.rows + result.products]
         return (table(["layer", "op", "w", "a", "fan-in", "acc (worst)", "acc (data)", "note"],
                       body)
                 + f"\nmax accumulator: worst case {result.max_acc_bits}, data-aware "

@@ -35,7 +35,8 @@ class CheckAccWidth(Pass):
 
     Prints a table of the offending layers (worst-case and data-aware widths) to the context's
     stream, returns stats ``num_layers_checked``, ``num_over_target``, ``max_acc_bits`` and, with
-    ``fail=true``, raises :class:`PassFailure` naming every offending layer. Never modifies the
+    ``fail=true``, raises :class:`PassFailure` naming every offending layer. Act x act products
+    (attention's matmuls) are checked too, with their worst case. Never modifies the
     graph. Requires ``bits-annotated``.
     """
     name = PASS_NAME
@@ -48,7 +49,7 @@ class CheckAccWidth(Pass):
         opts: CheckAccWidthOptions = self.options
         result = am.get("acc-width", gm)
         over, checked, widest = [], 0, 0
-        for r in result.rows:
+        for r in result.rows + result.products:      # layers, then act x act products
             width = r.acc_bits
             if opts.bound == "data" and r.acc_bits_data is not None:
                 width = r.acc_bits_data

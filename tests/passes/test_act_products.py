@@ -208,3 +208,29 @@ def test_prune_zero_bit_channels_runs_on_decomposed_attention(tmp_path):
     assert len(_products(gm)) == 4
     with torch.no_grad():
         assert gm(x).shape == (1, 10)
+
+
+def test_acc_width_lists_products_with_a_sound_worst_case():
+    """print<acc-width>/check-acc-width see attention's matmuls before lowering: their worst case
+    over any zero points of the act grid bounds every accumulator the integer graph computes."""
+    x = torch.randn(2, 3, 32, 32)
+    gm = _run(tiny_vit(), x, PRE + ",insert-fake-quant{weight-scheme=symmetric per-channel=true},"
+              "calibrate", calibration_data=[x])
+    from passes_registry import AnalysisManager
+    acc = AnalysisManager().get("acc-width", gm)
+    prods = {p.name: p for p in acc.products}
+    assert set(prods) == {p.name for p in _products(gm)}
+    for r in prods.values():
+        m = 2 ** 6 - 1                      # |q − z| <= 2^b − 1 for any zero point on the grid
+        assert r.acc_bits == (r.fan_in * m * m).bit_length() + 1, r
+    rep = {r["name"]: r for r in report(gm)["layers"]}
+    assert all(rep[n]["acc_bits"] == prods[n].acc_bits for n in prods)
+    lowered = _run(tiny_vit(), x, PRE + ",insert-fake-quant{weight-scheme=symmetric "
+                   "per-channel=true},calibrate,lower-to-int-sim", calibration_data=[x])
+    from qpasses.modules.int_sim_transformer import IntMatMul
+    for name, mod in lowered.named_modules():
+        if isinstance(mod, IntMatMul):
+            node = next(n for n in lowered.graph.nodes if n.op == "call_module" and n.target == name)
+            assert mod.acc_bits <= prods[node.name].acc_bits, (name, mod.acc_bits)
+    _, stats = run_with_stats(gm, "graph(check-acc-width{target=16})")
+    assert stats["num_over_target"] >= len(prods)
