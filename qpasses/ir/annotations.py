@@ -27,6 +27,21 @@ def _is_bits(b: Any) -> bool:
     return isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_BITS
 
 
+def _all_finite_positive(values: tuple) -> bool:
+    """Every value an int or float, finite and > 0 (per-channel scales: thousands of values, so
+    plain floats and ints are checked with C-level ``map``/``min``)."""
+    if set(map(type, values)) <= {float, int}:
+        return all(map(math.isfinite, values)) and (not values or min(values) > 0)
+    return all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in values)
+
+
+def _all_ints_within(values: tuple, lo: int, hi: int) -> bool:
+    """Every value an int in [lo, hi] (the fast path as in :func:`_all_finite_positive`)."""
+    if set(map(type, values)) <= {int}:
+        return not values or (lo <= min(values) and max(values) <= hi)
+    return all(isinstance(z, int) and lo <= z <= hi for z in values)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized.
@@ -75,8 +90,7 @@ class QuantSpec:
             elif _is_bits(self.bits) and self.bits != max(bpk):
                 out.append(f"bits ({self.bits}) must equal max(bits_per_kernel) ({max(bpk)})")
         if self.scale is not None:
-            if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0
-                       for s in self.scale):
+            if not _all_finite_positive(self.scale):
                 out.append("scale values must be finite and > 0")
             n = self.num_channels
             if n is not None and len(self.scale) not in (1, n):
@@ -86,7 +100,7 @@ class QuantSpec:
                 out.append("zero_point and scale must have the same length")
             if _is_bits(self.bits) and self.bits > 0:
                 lo, hi = self.qrange()
-                if not all(isinstance(z, int) and lo <= z <= hi for z in self.zero_point):
+                if not _all_ints_within(self.zero_point, lo, hi):
                     out.append(f"zero_point values must be ints in [{lo}, {hi}]")
         return out
 

@@ -23,6 +23,7 @@ from passes_registry import get_record, set_record
 from passes_registry.suggest import did_you_mean
 
 from qpasses.errors import InputError, TraceError
+from qpasses.ir.meta_prop import MetaPropUnsupported, meta_propagate
 from qpasses.ir.records import MODEL_KEY
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -140,13 +141,23 @@ def _check_concrete_args(model: torch.nn.Module, concrete_args: Any) -> None:
                              + did_you_mean(str(key), list(params)))
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` once, no grad."""
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any, fast: bool = True) -> None:
+    """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` once, no grad.
+
+    ``fast``: run it on meta tensors (no arithmetic, the same records; see
+    :mod:`qpasses.ir.meta_prop`), falling back to the real run on example inputs where the meta
+    run is refused. ``fast=False`` always runs for real."""
     inputs = normalize_inputs(example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) > len(placeholders):
         raise InputError(f"{len(inputs)} example inputs given but the model takes "
                          f"{len(placeholders)} ({', '.join(n.name for n in placeholders)})")
+    if fast:
+        try:
+            meta_propagate(gm, inputs)
+            return
+        except MetaPropUnsupported:
+            pass        # an op the meta device cannot run: the real run below decides
     prop = ShapeProp(gm)
     # ShapeProp prints a traceback to stderr before re-raising; the typed error below says it all.
     try:

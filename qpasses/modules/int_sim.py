@@ -69,6 +69,7 @@ from qpasses.ir.records import INT_SIM_KEY
 from qpasses.numerics.fixed_point import (ROUNDING_CONTRACTS, channel_view, quantize_multiplier,
                                           requantize, requantize_float)
 from qpasses.numerics.int_sim_math import quantize_codes
+from qpasses.numerics.native_requant import native_affine, native_lut
 from qpasses.numerics.quant_utils import is_compiling
 from qpasses.numerics.fast_requant import (AffineFloor, RequantPlan, code_dtype, lut_gather,
                                            requantize_float_fast)
@@ -260,6 +261,11 @@ class Requantize(IntSimModule):
                 affine = self._cached("affine", self.cache_key(), lambda: AffineFloor.fit(
                     torch.arange(self.in_zero_point - b, self.in_zero_point + b + 1),
                     table.to(_I64), float(self.real[0]), self.qmin, self.qmax, self.out_dtype))
+                # one compiled pass where it applies (the affine map, else the table)
+                out = native_affine(affine, q, self.out_dtype) if affine is not None else \
+                    native_lut(table, q, self.in_zero_point - b)
+                if out is not None:
+                    return out
                 if affine is not None:
                     return affine.apply(q, torch.empty_like(q, dtype=self.out_dtype))
                 return lut_gather(table, q, self.in_zero_point - b)

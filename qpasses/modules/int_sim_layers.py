@@ -22,8 +22,12 @@ from qpasses.numerics.fixed_point import channel_view
 from qpasses.numerics.int_conv_fast import (RowBlocks, conv_blocks, fast_conv, fast_linear,
                                             linear_blocks, prepare_conv, prepare_linear,
                                             rows_to_output)
+from qpasses.numerics.int_conv_onednn import (PreparedOnednnConv, onednn_conv_blocks,
+                                              prepare_onednn_conv, window_fits_float32)
 from qpasses.numerics.int_ops import codes_dtype, int_conv, int_linear, narrow_int
+from qpasses.numerics import int_conv_onednn
 from qpasses.numerics.fast_requant import RequantPlan
+from qpasses.numerics.native_requant import native_apply
 from qpasses.numerics.quant_utils import is_compiling
 from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
 
@@ -184,6 +188,7 @@ class IntLayer(IntSimModule):
         offset, the bias and its fractional bits, and the requantization (:class:`RequantPlan`)
         straight into narrow output codes."""
         p = self._prepare(self.kernel)
+        p = self._direct(x) or p       # a direct int8 convolution where it is exact
         run, rebuild = self._blocks(x, p)
         if self.acc_sink is not None:
             run = _tee_rows(self, run, rebuild, self.acc_sink)
@@ -195,7 +200,8 @@ class IntLayer(IntSimModule):
         out = torch.empty((run.rows, int(self.w_q.shape[0])), dtype=dt)
         for r0, r1, acc in run.blocks:
             if plan is not None:
-                plan.apply(acc, out[r0:r1], owned=True)
+                if not native_apply(plan, acc, out[r0:r1]):     # one compiled pass, or eager
+                    plan.apply(acc, out[r0:r1], owned=True)
                 continue
             a = acc.round().to(_I64) if acc.is_floating_point() else acc.to(_I64)
             if self.acc_shift:
@@ -210,14 +216,15 @@ class IntLayer(IntSimModule):
         """(plan, A − acc·2^k per channel): the int8 kernel's offset and the integer bias folded
         into one int64 vector; cached until the weights or the requantization change."""
         rq = self.requant
-        key = (self.kernel, self.x_zero_point) + tensor_versions(
+        key = (self.kernel, type(p).__name__, self.x_zero_point) + tensor_versions(
             self.w_q, self.w_zp, self.bias_q, self.bias_f) + (self.acc_shift, id(rq)) + (
             rq.cache_key() if rq is not None else ())
 
         def build() -> tuple[RequantPlan | None, Tensor | None]:
             k = self.acc_shift
             offset = (p.x_offset - self.x_zero_point) * p.w_colsum \
-                if p.kernel == "int8-mm" and p.x_offset != self.x_zero_point else None
+                if getattr(p, "kernel", "") == "int8-mm" and p.x_offset != self.x_zero_point \
+                else None
             add = None if offset is None else offset << k
             float_bias = self.float_bias_fused
             if self.bias_q is not None and not float_bias:
@@ -226,12 +233,17 @@ class IntLayer(IntSimModule):
                 return None, add
             return rq.plan(self.acc_max, bias_f=self.bias_f if float_bias else None,
                            pre_shift=k, pre_add=add), add
-        return self._cached("epilogue", key, build)
+        return self._cached("epilogue-" + type(p).__name__, key, build)   # one per kernel
 
     def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
         """(the fast kernel's accumulator as blocks of rows (pixels, out channels), the function
         from the (rows, out channels) result to the output tensor)."""
         raise NotImplementedError
+
+    def _direct(self, x: Tensor) -> Any:
+        """Prepared weights of a direct kernel that replaces ``_int_mm`` for this input, or None
+        (:class:`_IntConv`: oneDNN's int8 convolution)."""
+        return None
 
     def _int_repr(self) -> str:
         out = f"kernel={self.kernel} (fast={self.fast_kernel}), acc_bits={self.acc_bits}"
@@ -280,8 +292,33 @@ class _IntConv(IntLayer):
     def _fast_acc(self, x: Tensor, prepared: Any, add: Tensor | None = None) -> Tensor:
         return fast_conv(x, prepared, self.x_zero_point, add)
 
+    def _direct(self, x: Tensor) -> PreparedOnednnConv | None:
+        """oneDNN's u8 × s8 convolution (no im2col) for an ``int8-mm`` 2-d layer on CPU, where
+        its float32 accumulators are exact for this layer: a bound within 2^24, or a fused
+        requantization whose window they cannot cross (``int_conv_onednn``; else None)."""
+        if self.kernel != "int8-mm" or x.dim() != 4 or x.is_cuda or not int_conv_onednn.ENABLED:
+            return None
+        rq = self.requant
+        key = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq)) + \
+            tensor_versions(self.w_q, self.w_zp, self.bias_q, self.bias_f) + (
+                rq.cache_key() if rq is not None else ())
+
+        def build() -> PreparedOnednnConv | None:
+            wz = self.w_zp.reshape(-1, 1, 1, 1) if self.w_zp.numel() > 1 else self.w_zp.reshape(())
+            od = prepare_onednn_conv(self.w_q.to(_I64) - wz, stride=self.stride,
+                                     padding=self.int_padding, dilation=self.dilation,
+                                     groups=self.groups, x_qmin=self.x_qmin, x_qmax=self.x_qmax,
+                                     x_zero_point=self.x_zero_point)
+            if od is None or self.acc_max <= 2 ** 24:
+                return od
+            plan, _ = self._epilogue(od)
+            return od if plan is not None and window_fits_float32(*plan.window,
+                                                                  plan.pre_shift) else None
+        return self._cached("onednn", key, build)
+
     def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
-        run = conv_blocks(x, p, self.x_zero_point)
+        run = onednn_conv_blocks(x, p, self.x_zero_point) if isinstance(p, PreparedOnednnConv) \
+            else conv_blocks(x, p, self.x_zero_point)
         n = x.shape[0]
         return run, lambda rows: rows_to_output(rows, n, run.out_sizes)
 

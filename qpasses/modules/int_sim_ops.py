@@ -15,6 +15,7 @@ from qpasses.numerics.fixed_point import (channel_view, multiply_by_quantized_mu
                                           quantize_multiplier, requantize)
 from qpasses.numerics.int_ops import int_avg_pool_sum, int_max_pool
 from qpasses.numerics.int_sim_math import adaptive_avg_pool_sum, add_rescale_params
+from qpasses.numerics.native_requant import native_add
 from qpasses.numerics.quant_utils import is_compiling
 from qpasses.numerics.fast_requant import (code_dtype, lut_gather, lut_gather2, max_pool_codes,
                                            requantize_fast, scratch_like)
@@ -89,6 +90,10 @@ class IntAdd(IntSimModule):
             hi = sum(z + m for z, m in zip(self.in_zero_points, self.in_max_abs))
             c = self.out_zero_point - sum(self.in_zero_points)
             dt = code_dtype(min(lo, lo + c, -1), max(hi, hi + c, 1))
+            if len(qs) == 2:          # one compiled pass where it applies
+                y = native_add(qs[0], qs[1], c, self.qmin, self.qmax, self.out_dtype)
+                if y is not None:
+                    return y
             y = scratch_like("add-sum", qs[0], dt).copy_(qs[0])
             for q in qs[1:]:       # same-dtype adds: mixed-dtype in-place adds are slow
                 y += scratch_like("add-term", q, dt).copy_(q)

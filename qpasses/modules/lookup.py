@@ -89,11 +89,11 @@ def layer_weight_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Wei
 
 
 def _floats(t: torch.Tensor) -> tuple[float, ...]:
-    return tuple(float(v) for v in t.detach().reshape(-1).tolist())
+    return tuple(map(float, t.detach().reshape(-1).tolist()))
 
 
 def _ints(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(v) for v in t.detach().reshape(-1).tolist())
+    return tuple(map(int, t.detach().reshape(-1).tolist()))
 
 
 def _with_qparams(spec: QuantSpec, scale: torch.Tensor, zp: torch.Tensor | None) -> QuantSpec:

@@ -265,7 +265,7 @@ class RequantPlan:
         lo, hi, self.clamp = requant_window(f, self.qmin, self.qmax, self.bound, n, slope,
                                             offset, spread)
         add = _vec(pre_add, n, torch.int64) if pre_add is not None else None
-        self.pre_shift = int(pre_shift)
+        self.pre_shift, self.window = int(pre_shift), (lo, hi, add)   # int64 (A-space) window
         vecs: dict[str, Tensor] = {"lo": lo.to(torch.float64), "hi": hi.to(torch.float64)}
         if add is not None and bool((add != 0).any()):
             vecs["add"] = add.to(torch.float64)
@@ -310,7 +310,7 @@ class RequantPlan:
             self._ms = (m, s)
             if add is not None:
                 vecs["add64"] = add
-        self._vecs = vecs
+        self.vecs = vecs
         self._views: dict[tuple[int, int], dict[str, Tensor | float | int]] = {}
 
     def _shaped(self, dim: int, axis: int) -> dict[str, Tensor | float | int]:
@@ -323,11 +323,11 @@ class RequantPlan:
             shape = [1] * dim
             if dim:
                 shape[key[1]] = self.channels
-            uniform = {k: bool((v == v[0]).all()) for k, v in self._vecs.items()}
+            uniform = {k: bool((v == v[0]).all()) for k, v in self.vecs.items()}
             for a, b in (("lo", "hi"), ("lo32", "hi32")):   # clamp takes two numbers or tensors
                 if a in uniform:
                     uniform[a] = uniform[b] = uniform[a] and uniform[b]
-            for name, v in self._vecs.items():
+            for name, v in self.vecs.items():
                 views[name] = v[0].item() if uniform[name] else v.reshape(shape)
             if "C" in views:
                 views["Cu"] = views["C"] - 128

@@ -30,6 +30,7 @@ __all__ = ["WeightCodes", "row_l1", "weight_codes", "weight_codes_reference"]
 _F32_CODE_LIMIT = 2.0 ** 20     # |code − z| up to which the float32 shortcut is proven
 _ROW_CHUNK = 1 << 22            # elements per chunk of row_l1's temporaries
 _F32_EXACT = 2.0 ** 24           # integers below this add exactly in float32
+_BLOCK_ELEMENTS = 1 << 18       # weights per block of the blocked shortcut (1 MiB of float32)
 
 
 class WeightCodes(NamedTuple):
@@ -91,13 +92,17 @@ def weight_codes(w_hat: Tensor, scale: Tensor, zero_point: Tensor,
                  tol: float | None = None) -> WeightCodes:
     """:func:`weight_codes_reference`'s result, computed in float32 where that is provably the same
     (module docstring); peak: the float32 quotient and a float32 check, then the quotient and the
-    codes (int8 for 8-bit codes: 9 bytes per weight with ``w_hat``, at most 16)."""
+    codes (int8 for 8-bit codes: 9 bytes per weight with ``w_hat``, at most 16). A contiguous
+    weight goes through :func:`_weight_codes_blocked` (the same values, blocks of kernels: the
+    codes plus two 1 MiB buffers)."""
     s32 = scale.to(torch.float32)
     fast = (w_hat.dtype == torch.float32 and bool(torch.isfinite(s32).all())
             and bool((s32 >= torch.finfo(torch.float32).tiny).all())   # normal: no FTZ doubt
             and bool((s32.to(scale.dtype) == scale).all()))
     if not fast:
         return weight_codes_reference(w_hat, scale, zero_point, tol)
+    if w_hat.numel() and w_hat.is_contiguous():
+        return _weight_codes_blocked(w_hat, scale, zero_point, tol, s32)
     shape = _shape(w_hat)
     s = s32.reshape(shape)
     q = torch.div(w_hat, s)
@@ -142,3 +147,60 @@ def weight_codes(w_hat: Tensor, scale: Tensor, zero_point: Tensor,
     if bool((zero_point != 0).any()):
         codes.add_(zero_point.to(codes.dtype).reshape(shape))
     return WeightCodes(codes, 0, l1, int(lo_i), int(hi_i))
+
+
+def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol: float | None,
+                          s32: Tensor) -> WeightCodes:
+    """:func:`weight_codes`' float32 shortcut over blocks of whole kernels (rows) with two
+    reused block buffers, for a contiguous non-empty ``w_hat``: no weight-sized float32
+    temporary (the quotient and the check of the one-shot version are 8 fresh bytes per weight,
+    page-faulted in on every call). The same elementwise operations give the same values: pass 1
+    checks every block (a wide code, NaN or off-grid weight anywhere: the definition decides, as
+    before) and sums ``|code − z|`` per kernel exactly in float64 (integers below 2^53; the
+    one-shot version's float32 sums are exact too); pass 2 recomputes each block's codes into
+    the narrowest dtype, known only once every block was seen."""
+    c = w_hat.shape[0]
+    flat = w_hat.view(c, -1)
+    k = flat.shape[1]
+    s_col = s32.reshape(c, 1)
+    rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    buf_q = torch.empty(min(rows, c) * k, dtype=torch.float32)
+    buf_b = torch.empty_like(buf_q)
+    lo_i, hi_i = float("inf"), float("-inf")
+    l1_parts = []
+    for i in range(0, c, rows):
+        blk, sc = flat[i:i + rows], s_col[i:i + rows]
+        q = buf_q[:blk.numel()].view(blk.shape)
+        torch.div(blk, sc, out=q)
+        q.round_()
+        lo, hi = q.aminmax()
+        lo_b, hi_b = float(lo), float(hi)
+        if not (abs(lo_b) <= _F32_CODE_LIMIT and abs(hi_b) <= _F32_CODE_LIMIT):
+            return weight_codes_reference(w_hat, scale, zero_point, tol)   # NaN or wide
+        back = buf_b[:blk.numel()].view(blk.shape)
+        torch.mul(q, sc, out=back)
+        if tol is not None:
+            off = float(back.sub_(blk).abs_().amax()) > tol
+        else:   # bit patterns equal (as in weight_codes)
+            diff = back.view(torch.int32).bitwise_xor_(blk.view(torch.int32))
+            lo_d, hi_d = diff.aminmax()
+            off = bool(lo_d != 0) or bool(hi_d != 0)
+        if off:
+            return weight_codes_reference(w_hat, scale, zero_point, tol)
+        lo_i, hi_i = min(lo_i, lo_b), max(hi_i, hi_b)
+        l1_parts.append(q.abs_().sum(1, dtype=torch.float64))
+    l1 = (l1_parts[0] if len(l1_parts) == 1 else torch.cat(l1_parts)).to(torch.int64)
+    zmin, zmax = (int(zero_point.min()), int(zero_point.max())) if zero_point.numel() else (0, 0)
+    lo_c, hi_c = int(lo_i), int(hi_i)
+    codes = torch.empty(w_hat.shape, dtype=narrowest_int_dtype(
+        min(lo_c, lo_c + zmin, zmin), max(hi_c, hi_c + zmax, zmax)))
+    codes2 = codes.view(c, k)
+    for i in range(0, c, rows):
+        blk, sc = flat[i:i + rows], s_col[i:i + rows]
+        q = buf_q[:blk.numel()].view(blk.shape)
+        torch.div(blk, sc, out=q)
+        q.round_()
+        codes2[i:i + rows].copy_(q)
+    if bool((zero_point != 0).any()):
+        codes.add_(zero_point.to(codes.dtype).reshape(_shape(w_hat)))
+    return WeightCodes(codes, 0, l1, lo_c, hi_c)

@@ -51,10 +51,11 @@ from tqdm import tqdm
 
 from passes_registry import Pass, PassResult, PreservedAnalyses, register_pass
 from passes_registry.errors import OptionError, PassesError
-from passes_registry import fingerprint
+from passes_registry import fingerprint, registry
 
 from qpasses.errors import CalibrationError, NumericsError
 from qpasses.modules.fake_quant import ActFakeQuant, FakeQuantize, WeightFakeQuant
+from qpasses.ir.annotations import QMeta
 from qpasses.ir.batches import batch_inputs, calibration_batches, check_batch_inputs
 from qpasses.ir.fx import attr_value, graph_device, num_graph_inputs
 from qpasses.ir.layers import quantizable_layers
@@ -111,10 +112,10 @@ class Calibrate(Pass):
         weights = {n: m for n, m in quantizers.items() if isinstance(m, WeightFakeQuant)}
         # honest "modified": nothing to calibrate (all layers skipped, no conv/linear) or a
         # re-run on the same data leaves the graph as it was (verify-each checks the claim)
-        before = fingerprint(gm)
+        before = _Snapshot(gm)
         if opts.method == "trained":
             res = self._keep_trained(gm, acts, weights)
-            return dataclasses.replace(res, modified=fingerprint(gm) != before)
+            return dataclasses.replace(res, modified=before.changed(gm))
         data = calibration_batches(ctx, self.name)
         if opts.method != "inserted":
             for n, q in acts.items():
@@ -151,7 +152,7 @@ class Calibrate(Pass):
                     q.enable_fake_quant(saved[n][0])
                     q.enable_observer(saved[n][1])
         write_qmeta(gm, origin=self.name)
-        return PassResult(modified=fingerprint(gm) != before, stats={"num_batches": seen,
+        return PassResult(modified=before.changed(gm), stats={"num_batches": seen,
                                                 "num_quantizers": len(quantizers),
                                                 "num_weight_quantizers": len(weights)})
 
@@ -228,6 +229,44 @@ class Calibrate(Pass):
                 continue
             w = attr_value(gm, info.weight_attr)
             wq.observe(w)
+
+
+class _Snapshot:
+    """The graph's state before the pass, to tell honestly whether the pass changed it: exactly
+    "``fingerprint(gm)`` differs" (structure, annotations, weights, records), computed cheaper.
+    The weights aspect (tensor identities and versions; observers write their buffers in place)
+    is compared first; the annotations only when everything else is unchanged, QMeta values by
+    identity first (frozen objects: the same object has the same text) and by text otherwise."""
+
+    _CHEAP = frozenset({"structure", "weights", "records"})
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.cheap = fingerprint(gm, self._CHEAP)
+        self.annotations = _annotation_values(gm)
+
+    def changed(self, gm: torch.fx.GraphModule) -> bool:
+        if fingerprint(gm, self._CHEAP) != self.cheap:
+            return True
+        after = _annotation_values(gm)
+        if [k for k, _ in after] != [k for k, _ in self.annotations]:
+            return True
+        return any(old is not new and _text(old) != _text(new)
+                   for (_, old), (_, new) in zip(self.annotations, after))
+
+
+def _annotation_values(gm: torch.fx.GraphModule) -> list[tuple[tuple[str, str], Any]]:
+    """((node name, key), value) of every registered annotation, in fingerprint order; values
+    other than the frozen QMeta are kept as their text (they could be mutated in place)."""
+    keys = sorted(registry.annotation_keys())
+    return [((n.name, k), _kept(n.meta[k])) for n in gm.graph.nodes for k in keys if k in n.meta]
+
+
+def _kept(value: Any) -> Any:
+    return value if type(value) is QMeta else ("text", repr(value))
+
+
+def _text(kept: Any) -> str:
+    return kept[1] if isinstance(kept, tuple) else repr(kept)
 
 
 def _user_batches(data: Iterable) -> Iterable:

@@ -1,6 +1,8 @@
 """fold-batch-norm: fold eval-mode BatchNorm into the preceding convolution or linear layer."""
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -350,6 +352,9 @@ class FoldBatchNorm(Pass):
                         node=cand.bn.node.name)
         graph = gm.graph
         bias_created = 0
+        # modules and attributes the graph references (kept current as nodes are erased), so
+        # that each unreferenced-BatchNorm check does not walk the whole graph
+        refs = Counter(str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr"))
         for cand in candidates:
             bn, layer = cand.bn, cand.layer
             w, b = fold_weights(layer.weight, layer.bias, bn.mean, bn.var, bn.weight, bn.bias,
@@ -358,24 +363,31 @@ class FoldBatchNorm(Pass):
             layer.set_bias(b)
             bias_created += layer.bias is None
             bn.node.replace_all_uses_with(layer.node)
-            graph.erase_node(bn.node)
+            _erase(graph, bn.node, refs)
             for t in bn.tensors:
                 if not t.users:
-                    graph.erase_node(t)
+                    _erase(graph, t, refs)
             if bn.node.op == "call_module":
-                _delete_if_unreferenced(gm, str(bn.node.target))
+                _delete_if_unreferenced(gm, str(bn.node.target), refs)
         return PassResult(modified=bool(candidates),
                           stats={"num_folded": len(candidates),
                                  "num_unfolded": len(unfoldable),
                                  "num_bias_created": int(bias_created)})
 
 
-def _delete_if_unreferenced(gm: torch.fx.GraphModule, target: str) -> None:
-    for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr"):
-            t = str(n.target)
-            if t == target or t.startswith(target + ".") or target.startswith(t + "."):
-                return
+def _erase(graph: torch.fx.Graph, node: torch.fx.Node, refs: Counter) -> None:
+    graph.erase_node(node)
+    if node.op in ("call_module", "get_attr"):
+        refs[str(node.target)] -= 1
+
+
+def _delete_if_unreferenced(gm: torch.fx.GraphModule, target: str, refs: Counter) -> None:
+    """Delete submodule ``target`` unless a node still references it, a part of it or a module
+    containing it (``refs``: how many nodes reference each target)."""
+    for t, count in refs.items():
+        if count > 0 and (t == target or t.startswith(target + ".")
+                          or target.startswith(t + ".")):
+            return
     gm.delete_submodule(target)
 
 

@@ -64,7 +64,7 @@ def _accumulators(plan: RequantPlan, bound: int, k: int, add, c: int, seed: int)
     g = torch.Generator().manual_seed(seed)
     rand = torch.randint(-bound, bound + 1, (400, c), generator=g)
     small = torch.randint(-300, 301, (200, c), generator=g).clamp(-bound, bound)
-    lo, hi = plan._vecs["lo"].to(torch.int64), plan._vecs["hi"].to(torch.int64)
+    lo, hi = plan.vecs["lo"].to(torch.int64), plan.vecs["hi"].to(torch.int64)
     edges = torch.stack([lo - 1, lo, lo + 1, hi - 1, hi, hi + 1]).clamp(-bound, bound)
     fixed = torch.tensor([0, 1, -1, bound, -bound]).unsqueeze(1).expand(5, c)
     a = torch.cat([rand, small, edges, fixed])
@@ -165,7 +165,7 @@ def test_float64_alone_would_round_where_the_window_keeps_it_exact():
     plan8 = RequantPlan("gemmlowp", multiplier=m, shift=s, zero_point=0, qmin=-128, qmax=127,
                         bound=2 ** 31 - 1)
     assert plan8.mode == "float64"      # the 8-bit window: |A| <= ~860
-    assert float(plan8._vecs["hi"].max()) < 1000
+    assert float(plan8.vecs["hi"].max()) < 1000
     out8 = torch.empty(a.shape, dtype=torch.int8)
     assert torch.equal(plan8.apply(a.to(torch.int32), out8, owned=True).long(),
                        requantize(a, m, s, 0, -128, 127))
