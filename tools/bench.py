@@ -35,6 +35,11 @@ to the whole-model integer graph (attention, softmax, LayerNorm in integers): lo
 float islands, integer MAC share, and int-sim fast inference vs fp32 and the fake-quant graph.
 ``python -m tools.bench --only int-sim-vit --repeat 3 --threads 1 --batch 2``.
 
+Section ``verify-int-sim`` (issue 16: checking costs <= 5x one int-sim forward): maxvit_t and
+resnet50 (``--model`` picks others) at ``--image-size`` with ``--batch`` images, W4A8 lowered, then
+``verify-int-sim{samples=<batch>}`` vs one no_grad forward of the integer graph, interleaved.
+``python -m tools.bench --only verify-int-sim --threads 1 --batch 2 --repeat 5``.
+
 Section ``qat-step`` (issue 3's target: <= 1.15x fp32): one SGD training step of torchvision
 ResNet-18 (random init, batch 8x3x224x224) for fp32, the BN-folded fp32 graph, the fake-quant graph
 (ours, W8A8 and W4A4, calibrated; and W8A8 with activation observers on every step) and torch.ao
@@ -60,6 +65,7 @@ import tools.bench_sections  # noqa: F401  (registers its sections)
 import tools.bench_ort  # noqa: F401  (registers its section)
 import tools.bench_lowering  # noqa: F401  (registers its section)
 import tools.bench_vit  # noqa: F401  (registers its section)
+import tools.bench_verify  # noqa: F401  (registers its section)
 from passes_registry import PassesError
 from tools.bench_flow import PTQ_MODELS, PTQ_PIPELINE
 from tools.bench_harness import BENCHMARKS, format_sections, run_sections

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from qpasses.algorithms.int_sim_reference_kernels import (conv_exact, exact_matmul,
-                                                          quantize_multipliers_exact)
+from qpasses.algorithms.int_sim_reference_kernels import (code_dtype, conv_exact, exact_matmul,
+                                                          quantize_multipliers_exact, requant_f64)
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
 from qpasses.modules.int_sim_affine import IntAffine, IntConstant
 from qpasses.modules.int_sim_pad import IntPad
@@ -100,11 +100,16 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
             xf = xf + _channel(bias_f.astype(np.float32), x, axis)
         y = np.rint(xf * _channel(scale_f32.astype(np.float32), x, axis)).astype(_I64)
         return np.clip(y + out_zp, qmin, qmax)
-    if x.size and max(int(x.max()), -int(x.min())) > 2 ** 31 - 1:
+    amax = max(int(x.max()), -int(x.min())) if x.size else 0
+    if amax > 2 ** 31 - 1:
         raise ValueError("requant input outside int32")
     mults, shifts = quantize_multipliers_exact(reals, bits)   # = quantize_multiplier_exact
     m = _channel(mults, x, axis)
     e = _channel(shifts, x, axis)
+    y = requant_f64(x, m, e, rounding, bits, amax, out_zp, qmin, qmax)   # exact float64 path
+    if y is not None:
+        return y
+    x = x.astype(_I64, copy=False)
     if rounding == "gemmlowp":
         left = np.maximum(e, 0)
         xl = x * _pow2(left) if np.any(left) else x
@@ -143,18 +148,22 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 
 
 def conv_ref(x: np.ndarray, w: np.ndarray, stride: Any, padding: Any, dilation: Any, groups: int,
-             x_zp: int, w_zp: np.ndarray) -> np.ndarray:
-    """Σ over kernel offsets of strided slices of the zero-padded ``x − z_x`` times ``w − z_w``."""
+             x_zp: int, w_zp: np.ndarray, keep_float: bool = False) -> np.ndarray:
+    """Σ over kernel offsets of strided slices of the zero-padded ``x − z_x`` times ``w − z_w``
+    (``keep_float``: the exact float accumulator where the bound allowed float BLAS)."""
     nd = w.ndim - 2
     s, p, d = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
     ks = w.shape[2:]
-    xs = x.astype(_I64) - x_zp
-    xs = np.pad(xs, [(0, 0), (0, 0)] + [(pi, pi) for pi in p])
+    # the codes padded with z_x (centred to 0 by conv_exact, in the type its bound picks)
+    if x.dtype.kind not in "iu" or not np.iinfo(x.dtype).min <= x_zp <= np.iinfo(x.dtype).max:
+        x = x.astype(_I64)
+    xs = np.pad(x, [(0, 0), (0, 0)] + [(pi, pi) for pi in p], constant_values=x_zp) \
+        if any(p) else x
     out = [(x.shape[2 + i] + 2 * p[i] - d[i] * (ks[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
     wz = w.astype(_I64) - (w_zp.reshape((-1,) + (1,) * (w.ndim - 1)) if w_zp.size > 1
                            else w_zp.reshape(()))
     # one exact (batched) matmul per kernel offset (float64 only under the 2^53 bound)
-    return conv_exact(xs, wz, s, d, out, groups)
+    return conv_exact(xs, wz, s, d, out, groups, keep_float, x_zp)
 
 
 def maxpool_ref(x: np.ndarray, k: Any, s: Any, p: Any, d: Any, ceil: bool) -> np.ndarray:
@@ -247,34 +256,54 @@ class ReferenceInterpreter:
         self.acc_absmax: dict[str, int] = {}
 
     def run(self, *inputs: torch.Tensor, trusted: dict[str, Any] | None = None,
-            kinds: dict[str, str] | None = None) -> dict[str, Any]:
+            kinds: dict[str, str] | None = None,
+            observe: Any = None) -> dict[str, Any]:
         """Every node's value. With ``trusted`` (values of another run) and ``kinds`` (from
         :func:`qpasses.algorithms.int_sim_check.classify_nodes`), float nodes outside the integer arithmetic
         (float islands, float ops before the input quantize) take the trusted value instead of
         being re-run: they are not what is checked, and re-running a float reduction on another
-        memory layout may round differently."""
+        memory layout may round differently. With ``observe``, ``observe(node, value)`` sees each
+        value as it is computed and values are dropped after their last use (the returned
+        environment then holds the output, ``"__output__"``, and what nothing consumed)."""
         env: dict[str, Any] = {}
+        free_after: dict[str, list[str]] = {}
+        if observe is not None:
+            last: dict[str, str] = {}
+            for n in self.gm.graph.nodes:
+                for a in n.all_input_nodes:
+                    last[a.name] = n.name
+            for name, user in last.items():
+                free_after.setdefault(user, []).append(name)
         it = iter(inputs)
         for n in self.gm.graph.nodes:
-            mod = self.modules.get(str(n.target)) if n.op == "call_module" else None
-            if trusted is not None and kinds is not None and n.name in trusted and \
-                    n.op in ("call_module", "call_function", "call_method") and \
-                    kinds.get(n.name) in ("float", "island") and \
-                    not isinstance(mod, _INT_SIM_TYPES):
-                env[n.name] = torch.fx.node.map_aggregate(trusted[n.name], _np)
-                continue
-            if n.op == "placeholder":
-                env[n.name] = _np(next(it))
-            elif n.op == "output":
-                env["__output__"] = torch.fx.node.map_arg(n.args[0], lambda a: env[a.name])
-            elif n.op == "get_attr":
-                obj: Any = self.gm
-                for part in str(n.target).split("."):
-                    obj = getattr(obj, part)
-                env[n.name] = _np(obj)
-            else:
-                env[n.name] = self._node(n, env)
+            self._eval(n, env, it, trusted, kinds)
+            if observe is not None and n.op != "output":
+                observe(n, env[n.name])
+                for name in free_after.get(n.name, ()):
+                    env.pop(name, None)
         return env
+
+    def _eval(self, n: torch.fx.Node, env: dict[str, Any], it: Any,
+              trusted: dict[str, Any] | None, kinds: dict[str, str] | None) -> None:
+        """``env[n.name]`` (see :meth:`run`)."""
+        mod = self.modules.get(str(n.target)) if n.op == "call_module" else None
+        if trusted is not None and kinds is not None and n.name in trusted and \
+                n.op in ("call_module", "call_function", "call_method") and \
+                kinds.get(n.name) in ("float", "island") and \
+                not isinstance(mod, _INT_SIM_TYPES):
+            env[n.name] = torch.fx.node.map_aggregate(trusted[n.name], _np)
+            return
+        if n.op == "placeholder":
+            env[n.name] = _np(next(it))
+        elif n.op == "output":
+            env["__output__"] = torch.fx.node.map_arg(n.args[0], lambda a: env[a.name])
+        elif n.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            env[n.name] = _np(obj)
+        else:
+            env[n.name] = self._node(n, env)
 
     def _node(self, n: torch.fx.Node, env: dict[str, Any]) -> Any:
         args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
@@ -288,9 +317,8 @@ class ReferenceInterpreter:
                         fn = impl
                         break
             if isinstance(mod, IntLayer):
-                acc, biased = layer_acc(mod, *args)
-                self.acc_absmax[n.name] = int(np.abs(biased).max(initial=0))
-                return _layer_out(mod, acc, biased)
+                out, self.acc_absmax[n.name] = layer_forward(mod, *args)
+                return out
             if isinstance(mod, IntMatMul):
                 acc = matmul_acc(mod, *args)
                 self.acc_absmax[n.name] = int(np.abs(acc).max(initial=0))
@@ -329,17 +357,85 @@ def _requantize(mod: Requantize, q: np.ndarray, bias_f: np.ndarray | None = None
 
 def layer_acc(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(A, A + b_q)``: the accumulator ``Σ(x − z_x)(w − z_w)·2^shift`` and with the bias."""
+    acc, biased, _ = layer_acc_max(mod, x)
+    return acc, biased
+
+
+def layer_forward(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The layer's output and ``max|A·2^shift + b_q|``; where the products ran on float BLAS and
+    the requantization is fixed-point, shift and bias are applied inside the requantization's
+    blocks (the maximum from the per-channel min and max of ``A``)."""
+    acc = _layer_products(mod, x)
+    rq = mod.requant
+    bias = None if mod.bias_q is None else mod.bias_q.numpy()
+    if acc.dtype.kind == "f" and acc.size and rq is not None and \
+            rq.rounding != "float-rne" and (bias is None or _absmax_small(bias) < 2 ** 52):
+        ax = (mod.channel_axis if mod.channel_axis is not None else 1) % acc.ndim
+        rest = tuple(i for i in range(acc.ndim) if i != ax)
+        up = float(1 << mod.acc_shift)                 # ·2^shift: exact in binary floating point
+        lo = acc.min(axis=rest).astype(np.float64) * up
+        hi = acc.max(axis=rest).astype(np.float64) * up
+        if bias is not None and bias.size > 1:
+            lo, hi = lo + bias.astype(np.float64), hi + bias.astype(np.float64)
+        elif bias is not None:
+            lo, hi = lo + float(bias.reshape(-1)[0]), hi + float(bias.reshape(-1)[0])
+        amax = int(max(float(hi.max()), -float(lo.min())))       # integers below 2^53: exact
+        if amax <= 2 ** 31 - 1:
+            mults, shifts = quantize_multipliers_exact(rq.real.numpy(), rq.multiplier_bits)
+            axis = mod.channel_axis if rq.real.numel() > 1 else None
+            b = None if bias is None else _channel(bias.astype(np.float64), acc, mod.channel_axis)
+            y = requant_f64(acc, _channel(mults, acc, axis), _channel(shifts, acc, axis),
+                            rq.rounding, rq.multiplier_bits, amax, rq.out_zero_point, rq.qmin,
+                            rq.qmax, bias=b, shift=mod.acc_shift)
+            if y is not None:
+                return y, amax
+    acc, biased, amax = _layer_bias(mod, acc)
+    return _layer_out(mod, acc, biased), amax
+
+
+def layer_acc_max(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`layer_acc` and ``max|A + b_q|``. Where the products ran on float BLAS the
+    accumulator stays float64 (exact integers): ``·2^shift`` is exact in binary floating point,
+    and ``A + b_q`` is exact when its computed magnitude is below 2^53 (rounding is monotone, so
+    an exact sum at or beyond 2^53 could not round below it); else int64."""
+    return _layer_bias(mod, _layer_products(mod, x))
+
+
+def _layer_products(mod: IntLayer, x: np.ndarray) -> np.ndarray:
+    """``Σ(x − z_x)(w − z_w)``: exact float32/float64 where the bound allowed BLAS, else int64."""
     wzp = mod.w_zp.numpy().reshape(-1)
     if isinstance(mod, IntLinear):
-        w = mod.w_q.numpy().astype(_I64) - (wzp.reshape(-1, 1) if wzp.size > 1 else wzp[0])
-        acc = exact_matmul(x.astype(_I64) - mod.x_zero_point, w.T)
+        w = mod.w_q.numpy()
+        if np.any(wzp):
+            w = w.astype(_I64) - (wzp.reshape(-1, 1) if wzp.size > 1 else wzp[0])
+        acc = exact_matmul(x, w.T, keep_float=True, zero_points=(mod.x_zero_point, 0))
     else:
         acc = conv_ref(x, mod.w_q.numpy(), mod.stride, mod.int_padding, mod.dilation,
-                       mod.groups, mod.x_zero_point, wzp)
-    acc = acc * (1 << mod.acc_shift)
-    if mod.bias_q is None:
-        return acc, acc
-    return acc, acc + _channel(mod.bias_q.numpy(), acc, mod.channel_axis)
+                       mod.groups, mod.x_zero_point, wzp, keep_float=True)
+    return acc
+
+
+def _layer_bias(mod: IntLayer, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(A·2^shift, A·2^shift + b_q, max|A·2^shift + b_q|)`` (see :func:`layer_acc_max`)."""
+    bias = None if mod.bias_q is None else mod.bias_q.numpy()
+    if acc.dtype.kind == "f" and (bias is None or _absmax_small(bias) < 2 ** 53):
+        if mod.acc_shift:
+            acc = np.multiply(acc, float(1 << mod.acc_shift), dtype=np.float64)
+        biased = acc if bias is None else \
+            np.add(acc, _channel(bias.astype(np.float64), acc, mod.channel_axis),
+                   dtype=np.float64)
+        amax = max(float(biased.max()), -float(biased.min())) if biased.size else 0.0
+        if amax < 2.0 ** 53:
+            return acc, biased, int(amax)
+        acc = acc.astype(_I64)         # exact: an integer times a power of two (shifted)
+    else:
+        acc = acc.astype(_I64, copy=False) * (1 << mod.acc_shift)
+    biased = acc if bias is None else acc + _channel(bias.astype(_I64), acc, mod.channel_axis)
+    return acc, biased, int(np.abs(biased).max(initial=0))
+
+
+def _absmax_small(a: np.ndarray) -> int:
+    return max(int(a.max()), -int(a.min())) if a.size else 0
 
 
 def _layer(mod: IntLayer, x: np.ndarray) -> np.ndarray:
@@ -352,7 +448,7 @@ def _layer_out(mod: IntLayer, acc: np.ndarray, biased: np.ndarray) -> np.ndarray
     if not fused_float:
         acc = biased
     if mod.requant is None:
-        return acc
+        return acc.astype(_I64, copy=False)     # (a float accumulator holds exact integers)
     rq = mod.requant
     return requant_ref(acc, rq.real.numpy(), rq.rounding, rq.multiplier_bits,
                        mod.channel_axis if rq.real.numel() > 1 else None, rq.out_zero_point,
@@ -436,6 +532,8 @@ def _lut(mod: IntLUT, q: np.ndarray) -> np.ndarray:
         t = np.rint(v * (np.float32(1.0) / np.float32(mod.out_scale))).astype(_I64) \
             + mod.out_zero_point
         table = np.clip(t, mod.out_qmin, mod.out_qmax)
+    if table.size:               # codes in the narrowest type holding the table's values
+        table = table.astype(code_dtype(int(table.min()), int(table.max())))
     return table[q.astype(_I64) - mod.in_qmin]
 
 

@@ -21,11 +21,14 @@ fast") in numpy, independent of ``qpasses.numerics``:
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Any
+
 import numpy as np
 import torch
 
-__all__ = ["bit_length_vec", "conv_exact", "exact_matmul", "isqrt_vec",
-           "quantize_multipliers_exact"]
+__all__ = ["bit_length_vec", "code_dtype", "conv_exact", "exact_matmul", "isqrt_vec",
+           "quantize_multipliers_exact", "requant_f64"]
 
 _I64 = np.int64
 _EXACT = 2 ** 53
@@ -64,16 +67,45 @@ def _absmax(a: np.ndarray) -> int:
     return max(int(a.max()), -int(a.min()))
 
 
-def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of int64 arrays as int64, on float64 only where it is provably exact."""
+def _range(a: np.ndarray) -> tuple[int, int]:
+    return (int(a.min()), int(a.max())) if a.size else (0, 0)
+
+
+def _exact_type(bound: int, raw: int) -> type:
+    """:func:`_float_type` of an accumulator ``bound`` whose operands (before centring) and zero
+    points are at most ``raw`` in magnitude: a float type only where those are exact in it too."""
+    dt = _float_type(bound)
+    if dt is np.float32 and raw >= _EXACT32:
+        dt = np.float64 if bound < _EXACT else _I64
+    if dt is np.float64 and raw >= _EXACT:
+        dt = _I64
+    return dt
+
+
+def _centre(a: np.ndarray, zp: int, dt: type) -> np.ndarray:
+    """``a − zp`` in ``dt`` (exact: the caller's :func:`_exact_type` bound)."""
+    out = a.astype(dt)
+    if zp:
+        out -= dt(zp)
+    return out
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray, keep_float: bool = False,
+                 zero_points: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """``(a − z_a) @ (b − z_b)`` of integer arrays as int64, on float BLAS only where it is
+    provably exact (``keep_float``: the float32/float64 result as it is, every value an exact
+    integer); the operands are centred in the type the bound picks (no int64 copies)."""
+    za, zb = (int(z) for z in zero_points)
     k = a.shape[-1]
-    bound = k * _absmax(a) * _absmax(b)
+    (alo, ahi), (blo, bhi) = _range(a), _range(b)
+    bound = k * max(abs(alo - za), abs(ahi - za)) * max(abs(blo - zb), abs(bhi - zb))
     if bound >= 2 ** 63:
         raise ValueError("matmul accumulator may leave int64")
-    dt = _float_type(bound)
+    dt = _exact_type(bound, max(abs(alo), abs(ahi), abs(blo), abs(bhi), abs(za), abs(zb)))
     if dt is not _I64:
-        return _f64_matmul(a.astype(dt), b.astype(dt)).astype(_I64)
-    return np.matmul(a.astype(_I64), b.astype(_I64))
+        out = _f64_matmul(_centre(a, za, dt), _centre(b, zb, dt))
+        return out if keep_float else out.astype(_I64)
+    return np.matmul(_centre(a, za, _I64), _centre(b, zb, _I64))
 
 
 def _f64_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -87,35 +119,71 @@ def _f64_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def conv_exact(xs: np.ndarray, wz: np.ndarray, stride: tuple[int, ...],
-               dilation: tuple[int, ...], out: list[int], groups: int) -> np.ndarray:
-    """``Σ_offsets slice(xs)·w[offset]`` for a zero-padded centred input ``xs`` (n, c, *spatial)
-    and centred weights ``wz`` (o, c/groups, *kernel); int64 result (n, o, *out)."""
+               dilation: tuple[int, ...], out: list[int], groups: int,
+               keep_float: bool = False, x_zp: int = 0) -> np.ndarray:
+    """``Σ_offsets slice(xs − x_zp)·w[offset]`` for a padded input ``xs`` (n, c, *spatial;
+    integer codes, padded with ``x_zp``; centred in the type the bound picks) and centred
+    weights ``wz`` (o, c/groups, *kernel); int64 result (n, o, *out) (``keep_float``: the exact
+    float32/float64 accumulator as it is)."""
     nd = wz.ndim - 2
     ks = wz.shape[2:]
     n, c = xs.shape[:2]
     o = wz.shape[0]
     cg, og = c // groups, o // groups
     k_total = cg * int(np.prod(ks))
-    bound = k_total * _absmax(xs) * _absmax(wz)
+    xlo, xhi = _range(xs)
+    bound = k_total * max(abs(xlo - x_zp), abs(xhi - x_zp)) * _absmax(wz)
     if bound >= 2 ** 63:
         raise ValueError("convolution accumulator may leave int64")
-    dt = _float_type(bound)
-    xd = xs.astype(dt)
+    dt = _exact_type(bound, max(abs(xlo), abs(xhi), abs(int(x_zp)), _absmax(wz)))
+    xd = _centre(xs, int(x_zp), dt)
     wg = wz.astype(dt).reshape((groups, og, cg) + tuple(ks))
+    if cg == 1 and og == 1 and dt is not _I64:
+        return _depthwise(xd, wz.astype(dt), stride, dilation, out, keep_float)
     p = int(np.prod(out)) if out else 1
-    acc = np.zeros((n, groups, og, p), dtype=dt)
+    acc = None if math.prod(ks) == 1 else np.zeros((n, groups, og, p), dtype=dt)
     for off in itertools.product(*[range(k) for k in ks]):
         idx = tuple(slice(off[i] * dilation[i], off[i] * dilation[i] + stride[i] * (out[i] - 1)
                           + 1, stride[i]) for i in range(nd))
         sl = xd[(slice(None), slice(None)) + idx].reshape(n, groups, cg, p)
         wk = wg[(slice(None), slice(None), slice(None)) + off]          # (g, og, cg)
         if cg == 1:
-            acc += sl * wk[None, :, :, 0, None]                        # depthwise: broadcast
+            term = sl * wk[None, :, :, 0, None]                        # depthwise: broadcast
         elif dt is not _I64:
-            acc += _f64_matmul(wk[None], sl)
+            term = _f64_matmul(wk[None], sl)
         else:
-            acc += np.matmul(wk[None], sl)
-    return acc.astype(_I64).reshape((n, o) + tuple(out))
+            term = np.matmul(wk[None], sl)
+        if acc is None:                                                 # one offset (1x1)
+            acc = term
+        else:
+            acc += term
+    acc = acc.reshape((n, o) + tuple(out))
+    return acc if keep_float else acc.astype(_I64)
+
+
+def _depthwise(xd: np.ndarray, wd: np.ndarray, stride: tuple[int, ...],
+               dilation: tuple[int, ...], out: list[int], keep_float: bool) -> np.ndarray:
+    """Depthwise :func:`conv_exact` (one input channel per output channel, exact float type):
+    per block of channels, ``Σ_offsets`` of the strided slice (a view) times that offset's
+    weight per channel, accumulated in place while the block is in cache."""
+    nd = wd.ndim - 2
+    ks = wd.shape[2:]
+    n, c = xd.shape[:2]
+    acc = np.zeros((n, c) + tuple(out), dtype=xd.dtype)
+    per_channel = max(1, n * int(np.prod(out)))
+    cb = max(1, BLOCK // per_channel)
+    tmp = np.empty((n, min(cb, c)) + tuple(out), dtype=xd.dtype)
+    bshape = (1, -1) + (1,) * nd
+    for c0 in range(0, c, cb):
+        a = acc[:, c0:c0 + cb]
+        t = tmp[:, :a.shape[1]]
+        for off in itertools.product(*[range(k) for k in ks]):
+            idx = tuple(slice(off[i] * dilation[i], off[i] * dilation[i] + stride[i] *
+                              (out[i] - 1) + 1, stride[i]) for i in range(nd))
+            w = wd[(slice(c0, c0 + cb), 0) + off].reshape(bshape)
+            np.multiply(xd[(slice(None), slice(c0, c0 + cb)) + idx], w, out=t)
+            a += t
+    return acc if keep_float else acc.astype(_I64)
 
 
 def bit_length_vec(v: np.ndarray) -> np.ndarray:
@@ -137,3 +205,107 @@ def isqrt_vec(v: np.ndarray) -> np.ndarray:
         r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
     return r
 
+
+
+def requant_f64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits: int,
+                amax: int, out_zp: int = 0, qmin: int = -(2 ** 62),
+                qmax: int = 2 ** 62, bias: np.ndarray | None = None,
+                shift: int = 0) -> np.ndarray | None:
+    """The fixed-point requantization ``clamp(z + contract(x·M))`` of an integer array ``x``
+    (int or integer-valued float64, ``max|x| = amax``) with channel-shaped multipliers
+    ``m·2^(e − bits)`` (arrays of ``x.ndim`` dims, or 0-d), in float64 where every step is
+    provably exact (docs/int-sim.md, "Verifying it fast"), as :func:`code_dtype` integers; None
+    where the bound does not hold (the caller's int64 path then runs). Blocks of at most
+    :data:`BLOCK` values go through all the steps while they are in cache. ``shift``, ``bias``:
+    ``x·2^shift + bias`` (a channel-shaped float64 array of integers) is requantized, formed in
+    the block (a layer's ``A·2^shift + b_q``: exact, ``amax`` then bounding its magnitude, which
+    must be below 2^53).
+
+    gemmlowp (all ``e <= 0``, ``bits <= 31``): SRDHM ``floor((x·m31 + 2^30) / 2^31)`` is
+    ``floor(x·(m31·2^−31) + 1/2)``: under ``amax·max m31 + 2^30 < 2^53`` the product ``x·m31`` and
+    the sum are integers below 2^53 (exact), scaling by 2^−31 is exact; then RDBPOT (half away)
+    by ``2^t``, ``t = −e``: ``v = high·2^−t`` is exact and ``trunc(v ± 1/2)`` rounds it, the sum
+    being ``(high ± 2^(t−1)) / 2^t`` with an integer numerator below 2^53. single / hawq:
+    ``v = x·m·2^−(bits − e)`` is exact under ``amax·max m·2^max(e − bits, 0) < 2^53``; ``floor(v)``
+    and the remainder ``v − floor(v)`` (a representable difference: exact) decide the rounding
+    against 1/2 (ties up, or to the even neighbour)."""
+    if rounding == "gemmlowp":
+        if bits > 31 or np.any(e > 0):
+            return None
+        m31 = m * (1 << (31 - bits))
+        if amax * int(m31.max(initial=0)) + 2 ** 30 >= _EXACT:
+            return None
+        scale = np.ldexp(m31.astype(np.float64), -31)
+        down = np.ldexp(1.0, e.astype(np.int32)) if np.any(e < 0) else None
+    else:
+        t = bits - e
+        up_shift = int(np.maximum(-t, 0).max(initial=0))
+        if amax * int(m.max(initial=0)) * 2 ** up_shift >= _EXACT:
+            return None
+        scale, down = np.ldexp(m.astype(np.float64), (-t).astype(np.int32)), None
+    out = np.empty(x.shape, dtype=code_dtype(qmin, qmax))
+    for idx in _blocks(x.shape, BLOCK):
+        sc = scale[_along(idx, scale)]
+        if bias is None and not shift:
+            y = x[idx] * sc
+        else:
+            y = np.multiply(x[idx], float(1 << shift), dtype=np.float64) if shift else \
+                x[idx].astype(np.float64)
+            if bias is not None:
+                y += bias[_along(idx, bias)]
+            y *= sc
+        if rounding == "gemmlowp":
+            y += 0.5
+            np.floor(y, out=y)
+            if down is not None:
+                y *= down[_along(idx, down)]
+                y += np.copysign(0.5, y)
+                np.trunc(y, out=y)
+        else:
+            f = np.floor(y)
+            y -= f                                                  # the remainder, in [0, 1)
+            up = y >= 0.5 if rounding == "single" else \
+                (y > 0.5) | ((y == 0.5) & (np.remainder(f, 2.0) == 1.0))   # hawq: half to even
+            y = f
+            y += up
+        y += out_zp
+        np.clip(y, qmin, qmax, out=y)
+        out[idx] = y
+    return out
+
+
+BLOCK = 1 << 15
+
+
+def _blocks(shape: tuple[int, ...], limit: int) -> Any:
+    """Index tuples (slices, leading dims first) cutting an array of ``shape`` into blocks of at
+    most ``limit`` values (or single rows of the innermost dim)."""
+    if not shape or math.prod(shape) <= limit:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if inner <= limit or len(shape) == 1:
+        step = max(1, limit // max(inner, 1))
+        for i in range(0, shape[0], step):
+            yield (slice(i, i + step),)
+        return
+    for i in range(shape[0]):
+        for rest in _blocks(shape[1:], limit):
+            yield (slice(i, i + 1),) + rest
+
+
+def _along(idx: tuple[slice, ...], a: np.ndarray) -> tuple[slice, ...]:
+    """``idx`` for a broadcast (channel-shaped) array: dims of extent 1 are taken whole."""
+    if a.ndim == 0:
+        return ()
+    return tuple(s if a.shape[k] > 1 else slice(None) for k, s in enumerate(idx))
+
+
+def code_dtype(lo: int, hi: int) -> type:
+    """The narrowest numpy integer type holding ``[lo, hi]`` (the oracle keeps clamped codes in
+    it: the graph's codes are compared, and read by the next op, in a few bytes per value)."""
+    for dt in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt
+    return _I64

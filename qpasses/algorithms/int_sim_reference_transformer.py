@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from qpasses.algorithms.int_sim_reference_kernels import bit_length_vec, exact_matmul, isqrt_vec
+from qpasses.algorithms.int_sim_reference_kernels import (bit_length_vec, code_dtype,
+                                                          exact_matmul, isqrt_vec)
 from qpasses.modules.int_sim import Requantize
 from qpasses.modules.int_sim_transformer import (IntL2Normalize, IntLayerNorm, IntMatMul,
                                                  IntSoftmax)
@@ -38,7 +39,7 @@ def _requant(rq: Requantize, x: np.ndarray) -> np.ndarray:
 
 def matmul_acc(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(a − z_a) @ (b − z_b)`` exactly (float BLAS only under its exactness bound, else int64)."""
-    return exact_matmul(a.astype(_I64) - mod.a_zero_point, b.astype(_I64) - mod.b_zero_point)
+    return exact_matmul(a, b, zero_points=(mod.a_zero_point, mod.b_zero_point))
 
 
 def _matmul(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -108,7 +109,8 @@ def layer_norm_ref(q: np.ndarray, mod: IntLayerNorm) -> np.ndarray:
                         center=not isinstance(mod, IntL2Normalize))
     acc = nv * mod.gain.numpy() + mod.bias.numpy()
     y = _round_pow2(acc, mod.out_frac_bits, _MODE[mod.rounding])
-    return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax).reshape(q.shape)
+    return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax).astype(
+        code_dtype(mod.qmin, mod.qmax)).reshape(q.shape)
 
 
 def normalized_ref(x: np.ndarray, n: int, k: int, eps_codes: int,

@@ -12,9 +12,9 @@ On ``samples`` inputs from ``PassContext.example_inputs`` / ``calibration_data``
    ``reference`` backend (``oracle=reference-backend``, for big graphs; ``auto`` picks by MACs) —
    and raises :class:`IntSimMismatchError` naming the first node (graph order) whose value differs,
    with the count and max |diff|;
-4. when ``lower-to-int-sim`` kept the fake-quant graph, measures the int-sim vs fake-quant
-   deviation at every activation quantizer (codes, in LSB of that quantizer), per op without the
-   cascade (the ops up to each quantization point, single or a chain such as pool → flatten →
+4. when ``lower-to-int-sim`` kept the fake-quant graph (and ``deviation``, the default), measures
+   the int-sim vs fake-quant deviation at every activation quantizer (codes, in LSB of that
+   quantizer), per op without the cascade (the ops up to each quantization point, single or a chain such as pool → flatten →
    requantize, fed the fake-quant codes of the previous points), and on the outputs (max |diff|,
    top-1 agreement for 2-D logits).
 
@@ -24,6 +24,11 @@ Stats (also stored in the int-sim record's ``verify``): ``num_samples``,
 (whole-graph: differences cascade), ``local_points``, ``local_codes_off``,
 ``local_max_lsb_diff`` (each integer op fed the fake-quant graph's own input codes: the
 rounding-contract difference alone), ``output_max_abs_diff``, ``top1_agree_pct``.
+
+Cost (docs/int-sim.md, "Verifying it fast"): the recorded integer run, the oracle (graph and
+oracle values compared as the oracle produces them), and for the deviation a fake-quant run and
+the per-op replay; ``python -m tools.bench --only verify-int-sim`` measures it against one
+int-sim forward.
 """
 from __future__ import annotations
 
@@ -39,9 +44,12 @@ from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, g
                              register_pass, set_record)
 from passes_registry.errors import OptionError
 
+from qpasses.ir.graph_runner import run_graph
 from qpasses.ir.layers import quantizable_layers
+from qpasses.ir.ops import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.algorithms.int_sim_check import classify_nodes
+from qpasses.algorithms.int_sim_compare import code_diff, fake_quant_codes, int_equal
 from qpasses.modules.int_sim import IntSimModule, set_backend
 from qpasses.modules.int_sim_layers import IntLayer
 from qpasses.modules.int_sim_transformer import IntMatMul
@@ -81,6 +89,10 @@ class VerifyIntSimOptions:
     acc_bits: int | None = field(default=None, metadata={
         "help": "overflow mode: every conv/linear accumulator must fit this signed width "
                 "(none: each layer's proven width)"})
+    deviation: bool = field(default=True, metadata={
+        "help": "measure the deviation from the kept fake-quant graph (a fake-quant run and a "
+                "per-op replay of the integer graph, about 40% of the pass's time); false: the "
+                "bit-exact, range and width checks only"})
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -103,14 +115,27 @@ def _take_samples(batches: list[tuple[torch.Tensor, ...]], n: int) -> tuple[torc
     return tuple(torch.cat(c) if c[0].dim() else c[0] for c in cols)
 
 
-class _Recorder(torch.fx.Interpreter):
+class _Run:
+    """A run of a graph (:func:`qpasses.ir.graph_runner.run_graph`) whose ``hook`` sees, and may
+    replace, every node's value."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+
+    def run(self, *inputs: Any) -> Any:
+        return run_graph(self.gm, inputs, self.hook)
+
+    def hook(self, n: torch.fx.Node, v: Any) -> Any:
+        return v
+
+
+class _Recorder(_Run):
     def __init__(self, gm: torch.fx.GraphModule, keep: set[str] | None = None) -> None:
         super().__init__(gm)
         self.values: dict[str, Any] = {}
         self.keep = keep
 
-    def run_node(self, n: torch.fx.Node) -> Any:
-        v = super().run_node(n)
+    def hook(self, n: torch.fx.Node, v: Any) -> Any:
         if self.keep is not None and n.name not in self.keep:
             return v
         # a copy: a later in-place op (ReLU(inplace=True), the fast backend's owned buffers)
@@ -121,7 +146,7 @@ class _Recorder(torch.fx.Interpreter):
         return v
 
 
-class _LocalDeviation(torch.fx.Interpreter):
+class _LocalDeviation(_Run):
     """Runs the integer graph with every quantization point's value replaced by the fake-quant
     graph's codes, so each point's ops (the op itself, or a chain such as pool → flatten →
     requantize) see the fake-quant inputs: the deviation each contributes, without the cascade."""
@@ -131,20 +156,65 @@ class _LocalDeviation(torch.fx.Interpreter):
         self.fq_codes = fq_codes
         self.points = self.off = self.max_lsb = 0
 
-    def run_node(self, n: torch.fx.Node) -> Any:
-        v = super().run_node(n)
+    def hook(self, n: torch.fx.Node, v: Any) -> Any:
         want = self.fq_codes.get(n.name)
         if want is None or n.op == "placeholder":
             return v
         if isinstance(v, torch.Tensor) and v.shape == want.shape:
             self.points += 1
             same = want if v.dtype == want.dtype else want.to(v.dtype)
-            if not torch.equal(v, same):
-                d = (v.to(torch.int64) - want.to(torch.int64)).abs()
-                self.off += int((d != 0).sum())
-                self.max_lsb = max(self.max_lsb, int(d.max()) if d.numel() else 0)
+            off, mx = code_diff(v, same)
+            self.off += off[0] + off[1]
+            self.max_lsb = max(self.max_lsb, mx)
             return same
         return v
+
+
+class _FqPoints(_Run):
+    """Runs the fake-quant graph; at each quantization point turns the value into codes (kept
+    in ``fq_codes`` for the local replay) and compares them with the integer graph's recorded
+    codes there (``stats``: points, exact points, codes, off by one, off by more, max LSB)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, fq_map: dict[str, dict[str, Any]],
+                 values: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.fq_map, self.values = fq_map, values
+        self.fq_codes: dict[str, torch.Tensor] = {}
+        self.stats = [0, 0, 0, 0, 0, 0]
+
+    def hook(self, n: torch.fx.Node, fv: Any) -> Any:
+        m = self.fq_map.get(n.name)
+        if m is None or not isinstance(fv, torch.Tensor):
+            return fv
+        iv = self.values.get(m["node"])
+        iv = iv if isinstance(iv, torch.Tensor) else None
+        codes = fake_quant_codes(fv, m["scale"], int(m["zero_point"]), iv)
+        self.fq_codes[m["node"]] = codes
+        if iv is None or fv.shape != iv.shape:
+            return fv
+        (o1, om), mx = code_diff(codes, iv)
+        st = self.stats
+        st[0] += 1
+        st[1] += not o1 + om
+        st[2] += codes.numel()
+        st[3] += o1
+        st[4] += om
+        st[5] = max(st[5], mx)
+        return fv
+
+
+def _minmax(t: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty tensor (two reductions: torch's ``aminmax`` on int8 is
+    two orders of magnitude slower than ``min`` and ``max``)."""
+    return int(t.min()), int(t.max())
+
+
+def _may_leave(dtype: torch.dtype, lo: int, hi: int) -> bool:
+    """Whether values of an integer ``dtype`` can lie outside ``[lo, hi]`` at all."""
+    if dtype.is_floating_point or dtype == torch.bool:
+        return True
+    info = torch.iinfo(dtype)
+    return info.min < lo or info.max > hi
 
 
 def record_run(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...],
@@ -174,10 +244,93 @@ def _oracle_acc(n: torch.fx.Node, ins: Any, values: dict[str, Any],
         if a.name not in same:
             x, y = _as_np(values.get(a.name)), _as_np(ref.get(a.name))
             same[a.name] = x is not None and y is not None and x.shape == y.shape and \
-                x.dtype.kind in "iub" and y.dtype.kind in "iub" and np.array_equal(x, y)
+                x.dtype.kind in "iub" and y.dtype.kind in "iub" and int_equal(x, y)
         if not same[a.name]:
             return None
     return accs[n.name]
+
+
+class _Comparison:
+    """Graph vs oracle values, node by node in graph order: ``checked`` (nodes compared),
+    ``same`` (node -> its integer values are equal: the width check reuses the oracle's
+    accumulators then), the first mismatch (raised by :meth:`raise_first`). A pass-through op
+    (reshape, permute, indexing, copy) of nodes found equal gives equal values (both sides run the
+    same torch op on equal inputs), and a float value the oracle took from the graph is the very
+    same memory: both count as checked without a comparison."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.equal: set[str] = set()
+        self.same: dict[str, bool] = {}
+        self.checked = 0
+        self.first: tuple[torch.fx.Node, str] | None = None
+
+    def __call__(self, n: torch.fx.Node, ref_value: Any) -> None:
+        if n.op in ("placeholder", "get_attr"):
+            self.equal.add(n.name)                       # the same inputs and attributes
+        if n.op in ("placeholder", "output") or n.name not in self.values:
+            return
+        a, b = _as_np(self.values[n.name]), _as_np(ref_value)
+        if a is None or b is None:
+            if _plain_equal(self.values[n.name], ref_value):
+                self.equal.add(n.name)
+            return
+        self.checked += 1
+        ints = a.dtype.kind in "iub" and b.dtype.kind in "iub"
+        if a.shape != b.shape:
+            self._mismatch(n, f"node '{n.name}' has shape {a.shape} but the {{oracle}} oracle "
+                              f"gives {b.shape}")
+            return
+        if _same_array(a, b) or \
+                (_passthrough(n) and all(i.name in self.equal for i in n.all_input_nodes)) or \
+                (ints and int_equal(a, b)):
+            self.equal.add(n.name)
+            self.same[n.name] = ints
+            return                                        # the common case: one pass, no copy
+        self.same[n.name] = False
+        if ints:
+            diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        else:
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+            diff = np.where(both_nan, 0.0, diff)
+        bad = int((diff != 0).sum())
+        if bad:
+            self._mismatch(n, f"node '{n.name}' ({n.op} {n.target}) differs from the {{oracle}} "
+                              f"oracle in {bad} of {diff.size} values (max |diff| {diff.max()})")
+        else:
+            self.equal.add(n.name)
+
+    def _mismatch(self, n: torch.fx.Node, message: str) -> None:
+        if self.first is None:
+            self.first = (n, message)
+
+    def raise_first(self, oracle: str) -> None:
+        if self.first is not None:
+            n, message = self.first
+            raise IntSimMismatchError(message.replace("{oracle}", oracle), node=n.name)
+
+
+def _passthrough(n: torch.fx.Node) -> bool:
+    """A node that only moves its input's values (reshape, permute, indexing, copy)."""
+    return (n.op == "call_function" and n.target in PASSTHROUGH_FUNCTIONS) or \
+        (n.op == "call_method" and n.target in PASSTHROUGH_METHODS)
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two views of the very same memory (a float node the oracle took from the graph)."""
+    return a.dtype == b.dtype and a.strides == b.strides and \
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
+def _plain_equal(x: Any, y: Any) -> bool:
+    """Equality of non-tensor values (sizes, ints, tuples of them); False where unsure."""
+    if any(isinstance(v, (torch.Tensor, np.ndarray)) for v in _flat(x) + _flat(y)):
+        return False
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 - incomparable: not known equal
+        return False
 
 
 def _as_np(v: Any) -> np.ndarray | None:
@@ -218,18 +371,20 @@ class VerifyIntSim(Pass):
             values = record_run(gm, inputs)
             # the oracle runs first (its accumulators serve the width check), but a range or
             # width violation is reported before anything the oracle found
-            oracle, ref, accs, failure = self._run_oracle(gm, values, inputs, opts)
-            same: dict[str, bool] = {}     # node -> graph and oracle values equal (memo)
-            stats = self._check_ranges(gm, values, opts, ref, accs, same)
+            # (graph and oracle values are compared as the oracle produces them)
+            cmp = _Comparison(values)
+            oracle, accs, failure = self._run_oracle(gm, values, inputs, opts, cmp)
+            stats = self._check_ranges(gm, values, opts, {}, accs, cmp.same)
             if failure is not None:
                 raise failure
-            stats.update(self._compare(gm, values, ref, oracle, same))
+            cmp.raise_first(oracle)
+            stats.update({"num_nodes_checked": cmp.checked, "oracle": oracle})
         finally:
             if switched:
                 set_backend(gm, before)
         stats["num_samples"] = int(inputs[0].shape[0]) if inputs[0].dim() else 1
         source = record.fake_quant if record is not None else None
-        if source is not None:
+        if source is not None and opts.deviation:
             stats.update(self._deviation(gm, source, values, inputs, record.fq_map))
         record = get_record(gm, INT_SIM_KEY)     # set_backend may have replaced it
         if record is not None:
@@ -276,18 +431,20 @@ class VerifyIntSim(Pass):
             m = mods.get(str(n.target)) if n.op == "call_module" else None
             if isinstance(m, IntSimModule) and v.numel():
                 lo, hi = m.declared_range()
-                vmin, vmax = (int(e) for e in torch.aminmax(v))
+                vmin, vmax = _minmax(v) if _may_leave(v.dtype, lo, hi) else (lo, hi)
                 if vmin < lo or vmax > hi:
                     raise AccumulatorOverflowError(
                         f"node '{n.name}' ({type(m).__name__}) produced values in [{vmin}, "
                         f"{vmax}], outside its declared range [{lo}, {hi}]", node=n.name)
             if isinstance(m, IntLayer):
                 x = values[n.args[0].name]
-                if x.numel() and (int(x.min()) < m.x_qmin or int(x.max()) > m.x_qmax):
+                xlo, xhi = _minmax(x) if x.numel() and _may_leave(x.dtype, m.x_qmin, m.x_qmax) \
+                    else (m.x_qmin, m.x_qmax)
+                if xlo < m.x_qmin or xhi > m.x_qmax:
                     raise AccumulatorOverflowError(
-                        f"input of layer '{n.target}' (node '{n.name}') spans [{int(x.min())}, "
-                        f"{int(x.max())}], outside its declared input range [{m.x_qmin}, "
-                        f"{m.x_qmax}]", node=n.name)
+                        f"input of layer '{n.target}' (node '{n.name}') spans [{xlo}, {xhi}], "
+                        f"outside its declared input range [{m.x_qmin}, {m.x_qmax}]",
+                        node=n.name)
                 amax = _oracle_acc(n, (n.args[0],), values, ref, accs, same)
                 if amax is None:
                     acc = m.accumulate(x, kernel="reference")
@@ -306,9 +463,10 @@ class VerifyIntSim(Pass):
     # -- the oracle ------------------------------------------------------------------------
 
     def _run_oracle(self, gm: torch.fx.GraphModule, values: dict[str, Any],
-                    inputs: tuple[torch.Tensor, ...], opts: VerifyIntSimOptions
-                    ) -> tuple[str, dict[str, Any], dict[str, int] | None, Exception | None]:
-        """``(oracle, its values, its accumulator maxima or None, what it raised or None)``."""
+                    inputs: tuple[torch.Tensor, ...], opts: VerifyIntSimOptions,
+                    cmp: _Comparison) -> tuple[str, dict[str, int] | None, Exception | None]:
+        """Runs the oracle, each of its values going to ``cmp`` (graph order); ``(oracle, its
+        accumulator maxima or None, what it raised or None)``."""
         oracle = opts.oracle
         if oracle == "auto":
             n = int(inputs[0].shape[0]) if inputs[0].dim() else 1
@@ -318,10 +476,10 @@ class VerifyIntSim(Pass):
             kinds, _ = classify_nodes(gm)
             interp = ReferenceInterpreter(gm)
             try:
-                ref = interp.run(*inputs, trusted=values, kinds=kinds)
+                interp.run(*inputs, trusted=values, kinds=kinds, observe=cmp)
             except Exception as e:  # noqa: BLE001 - re-raised after the range checks
-                return oracle, {}, None, e
-            return oracle, ref, interp.acc_absmax, None
+                return oracle, None, e
+            return oracle, interp.acc_absmax, None
         record = get_record(gm, INT_SIM_KEY)
         before = record.backend if record is not None else "fast"
         set_backend(gm, "reference")
@@ -329,74 +487,28 @@ class VerifyIntSim(Pass):
             ref = record_run(gm, inputs)
         finally:
             set_backend(gm, before)
-        return oracle, ref, None, None
-
-    def _compare(self, gm: torch.fx.GraphModule, values: dict[str, Any],
-                 ref: dict[str, Any], oracle: str, same: dict[str, bool]) -> dict[str, Any]:
-        checked = 0
         for n in gm.graph.nodes:
-            if n.op in ("placeholder", "output") or n.name not in values:
-                continue
-            a, b = _as_np(values[n.name]), _as_np(ref.get(n.name))
-            if a is None or b is None:
-                continue
-            checked += 1
-            if a.shape != b.shape:
-                raise IntSimMismatchError(f"node '{n.name}' has shape {a.shape} but the "
-                                          f"{oracle} oracle gives {b.shape}", node=n.name)
-            if same.get(n.name) or (a.dtype.kind in "iub" and b.dtype.kind in "iub" and
-                                    np.array_equal(a, b)):
-                continue                                  # the common case: one pass, no copy
-            if a.dtype.kind in "iub" and b.dtype.kind in "iub":
-                diff = np.abs(a.astype(np.int64) - b.astype(np.int64))
-            else:
-                diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-                both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
-                diff = np.where(both_nan, 0.0, diff)
-            bad = int((diff != 0).sum())
-            if bad:
-                raise IntSimMismatchError(
-                    f"node '{n.name}' ({n.op} {n.target}) differs from the {oracle} oracle in "
-                    f"{bad} of {diff.size} values (max |diff| {diff.max()})", node=n.name)
-        return {"num_nodes_checked": checked, "oracle": oracle}
+            cmp(n, ref.get(n.name))
+        return oracle, None, None
 
     # -- deviation from the fake-quant graph --------------------------------------------------
 
     def _deviation(self, gm: torch.fx.GraphModule, source: torch.fx.GraphModule,
                    values: dict[str, Any], inputs: tuple[torch.Tensor, ...],
                    fq_map: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        fvals = record_run(source, inputs, set(fq_map) | {_output_name(source)})
-        points = exact = total = off1 = offmore = 0
-        max_lsb = 0
-        fq_codes = {}          # each point's fake-quant codes, computed once
-        for fq_name, m in fq_map.items():
-            fv, iv = fvals.get(fq_name), values.get(m["node"])
-            if not isinstance(fv, torch.Tensor):
-                continue
-            codes = torch.round(fv.double() / m["scale"]).to(torch.int64) + m["zero_point"]
-            if not isinstance(iv, torch.Tensor) or fv.shape != iv.shape:
-                fq_codes[m["node"]] = codes
-                continue
-            # in the integer graph's dtype, as the local replay substitutes them
-            fq_codes[m["node"]] = codes.to(iv.dtype)
-            points += 1
-            total += codes.numel()
-            iv64 = iv.to(torch.int64)
-            if torch.equal(codes, iv64):
-                exact += 1
-                continue
-            d = (codes - iv64).abs()
-            off1 += int((d == 1).sum())
-            offmore += int((d > 1).sum())
-            max_lsb = max(max_lsb, int(d.max()) if d.numel() else 0)
+        # the fake-quant graph's codes at each point, compared with the integer graph's as it
+        # runs (no copy of its float values)
+        fq = _FqPoints(source, fq_map, values)
+        with torch.no_grad():
+            yf = fq.run(*inputs)
+        points, exact, total, off1, offmore, max_lsb = fq.stats
         # local deviation: each integer op fed with the fake-quant graph's own input codes
         # (no cascade of earlier differences), compared at its output quantizer
-        local = _LocalDeviation(gm, fq_codes)
+        local = _LocalDeviation(gm, fq.fq_codes)
         with torch.no_grad():
             local.run(*inputs)
         lpoints, loff, lmax = local.points, local.off, local.max_lsb
-        # final outputs: the recorded outputs of both graphs (no extra forward)
-        yf = fvals[_output_name(source)]
+        # final outputs: the outputs of both graphs (no extra forward)
         yi = values[_output_name(gm)]
         diffs, agree = [], None
         for a, b in zip(_flat(yf), _flat(yi)):

@@ -143,3 +143,17 @@ def test_recorded_values_survive_later_in_place_ops():
     assert (conv_out < 0).any()
     assert torch.equal(values["conv"], conv_out)      # not the ReLU'd tensor
     assert torch.equal(values["relu"], conv_out.clamp(min=0))
+
+
+def test_deviation_false_runs_the_checks_only():
+    """deviation=false: the bit-exact, range and width checks, no fake-quant comparison."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(4 * 4 * 4, 5)))
+    gm, x, cal = calibrated(model, (2, 3, 6, 6))
+    _, low = lower(gm, x, cal, verify="deviation=false")
+    v = get_record(low, INT_SIM_KEY).verify
+    assert v["num_nodes_checked"] > 0 and v["oracle"] == "independent"
+    assert "codes_total" not in v and "local_points" not in v
+    with PassContext(example_inputs=(x,), calibration_data=cal):
+        PassManager.parse("graph(verify-int-sim)", assume=low).run(low)
+    assert get_record(low, INT_SIM_KEY).verify["local_points"] > 0

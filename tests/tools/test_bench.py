@@ -86,3 +86,16 @@ def test_int_sim_vit_section_at_a_tiny_size(capsys):
     for what in ("fp32", "fake-quant graph (ours)", "int-sim fast", "0 float islands",
                  "100.0% of"):
         assert what in text, what
+
+
+def test_verify_section_times_the_check_against_one_forward(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--only", "verify-int-sim", *TINY, "--json", str(out)])
+    assert rc == 0
+    (sec,) = json.loads(out.read_text())["sections"]
+    rows = {r["what"]: r for r in sec["rows"]}
+    fwd = rows["tests.models:tiny_cnn int-sim forward"]
+    ver = rows["tests.models:tiny_cnn verify-int-sim"]
+    assert fwd["median_s"] > 0 and fwd["ratio"] == 1.0
+    assert ver["ratio"] == pytest.approx(ver["median_s"] / fwd["median_s"])
+    assert any("process CPU median" in n for n in sec["notes"])
