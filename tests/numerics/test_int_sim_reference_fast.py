@@ -3,8 +3,6 @@ every rounding contract, ties), the zero-point-centring matmul and convolution, 
 depthwise convolution; and verify-int-sim's code statistics equal a plain int64 count."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -15,19 +13,7 @@ from qpasses.algorithms import int_sim_reference as ref
 from qpasses.algorithms import int_sim_reference_kernels as kern
 from qpasses.algorithms import int_sim_compare as cmpmod
 
-
-def _conv_int64(xs, wz, s, d, out, groups):
-    """The convolution as int64 sums over channels and kernel offsets (the definition)."""
-    n, c = xs.shape[:2]
-    o = wz.shape[0]
-    cg, og = c // groups, o // groups
-    acc = np.zeros((n, o) + tuple(out), dtype=np.int64)
-    for g, oo, ci, i, j in itertools.product(range(groups), range(og), range(cg),
-                                             range(wz.shape[2]), range(wz.shape[3])):
-        sl = xs[:, g * cg + ci, i * d[0]: i * d[0] + s[0] * (out[0] - 1) + 1: s[0],
-                j * d[1]: j * d[1] + s[1] * (out[1] - 1) + 1: s[1]]
-        acc[:, g * og + oo] += sl * wz[g * og + oo, ci, i, j]
-    return acc
+from .conv_definition import conv_int64
 
 
 def _requant(x, reals, rounding, bits, zp, lo, hi, float_path):
@@ -113,7 +99,7 @@ def _check_conv(gco, k, s, d, hi, zp, seed):
     x = rng.integers(-hi, hi, size=(2, c, 8, 7), dtype=np.int64)
     wz = rng.integers(-hi, hi, size=(o, c // groups, k, k), dtype=np.int64)
     out = [(8 - d * (k - 1) - 1) // s + 1, (7 - d * (k - 1) - 1) // s + 1]
-    want = _conv_int64(x - zp, wz, (s, s), (d, d), out, groups)
+    want = conv_int64(x - zp, wz, (s, s), (d, d), out, groups)
     got = kern.conv_exact(x, wz, (s, s), (d, d), out, groups, x_zp=zp)
     assert got.dtype == np.int64 and np.array_equal(got, want)
     fl = kern.conv_exact(x, wz, (s, s), (d, d), out, groups, keep_float=True, x_zp=zp)

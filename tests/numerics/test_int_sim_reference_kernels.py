@@ -1,7 +1,6 @@
 """The oracle's whole-tensor kernels equal their scalar / int64 definitions exactly."""
 from __future__ import annotations
 
-import itertools
 import math
 from fractions import Fraction
 
@@ -13,6 +12,8 @@ from qpasses.algorithms.int_sim_reference import quantize_multiplier_exact, requ
 from qpasses.algorithms.int_sim_reference_kernels import (bit_length_vec, conv_exact,
                                                           exact_matmul, isqrt_vec,
                                                           quantize_multipliers_exact)
+
+from .conv_definition import conv_int64
 
 
 @settings(deadline=None, max_examples=60, derandomize=True)
@@ -43,19 +44,6 @@ def test_isqrt_and_bit_length_equal_python_integers(vs):
     assert bit_length_vec(v).tolist() == [int(a).bit_length() for a in v]
 
 
-def _conv_int64(xs, wz, s, d, out, groups):
-    n, c = xs.shape[:2]
-    o = wz.shape[0]
-    cg, og = c // groups, o // groups
-    acc = np.zeros((n, o) + tuple(out), dtype=np.int64)
-    for g, oo, ci, i, j in itertools.product(range(groups), range(og), range(cg),
-                                             range(wz.shape[2]), range(wz.shape[3])):
-        sl = xs[:, g * cg + ci, i * d[0]: i * d[0] + s[0] * (out[0] - 1) + 1: s[0],
-                j * d[1]: j * d[1] + s[1] * (out[1] - 1) + 1: s[1]]
-        acc[:, g * og + oo] += sl * wz[g * og + oo, ci, i, j]
-    return acc
-
-
 @settings(deadline=None, max_examples=30, derandomize=True)
 @given(st.sampled_from([(1, 4, 4), (2, 4, 2), (4, 4, 8), (1, 3, 6)]), st.integers(1, 3),
        st.integers(1, 2), st.integers(1, 2), st.sampled_from([255, 2 ** 12, 2 ** 24]),
@@ -69,7 +57,7 @@ def test_conv_exact_equals_int64_loops(gco, k, s, d, hi, seed):
     out = [(7 - d * (k - 1) - 1) // s + 1, (6 - d * (k - 1) - 1) // s + 1]
     got = conv_exact(xs, wz, (s, s), (d, d), out, groups)
     assert got.dtype == np.int64
-    assert np.array_equal(got, _conv_int64(xs, wz, (s, s), (d, d), out, groups))
+    assert np.array_equal(got, conv_int64(xs, wz, (s, s), (d, d), out, groups))
 
 
 @settings(deadline=None, max_examples=20, derandomize=True)
