@@ -187,8 +187,8 @@ class IntLayer(IntSimModule):
         """Accumulator rows from the fast kernel, then one fused pass per chunk: the kernel's
         offset, the bias and its fractional bits, and the requantization (:class:`RequantPlan`)
         straight into narrow output codes."""
-        p = self._prepare(self.kernel)
-        p = self._direct(x) or p       # a direct int8 convolution where it is exact
+        # a direct int8 convolution where it is exact (then the GEMM weights are never prepared)
+        p = self._direct(x) or self._prepare(self.kernel)
         run, rebuild = self._blocks(x, p)
         if self.acc_sink is not None:
             run = _tee_rows(self, run, rebuild, self.acc_sink)

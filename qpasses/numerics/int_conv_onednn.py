@@ -21,7 +21,9 @@ to the same bound (:func:`window_fits_float32`).
 
 Preconditions checked here, per layer: 2-d convolution on CPU; centred weights in int8; input
 codes in uint8 (or int8, flipped to uint8 by ``x XOR 0x80`` with ``z + 128``); every partial sum
-oneDNN may form (``Σ x·w`` and ``z·Σ w``, whatever the order) inside int32. Per process: a CPU with
+oneDNN may form (``Σ x·w`` and ``z·Σ w``, whatever the order) inside int32; no output window
+wholly in the padding (``padding <= dilation·(k − 1)``: oneDNN was seen leaving such outputs
+unwritten). Per process: a CPU with
 VNNI or AMX (without them oneDNN's u8×s8 path sums pairs in saturating int16) and a self-test of
 saturation-prone extremes (:func:`onednn_conv_ok`). Anything else uses ``int_conv_fast``'s
 ``_int_mm`` kernel.
@@ -133,6 +135,11 @@ def prepare_onednn_conv(w_centred: Tensor, *, stride: Sequence[int], padding: Se
     if w_centred.dim() != 4 or w_centred.is_cuda or not onednn_conv_ok():
         return None
     if w_centred.numel() == 0 or int(w_centred.min()) < -128 or int(w_centred.max()) > 127:
+        return None
+    # an output whose window lies wholly in the padding: oneDNN may leave it unwritten (seen:
+    # garbage accumulators with one input channel), so such layers take the GEMM path
+    if any(int(p) > int(d) * (int(k) - 1) for p, d, k in zip(padding, dilation,
+                                                               w_centred.shape[2:])):
         return None
     if 0 <= x_qmin and x_qmax <= 255:
         flip, zp = False, int(x_zero_point)

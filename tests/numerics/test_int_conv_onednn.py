@@ -100,6 +100,12 @@ def test_preconditions_decline():
     assert prepare_onednn_conv(w[:, :, 0], x_qmin=0, x_qmax=255, x_zero_point=0,
                                stride=[1], padding=[1], dilation=[1], groups=1) is None
     assert prepare_onednn_conv(w, x_qmin=0, x_qmax=255, x_zero_point=0, **kw) is not None
+    # windows wholly in the padding (pad > dilation·(k − 1)): oneDNN once left such outputs
+    # unwritten (a 2x2 kernel, padding 2, one input channel), so they take the GEMM path
+    assert prepare_onednn_conv(w[:, :1, :2, :2], x_qmin=0, x_qmax=255, x_zero_point=0,
+                               stride=[1, 1], padding=[2, 2], dilation=[1, 1], groups=1) is None
+    assert prepare_onednn_conv(w[:, :1, :2, :2], x_qmin=0, x_qmax=255, x_zero_point=0,
+                               stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1) is not None
 
 
 class _Net(nn.Module):
