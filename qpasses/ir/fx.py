@@ -273,6 +273,16 @@ def graph_device(gm: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def flat_values(value: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts (a node's arguments, a graph's outputs), in
+    order; anything else (None included) is one leaf."""
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in flat_values(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in flat_values(v)]
+    return [value]
+
+
 def graph_batch(gm: torch.fx.GraphModule) -> int | None:
     """The traced batch size: dim 0 of the first tensor input's traced shape (None: unknown)."""
     for n in gm.graph.nodes:

@@ -32,6 +32,8 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from qpasses.ir.fx import flat_values
+
 __all__ = ["MetaPropUnsupported", "meta_propagate"]
 
 _RECORD_KEYS = ("tensor_meta", "type")
@@ -166,20 +168,12 @@ _VIEW_METHODS = frozenset({"permute", "transpose", "view", "reshape", "flatten",
 
 def _is_view_function(target: Any, args: tuple) -> bool:
     if target is operator.getitem:        # basic indexing only: no tensor in the index
-        return not any(isinstance(a, torch.Tensor) for a in _flat(args[1:]))
+        return not any(isinstance(a, torch.Tensor) for a in flat_values(args[1:]))
     return target in _VIEW_FUNCTIONS
 
 
-def _flat(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [x for v in value for x in _flat(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flat(v)]
-    return [value]
-
-
 def _require_contiguous(args: Any, kwargs: dict, where: Any) -> None:
-    for v in _flat(args) + (_flat(kwargs) if kwargs else []):
+    for v in flat_values(args) + (flat_values(kwargs) if kwargs else []):
         if isinstance(v, torch.Tensor) and not v.is_contiguous():
             raise MetaPropUnsupported(f"'{getattr(where, '__name__', where)}' gets a "
                                       "non-contiguous tensor: its CPU kernel may choose "

@@ -44,6 +44,7 @@ from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, g
                              register_pass, set_record)
 from passes_registry.errors import OptionError
 
+from qpasses.ir.fx import flat_values
 from qpasses.ir.graph_runner import run_graph
 from qpasses.ir.layers import quantizable_layers
 from qpasses.ir.ops import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS
@@ -325,7 +326,7 @@ def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _plain_equal(x: Any, y: Any) -> bool:
     """Equality of non-tensor values (sizes, ints, tuples of them); False where unsure."""
-    if any(isinstance(v, (torch.Tensor, np.ndarray)) for v in _flat(x) + _flat(y)):
+    if any(isinstance(v, (torch.Tensor, np.ndarray)) for v in flat_values(x) + flat_values(y)):
         return False
     try:
         return bool(x == y)
@@ -511,7 +512,7 @@ class VerifyIntSim(Pass):
         # final outputs: the outputs of both graphs (no extra forward)
         yi = values[_output_name(gm)]
         diffs, agree = [], None
-        for a, b in zip(_flat(yf), _flat(yi)):
+        for a, b in zip(flat_values(yf), flat_values(yi)):
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
                 diffs.append(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
                 if a.dim() == 2 and agree is None and a.shape[1] > 1:
@@ -545,11 +546,3 @@ def summary_line(stats: dict[str, Any]) -> str:
 
 def _output_name(gm: torch.fx.GraphModule) -> str:
     return next(n.name for n in reversed(gm.graph.nodes) if n.op == "output")
-
-
-def _flat(v: Any) -> list[Any]:
-    if isinstance(v, (list, tuple)):
-        return [x for e in v for x in _flat(e)]
-    if isinstance(v, dict):
-        return [x for e in v.values() for x in _flat(e)]
-    return [v]
