@@ -226,15 +226,7 @@ class ExactAffineChains:
             y = self.module_of(n)(x.contiguous()) if self.module_of(n) is not None else None
             if y is None:
                 return
-            for u in chain:
-                m = self.module_of(u)
-                if m is not None:
-                    y = m(y)
-                elif u.op == "call_function":
-                    y = u.target(y, *u.args[1:], **u.kwargs)
-                else:
-                    y = getattr(y, str(u.target))(*u.args[1:], **u.kwargs)
-            y = fq(y)
+            y = fq(_replay(y, [(u, self.module_of(u)) for u in chain]))
         if y.numel() % c or y.shape[0] != 1 or y.dim() < 2 or y.shape[1] != c:
             return
         s, z = fq.qparams()
@@ -273,14 +265,7 @@ def exact_affine_chains(gm: torch.fx.GraphModule) -> int:
 
         def run(bias: Tensor) -> Tensor:
             mod.bias_q.copy_(bias)
-            y = mod.rq.reference(mod.accumulate_with_bias(q0))
-            for u, m in steps:
-                if m is not None:
-                    y = m(y)
-                elif u.op == "call_function":
-                    y = u.target(y, *u.args[1:], **u.kwargs)
-                else:
-                    y = getattr(y, str(u.target))(*u.args[1:], **u.kwargs)
+            y = _replay(mod.rq.reference(mod.accumulate_with_bias(q0)), steps)
             return rq.reference(y).reshape(1, known.numel(), -1)[0, :, 0]
         base = mod.bias_q.clone()
         bad = known & (run(base) != want)
@@ -290,3 +275,16 @@ def exact_affine_chains(gm: torch.fx.GraphModule) -> int:
         best = _nudge_biases(mod, run, base, bad, want)
         changed += int((best != base).sum())
     return changed
+
+
+def _replay(y: Tensor, steps: list[tuple[Node, Any]]) -> Tensor:
+    """``y`` through a chain of single-input nodes, each ``(node, its module or None)``: the
+    module, the function or the method with the node's other (constant) arguments."""
+    for u, m in steps:
+        if m is not None:
+            y = m(y)
+        elif u.op == "call_function":
+            y = u.target(y, *u.args[1:], **u.kwargs)
+        else:
+            y = getattr(y, str(u.target))(*u.args[1:], **u.kwargs)
+    return y
