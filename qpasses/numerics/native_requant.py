@@ -316,15 +316,24 @@ def native_add(a: Tensor, b: Tensor, c: int, qmin: int, qmax: int,
     info = torch.iinfo(out_dtype)
     if qmin < info.min or qmax > info.max:
         return None
-    dll = _library()
-    if dll is None:
+    got = _library_and_output(a, out_dtype)
+    if got is None:
         return None
-    out = torch.empty_like(a, dtype=out_dtype)
-    if out.stride() != a.stride():
-        return None
+    dll, out = got
     getattr(dll, f"add_{_SHORT[a.dtype]}_{_SHORT[b.dtype]}_{_SHORT[out_dtype]}")(
         a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), int(c), int(qmin), int(qmax))
     return out
+
+
+def _library_and_output(like: Tensor, dtype: torch.dtype
+                        ) -> tuple[ctypes.CDLL, Tensor] | None:
+    """The loaded kernels and a new ``dtype`` tensor in ``like``'s layout (element for element,
+    as the kernels write it), or None without the library or with another layout."""
+    dll = _library()
+    if dll is None:
+        return None
+    out = torch.empty_like(like, dtype=dtype)
+    return (dll, out) if out.stride() == like.stride() else None
 
 
 def native_lut(table: Tensor, q: Tensor, base: int) -> Tensor | None:
@@ -334,12 +343,10 @@ def native_lut(table: Tensor, q: Tensor, base: int) -> Tensor | None:
             and table.dim() == 1 and table.is_contiguous() and not table.is_cuda
             and _same_dense(q)):
         return None
-    dll = _library()
-    if dll is None:
+    got = _library_and_output(q, table.dtype)
+    if got is None:
         return None
-    out = torch.empty_like(q, dtype=table.dtype)
-    if out.stride() != q.stride():
-        return None
+    dll, out = got
     bad = getattr(dll, f"lut_{_SHORT[q.dtype]}_{_SHORT[table.dtype]}")(
         q.data_ptr(), out.data_ptr(), q.numel(), table.data_ptr(), table.numel(), int(base))
     if bad:
@@ -355,12 +362,10 @@ def native_affine(affine: Any, q: Tensor, out_dtype: torch.dtype) -> Tensor | No
     if not (_on() and q.dtype in _SHORT and out_dtype in (torch.uint8, torch.int8)
             and _same_dense(q)):
         return None
-    dll = _library()
-    if dll is None:
+    got = _library_and_output(q, out_dtype)
+    if got is None:
         return None
-    out = torch.empty_like(q, dtype=out_dtype)
-    if out.stride() != q.stride():
-        return None
+    dll, out = got
     off = 128 if out_dtype == torch.uint8 else 0
     f32 = functools.partial(torch.tensor, dtype=torch.float32)
     # the eager form adds the Python number c − off, which torch rounds to float32 first
