@@ -383,10 +383,10 @@ def _int_sim_variants(name: str, shape: tuple[int, ...], seed: int,
     variants["torch.ao convert_fx (fbgemm int8)"] = torch_ao_int8(model, x, cal)
     counts: dict[str, int] = {}
     for r in kernel_table(gm):
-        counts[r["kernel"]] = counts.get(r["kernel"], 0) + 1
+        counts[r["cpu_engine"]] = counts.get(r["cpu_engine"], 0) + 1
     stats = get_record(gm, INT_SIM_KEY).stats
     notes = [f"{name} {'x'.join(map(str, shape))}, W8A8 (first/last 8 bits), rounding=gemmlowp; "
-             f"lowering took {t_lower:.2f} s; fast kernels per layer: "
+             f"lowering took {t_lower:.2f} s; CPU engines per layer: "
              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
              + f"; {stats['num_float_islands']} float islands"]
     return variants, x, notes

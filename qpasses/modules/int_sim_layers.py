@@ -245,6 +245,18 @@ class IntLayer(IntSimModule):
         (:class:`_IntConv`: oneDNN's int8 convolution)."""
         return None
 
+    def cpu_engine(self) -> str:
+        """What computes this layer's accumulators for a CPU input now: ``reference`` (the int64
+        kernels), ``onednn-conv`` (oneDNN's direct u8 × s8 convolution, chosen where it is exact:
+        ``int_conv_onednn``) or ``kernel`` (the fast GEMM kernel the bound proved)."""
+        if self.kernel == "reference":
+            return "reference"
+        return "onednn-conv" if self._direct_cpu() is not None else self.kernel
+
+    def _direct_cpu(self) -> Any:
+        """:meth:`_direct` for a CPU input of the layer's usual rank."""
+        return None
+
     def _int_repr(self) -> str:
         out = f"kernel={self.kernel} (fast={self.fast_kernel}), acc_bits={self.acc_bits}"
         if self.acc_shift:
@@ -296,7 +308,12 @@ class _IntConv(IntLayer):
         """oneDNN's u8 × s8 convolution (no im2col) for an ``int8-mm`` 2-d layer on CPU, where
         its float32 accumulators are exact for this layer: a bound within 2^24, or a fused
         requantization whose window they cannot cross (``int_conv_onednn``; else None)."""
-        if self.kernel != "int8-mm" or x.dim() != 4 or x.is_cuda or not int_conv_onednn.ENABLED:
+        if x.dim() != 4 or x.is_cuda:
+            return None
+        return self._direct_cpu()
+
+    def _direct_cpu(self) -> PreparedOnednnConv | None:
+        if self.kernel != "int8-mm" or self.w_q.dim() != 4 or not int_conv_onednn.ENABLED:
             return None
         rq = self.requant
         key = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq)) + \
@@ -393,11 +410,13 @@ def make_int_layer(layer: nn.Module, **int_params: Any) -> IntLayer:
 
 
 def kernel_table(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
-    """One row per integer layer: module path, kernel in use, fast kernel, bound, widths, why."""
+    """One row per integer layer: module path, kernel in use, fast kernel, what runs it on CPU
+    (:meth:`IntLayer.cpu_engine`), bound, widths, why."""
     rows = []
     for name, m in gm.named_modules():
         if isinstance(m, IntLayer):
             rows.append({"layer": name, "kernel": m.kernel, "fast_kernel": m.fast_kernel,
+                         "cpu_engine": m.cpu_engine(),
                          "acc_bound": m.acc_bound, "acc_bits": m.acc_bits, "x_bits": m.x_bits,
                          "acc_shift": m.acc_shift,
                          "w_bits": m.w_bits, "reason": m.kernel_reason})

@@ -63,7 +63,7 @@ class IntMatMul(IntSimModule):
         operands ``a − z_a`` and ``b − z_b``)."""
         limit = {"float32": "< 2^24", "float64": "< 2^53"}.get(self.fast_kernel, ">= 2^53")
         return {"layer": name, "kernel": self.kernel, "fast_kernel": self.fast_kernel,
-                "acc_bound": self.acc_max, "acc_bits": self.acc_bits,
+                "cpu_engine": self.kernel, "acc_bound": self.acc_max, "acc_bits": self.acc_bits,
                 "x_bits": self.a_max_abs.bit_length() + 1,
                 "w_bits": self.b_max_abs.bit_length() + 1, "acc_shift": 0,
                 "reason": f"matmul K={self.k}: |acc| <= {self.acc_max} {limit}"}

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from qpasses.modules.int_sim_layers import IntConv2d
+from qpasses.modules.int_sim_layers import IntConv2d, kernel_table
 from qpasses.numerics import int_conv_onednn, native_requant
 from qpasses.numerics.int_conv_onednn import (PreparedOnednnConv, onednn_conv_blocks,
                                               onednn_conv_ok, prepare_onednn_conv)
@@ -136,3 +136,21 @@ def test_layers_on_onednn_are_bit_exact(rounding, monkeypatch):
     monkeypatch.setattr(int_conv_onednn, "ENABLED", False)     # the _int_mm path agrees too
     assert all(m._direct(x) is None for m in convs)
     assert_backends_bit_exact(gm, x * 3)
+
+
+def test_the_kernel_table_names_the_engine_that_runs_each_layer(monkeypatch, capsys):
+    from passes_registry import PassContext, PassManager
+    from qpasses.modules.int_sim import set_backend
+    gm, x, cal = calibrated(randomize(_Net(), 1), (2, 3, 20, 20))
+    _, gm = lower(gm, x, cal, "backend=fast")
+    rows = {r["layer"]: r for r in kernel_table(gm)}
+    assert {rows[n]["cpu_engine"] for n in ("c1", "c2", "c3", "c4")} == {"onednn-conv"}
+    assert rows["fc"]["cpu_engine"] == rows["fc"]["kernel"] == "int8-mm"   # a linear: the GEMM
+    with PassContext(example_inputs=(x,)):
+        PassManager.parse("graph(print<int-sim-kernels>)").run(gm)
+    assert "on CPU: int8-mm: 1, onednn-conv: 4" in capsys.readouterr().out
+    monkeypatch.setattr(int_conv_onednn, "ENABLED", False)
+    assert {r["cpu_engine"] for r in kernel_table(gm)} == {"int8-mm"}
+    monkeypatch.setattr(int_conv_onednn, "ENABLED", True)
+    set_backend(gm, "reference")
+    assert {r["cpu_engine"] for r in kernel_table(gm)} == {"reference"}
