@@ -310,13 +310,15 @@ class _IntConv(IntLayer):
         requantization whose window they cannot cross (``int_conv_onednn``; else None)."""
         if x.dim() != 4 or x.is_cuda:
             return None
-        return self._direct_cpu()
+        return self._direct_cpu(tuple(x.shape[1:]))
 
-    def _direct_cpu(self) -> PreparedOnednnConv | None:
+    def _direct_cpu(self, image: tuple[int, ...] | None = None) -> PreparedOnednnConv | None:
+        """``image``: the input's (C, H, W), for which the weights are packed in the layout
+        oneDNN's kernel reads (another size still runs, reordering the weights on every call)."""
         if self.kernel != "int8-mm" or self.w_q.dim() != 4 or not int_conv_onednn.ENABLED:
             return None
         rq = self.requant
-        key = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq)) + \
+        key = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq), image) + \
             tensor_versions(self.w_q, self.w_zp, self.bias_q, self.bias_f) + (
                 rq.cache_key() if rq is not None else ())
 
@@ -325,7 +327,7 @@ class _IntConv(IntLayer):
             od = prepare_onednn_conv(self.w_q.to(_I64) - wz, stride=self.stride,
                                      padding=self.int_padding, dilation=self.dilation,
                                      groups=self.groups, x_qmin=self.x_qmin, x_qmax=self.x_qmax,
-                                     x_zero_point=self.x_zero_point)
+                                     x_zero_point=self.x_zero_point, image=image)
             if od is None or self.acc_max <= 2 ** 24:
                 return od
             plan, _ = self._epilogue(od)
