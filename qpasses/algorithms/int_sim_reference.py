@@ -27,6 +27,7 @@ import torch.fx
 
 from qpasses.algorithms.int_sim_reference_kernels import (code_dtype, conv_exact, exact_matmul,
                                                           quantize_multipliers_exact, requant_f64)
+from qpasses.algorithms.int_sim_reference_lut import lut_ref
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
 from qpasses.modules.int_sim_affine import IntAffine, IntConstant
 from qpasses.modules.int_sim_pad import IntPad
@@ -99,7 +100,7 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
         if bias_f is not None:
             xf = xf + _channel(bias_f.astype(np.float32), x, axis)
         y = np.rint(xf * _channel(scale_f32.astype(np.float32), x, axis)).astype(_I64)
-        return np.clip(y + out_zp, qmin, qmax)
+        return np.clip(y + out_zp, qmin, qmax).astype(code_dtype(qmin, qmax), copy=False)
     amax = max(int(x.max()), -int(x.min())) if x.size else 0
     if amax > 2 ** 31 - 1:
         raise ValueError("requant input outside int32")
@@ -126,7 +127,8 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
             prod = np.where(neg, prod * _pow2(np.maximum(-t, 0)), prod)
         y = _div_round(prod, np.maximum(t, 0),
                        "rhu" if rounding == "single" else "rne")
-    return np.clip(y + out_zp, qmin, qmax)
+    # the codes in the narrowest type holding [qmin, qmax] (as requant_f64 stores them)
+    return np.clip(y + out_zp, qmin, qmax).astype(code_dtype(qmin, qmax), copy=False)
 
 
 def _round_float(v: np.ndarray, mode: str) -> np.ndarray:
@@ -320,8 +322,8 @@ class ReferenceInterpreter:
                 out, self.acc_absmax[n.name] = layer_forward(mod, *args)
                 return out
             if isinstance(mod, IntMatMul):
-                acc = matmul_acc(mod, *args)
-                self.acc_absmax[n.name] = int(np.abs(acc).max(initial=0))
+                acc = matmul_acc(mod, *args, keep_float=mod.requant is not None)
+                self.acc_absmax[n.name] = _absmax_small(acc)
                 return acc if mod.requant is None else requant_of(mod.requant, acc)
             if fn is not None:
                 return fn(mod, *args)
@@ -350,6 +352,17 @@ def _dequantize(mod: Dequantize, q: np.ndarray) -> np.ndarray:
 
 
 def _requantize(mod: Requantize, q: np.ndarray, bias_f: np.ndarray | None = None) -> np.ndarray:
+    if mod.rounding != "float-rne" and q.dtype.kind in "iu" and q.size:
+        # the narrow codes with −z_in as requant_f64's bias: no int64 copy of the codes
+        z = int(mod.in_zero_point)
+        amax = max(abs(int(q.max()) - z), abs(int(q.min()) - z))
+        if amax <= 2 ** 31 - 1:
+            mults, shifts = quantize_multipliers_exact(mod.real.numpy(), mod.multiplier_bits)
+            y = requant_f64(q, _channel(mults, q, mod.axis), _channel(shifts, q, mod.axis),
+                            mod.rounding, mod.multiplier_bits, amax, mod.out_zero_point,
+                            mod.qmin, mod.qmax, bias=np.array(float(-z)))
+            if y is not None:
+                return y
     x = q.astype(_I64) - mod.in_zero_point
     return requant_ref(x, mod.real.numpy(), mod.rounding, mod.multiplier_bits, mod.axis,
                        mod.out_zero_point, mod.qmin, mod.qmax, mod.scale_f32.numpy(), bias_f)
@@ -390,6 +403,8 @@ def layer_forward(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, int]:
             if y is not None:
                 return y, amax
     acc, biased, amax = _layer_bias(mod, acc)
+    if mod.requant is None and amax < 2 ** 31:       # the accumulator's values, as int32
+        return biased.astype(np.int32), amax
     return _layer_out(mod, acc, biased), amax
 
 
@@ -459,7 +474,8 @@ def _layer_out(mod: IntLayer, acc: np.ndarray, biased: np.ndarray) -> np.ndarray
 def _add(mod: IntAdd, *qs: np.ndarray) -> np.ndarray:
     centred = [q.astype(_I64) - z for q, z in zip(qs, mod.in_zero_points)]
     if mod.mode == "exact":
-        return np.clip(sum(centred) + mod.out_zero_point, mod.qmin, mod.qmax)
+        return np.clip(sum(centred) + mod.out_zero_point, mod.qmin, mod.qmax).astype(
+            code_dtype(mod.qmin, mod.qmax), copy=False)
     if mod.mode == "float":
         v = None
         for c, s in zip(centred, mod.in_scales):
@@ -522,19 +538,9 @@ def _clamp(mod: IntClamp, q: np.ndarray) -> np.ndarray:
 
 
 def _lut(mod: IntLUT, q: np.ndarray) -> np.ndarray:
-    fn = getattr(mod, "fn", None)
-    table = mod.table.numpy()
-    if fn is not None:
-        codes = np.arange(mod.in_qmin, mod.in_qmin + table.size, dtype=_I64)
-        xhat = (codes - mod.in_zero_point).astype(np.float32) * np.float32(mod.in_scale)
-        with torch.no_grad():
-            v = fn(torch.from_numpy(xhat)).numpy().astype(np.float32)
-        t = np.rint(v * (np.float32(1.0) / np.float32(mod.out_scale))).astype(_I64) \
-            + mod.out_zero_point
-        table = np.clip(t, mod.out_qmin, mod.out_qmax)
-    if table.size:               # codes in the narrowest type holding the table's values
-        table = table.astype(code_dtype(int(table.min()), int(table.max())))
-    return table[q.astype(_I64) - mod.in_qmin]
+    """``table[q − in_qmin]``, the table rebuilt from the module's float function
+    (:mod:`qpasses.algorithms.int_sim_reference_lut`)."""
+    return lut_ref(mod, q)
 
 
 def _affine(mod: IntAffine, q: np.ndarray) -> np.ndarray:

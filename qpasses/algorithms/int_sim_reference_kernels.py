@@ -138,8 +138,15 @@ def conv_exact(xs: np.ndarray, wz: np.ndarray, stride: tuple[int, ...],
     dt = _exact_type(bound, max(abs(xlo), abs(xhi), abs(int(x_zp)), _absmax(wz)))
     xd = _centre(xs, int(x_zp), dt)
     wg = wz.astype(dt).reshape((groups, og, cg) + tuple(ks))
+    if cg == 1 and og == 1 and dt is np.float32 and 1 <= nd <= 3 and _torch_conv_exact():
+        acc = _depthwise_torch(xd, wz.astype(dt), stride, dilation, groups)
+        return acc if keep_float else acc.astype(_I64)
     if cg == 1 and og == 1 and dt is not _I64:
         return _depthwise(xd, wz.astype(dt), stride, dilation, out, keep_float)
+    if cg > 1 and math.prod(ks) > 1 and dt is not _I64:
+        acc = _im2col_matmul(xd, wg, stride, dilation, out)
+        acc = acc.reshape((n, o) + tuple(out))
+        return acc if keep_float else acc.astype(_I64)
     p = int(np.prod(out)) if out else 1
     acc = None if math.prod(ks) == 1 else np.zeros((n, groups, og, p), dtype=dt)
     for off in itertools.product(*[range(k) for k in ks]):
@@ -159,6 +166,59 @@ def conv_exact(xs: np.ndarray, wz: np.ndarray, stride: tuple[int, ...],
             acc += term
     acc = acc.reshape((n, o) + tuple(out))
     return acc if keep_float else acc.astype(_I64)
+
+
+def _torch_conv_exact() -> bool:
+    """Whether torch's float32 convolutions run in IEEE float32 (no TF32/bf16 internals)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    for owner in (torch.backends, getattr(torch.backends, "mkldnn", None),
+                  getattr(getattr(torch.backends, "mkldnn", None), "conv", None)):
+        if getattr(owner, "fp32_precision", "none") not in ("none", "ieee"):
+            return False
+    return True
+
+
+def _depthwise_torch(xd: np.ndarray, wd: np.ndarray, stride: tuple[int, ...],
+                     dilation: tuple[int, ...], groups: int) -> np.ndarray:
+    """Depthwise :func:`conv_exact` on torch's float32 convolution (the input already padded and
+    centred). Exact: every product and every partial sum of a channel's products is an integer
+    below the caller's 2^24 bound, so each is representable in float32 and each addition is
+    exact in any order — provided the convolution sums the products themselves, which a
+    depthwise (grouped, one channel per group) convolution does: it has no Winograd/FFT
+    algorithm (those transform the operands by non-integers and are only offered for dense
+    convolutions), and :func:`_torch_conv_exact` rules out TF32/bf16 internals."""
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+            torch.nn.functional.conv3d)[wd.ndim - 3]
+    with torch.no_grad():
+        y = conv(torch.from_numpy(np.ascontiguousarray(xd)), torch.from_numpy(wd),
+                 stride=stride, dilation=dilation, groups=groups)
+    return y.contiguous().numpy()
+
+
+def _im2col_matmul(xd: np.ndarray, wg: np.ndarray, stride: tuple[int, ...],
+                   dilation: tuple[int, ...], out: list[int]) -> np.ndarray:
+    """A dense (``c/groups > 1``) convolution with a kernel of several offsets: per sample, the
+    strided slices of every offset stacked as the rows of one matrix (im2col) and ONE exact
+    float matmul with the ``(og, cg·K)`` weights (each output's full sum; exact in any order
+    under the caller's bound); ``(n, groups, og, p)``."""
+    nd = wg.ndim - 3
+    g, og, cg = wg.shape[:3]
+    ks = wg.shape[3:]
+    kk = math.prod(ks)
+    n = xd.shape[0]
+    p = math.prod(out) if out else 1
+    w2 = np.ascontiguousarray(wg.reshape(g, og, cg * kk))
+    acc = np.empty((n, g, og, p), dtype=xd.dtype)
+    cols = np.empty((g, cg, kk, p), dtype=xd.dtype)
+    grid = cols.reshape((g, cg, kk) + tuple(out))                     # a view of cols
+    for i in range(n):
+        for j, off in enumerate(itertools.product(*[range(k) for k in ks])):
+            idx = tuple(slice(off[a] * dilation[a], off[a] * dilation[a] + stride[a] *
+                              (out[a] - 1) + 1, stride[a]) for a in range(nd))
+            grid[:, :, j] = xd[(i, slice(None)) + idx].reshape((g, cg) + tuple(out))
+        acc[i] = _f64_matmul(w2, cols.reshape(g, cg * kk, p))
+    return acc
 
 
 def _depthwise(xd: np.ndarray, wd: np.ndarray, stride: tuple[int, ...],
@@ -230,10 +290,17 @@ def requant_f64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits
     and the remainder ``v − floor(v)`` (a representable difference: exact) decide the rounding
     against 1/2 (ties up, or to the even neighbour)."""
     if rounding == "gemmlowp":
-        if bits > 31 or np.any(e > 0):
+        if bits > 31:
             return None
         m31 = m * (1 << (31 - bits))
-        if amax * int(m31.max(initial=0)) + 2 ** 30 >= _EXACT:
+        left = np.maximum(e, 0)
+        # a left shift past int32 is the int64 path's to refuse
+        if amax * 2 ** int(left.max(initial=0)) <= 2 ** 31:
+            one = gemmlowp_one_rounding(x, m31, np.maximum(-e, 0), amax, out_zp, qmin, qmax,
+                                        bias, shift, left)
+            if one is not None:
+                return one
+        if np.any(e > 0) or amax * int(m31.max(initial=0)) + 2 ** 30 >= _EXACT:
             return None
         scale = np.ldexp(m31.astype(np.float64), -31)
         down = np.ldexp(1.0, e.astype(np.int32)) if np.any(e < 0) else None
@@ -271,6 +338,69 @@ def requant_f64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits
         y += out_zp
         np.clip(y, qmin, qmax, out=y)
         out[idx] = y
+    return out
+
+
+def gemmlowp_one_rounding(x: np.ndarray, m31: np.ndarray, t: np.ndarray, amax: int,
+                          out_zp: int, qmin: int, qmax: int, bias: np.ndarray | None = None,
+                          shift: int = 0, left: np.ndarray | None = None) -> np.ndarray | None:
+    """gemmlowp's ``RDBPOT(SRDHM(v·2^left, m31), t)`` of ``v = x·2^shift + bias`` (channel-shaped
+    ``m31 >= 0``, ``t >= 0`` and ``left >= 0``: a multiplier above one shifts left first; the
+    caller checks ``v·2^left`` stays in int32), clamped ``z + ·`` codes, with ONE floor per value
+    in float64; None where its bound does not hold (:func:`requant_f64`'s two-step path, or the
+    int64 one, then runs). Below, ``v`` stands for ``v·2^left``.
+
+    With ``N = v·m31 + 2^30``, SRDHM is ``h = floor(N / 2^31)`` and, for ``t >= 1``, RDBPOT (half
+    away from zero) is ``floor((h + 2^(t−1)) / 2^t)`` for ``h >= 0`` and ``ceil((h − 2^(t−1)) /
+    2^t) = floor((h + 2^(t−1) − 1) / 2^t)`` for ``h < 0``. Since ``floor((floor(a) + j) / d) =
+    floor((a + j) / d)`` for an integer ``j`` and a positive integer ``d``, and ``h < 0`` exactly
+    when ``N < 0``, the result is ``floor(y − [N < 0]·2^−t)`` with ``y = N·2^−(31+t) + 1/2``
+    (``floor(N·2^−31)`` for ``t = 0``). Per block: ``u = x·k + c`` with per-channel ``k =
+    m31·2^(shift−31−t)`` and ``c = (bias·m31 + 2^30)·2^−(31+t) + 1/2 − 2^−t/2``, so ``u − (1/2 −
+    2^−t/2) = N·2^−(31+t)`` carries the sign of ``N`` (``+0.0`` for ``N = 0``), and ``u +
+    copysign(2^−t/2, that)`` is ``y`` or ``y − 2^−t``. Every value involved (``x·2^shift·m31``,
+    ``bias·m31``, ``c``, the sums) is an integer multiple of ``2^−(31+t)`` whose numerator is at
+    most ``(amax + max|bias|)·2^left·max m31 + 2^31 + 2^(30+t)`` in magnitude: under ``2^53``
+    each is representable, so every product and sum is exact. Then ``clamp(floor(·), qmin − z,
+    qmax − z)`` is stored and ``z`` added to the stored codes: seven float passes over a block
+    instead of the two-step path's twelve (tested against the int64 definition, ties and the
+    edge of the bound included)."""
+    if x.dtype.kind not in "iuf" or not x.ndim:
+        return None
+    m31max = int(m31.max(initial=0))
+    tmax = int(t.max(initial=0))
+    left = np.zeros((), dtype=np.int32) if left is None else left.astype(np.int32)
+    lmax = int(left.max(initial=0))
+    bmax = 0 if bias is None else int(np.abs(bias).max(initial=0))
+    if tmax > 52 or lmax > 31 or \
+            (amax + bmax) * 2 ** lmax * m31max + 2 ** 31 + 2 ** (30 + tmax) >= _EXACT:
+        return None
+    m = m31.astype(np.float64)
+    te = t.astype(np.int32)
+    k = np.ldexp(m, shift + left - 31 - te)
+    num = np.float64(2 ** 30) if bias is None else np.ldexp(bias * m, left) + 2.0 ** 30
+    half = np.where(te > 0, 0.5, 0.0)                   # the 1/2 of y (t >= 1)
+    w2 = np.where(te > 0, np.ldexp(0.5, -te), 0.0)       # 2^−t / 2 (0 for t = 0)
+    c = np.ldexp(num, -31 - te) + half - w2
+    thr = half - w2                                      # u − thr = N·2^−(31+t)
+    lo, hi = float(qmin - out_zp), float(qmax - out_zp)
+    out = np.empty(x.shape, dtype=code_dtype(qmin, qmax))
+    late = np.iinfo(out.dtype).min <= out_zp <= np.iinfo(out.dtype).max
+    for idx in _blocks(x.shape, BLOCK):
+        y = np.multiply(x[idx], k[_along(idx, k)], dtype=np.float64)
+        y += c[_along(idx, c)]
+        if tmax:
+            # + 2^−t/2 where N >= 0, − 2^−t/2 where N < 0 (N = 0: +0.0, so +2^−t/2)
+            sgn = np.subtract(y, thr[_along(idx, thr)])
+            np.copysign(w2[_along(idx, w2)], sgn, out=sgn)
+            y += sgn
+        np.floor(y, out=y)
+        np.clip(y, lo, hi, out=y)
+        if not late:
+            y += out_zp
+        out[idx] = y
+    if late and out_zp:                 # in the narrow codes (exact: the clamp bounds them)
+        out += out.dtype.type(out_zp)
     return out
 
 

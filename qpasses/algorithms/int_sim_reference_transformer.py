@@ -37,9 +37,12 @@ def _requant(rq: Requantize, x: np.ndarray) -> np.ndarray:
                        rq.out_zero_point, rq.qmin, rq.qmax, rq.scale_f32.numpy())
 
 
-def matmul_acc(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(a − z_a) @ (b − z_b)`` exactly (float BLAS only under its exactness bound, else int64)."""
-    return exact_matmul(a, b, zero_points=(mod.a_zero_point, mod.b_zero_point))
+def matmul_acc(mod: IntMatMul, a: np.ndarray, b: np.ndarray,
+               keep_float: bool = False) -> np.ndarray:
+    """``(a − z_a) @ (b − z_b)`` exactly (float BLAS only under its exactness bound, else int64;
+    ``keep_float``: the exact float result as it is, for a requantization to read)."""
+    return exact_matmul(a, b, keep_float=keep_float,
+                        zero_points=(mod.a_zero_point, mod.b_zero_point))
 
 
 def _matmul(mod: IntMatMul, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -50,7 +50,8 @@ from qpasses.ir.layers import quantizable_layers
 from qpasses.ir.ops import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.algorithms.int_sim_check import classify_nodes
-from qpasses.algorithms.int_sim_compare import code_diff, fake_quant_codes, int_equal
+from qpasses.algorithms.int_sim_compare import (Scratch, code_diff, fake_quant_codes, int_equal,
+                                                memory_order)
 from qpasses.modules.int_sim import IntSimModule, set_backend
 from qpasses.modules.int_sim_layers import IntLayer
 from qpasses.modules.int_sim_transformer import IntMatMul
@@ -156,6 +157,7 @@ class _LocalDeviation(_Run):
         super().__init__(gm)
         self.fq_codes = fq_codes
         self.points = self.off = self.max_lsb = 0
+        self.scratch = Scratch()
 
     def hook(self, n: torch.fx.Node, v: Any) -> Any:
         want = self.fq_codes.get(n.name)
@@ -164,7 +166,7 @@ class _LocalDeviation(_Run):
         if isinstance(v, torch.Tensor) and v.shape == want.shape:
             self.points += 1
             same = want if v.dtype == want.dtype else want.to(v.dtype)
-            off, mx = code_diff(v, same)
+            off, mx = code_diff(v, same, self.scratch)
             self.off += off[0] + off[1]
             self.max_lsb = max(self.max_lsb, mx)
             return same
@@ -182,6 +184,7 @@ class _FqPoints(_Run):
         self.fq_map, self.values = fq_map, values
         self.fq_codes: dict[str, torch.Tensor] = {}
         self.stats = [0, 0, 0, 0, 0, 0]
+        self.scratch = Scratch()
 
     def hook(self, n: torch.fx.Node, fv: Any) -> Any:
         m = self.fq_map.get(n.name)
@@ -189,11 +192,11 @@ class _FqPoints(_Run):
             return fv
         iv = self.values.get(m["node"])
         iv = iv if isinstance(iv, torch.Tensor) else None
-        codes = fake_quant_codes(fv, m["scale"], int(m["zero_point"]), iv)
+        codes = fake_quant_codes(fv, m["scale"], int(m["zero_point"]), iv, self.scratch)
         self.fq_codes[m["node"]] = codes
         if iv is None or fv.shape != iv.shape:
             return fv
-        (o1, om), mx = code_diff(codes, iv)
+        (o1, om), mx = code_diff(codes, iv, self.scratch)
         st = self.stats
         st[0] += 1
         st[1] += not o1 + om
@@ -206,7 +209,9 @@ class _FqPoints(_Run):
 
 def _minmax(t: torch.Tensor) -> tuple[int, int]:
     """``(min, max)`` of a non-empty tensor (two reductions: torch's ``aminmax`` on int8 is
-    two orders of magnitude slower than ``min`` and ``max``)."""
+    two orders of magnitude slower than ``min`` and ``max``), in memory order (a channels-last
+    tensor's reductions are otherwise an order of magnitude slower)."""
+    t = memory_order(t)
     return int(t.min()), int(t.max())
 
 

@@ -64,8 +64,9 @@ def test_float64_requant_is_used_under_its_bound_and_refused_beyond_it():
     x = np.array([2 ** 21, -(2 ** 21)], dtype=np.int64)
     assert kern.requant_f64(x, m, e, "gemmlowp", 31, 2 ** 21) is not None
     assert kern.requant_f64(x, m, e, "gemmlowp", 31, 2 ** 23) is None   # x·m31 may reach 2^53
-    up = np.array([1])
-    assert kern.requant_f64(x, m, up, "gemmlowp", 31, 2 ** 21) is None  # left shift: int64 path
+    up = np.array([1])          # a left shift: float64 too while x·2^e stays in int32
+    assert kern.requant_f64(x, m, up, "gemmlowp", 31, 2 ** 21).tolist() == [2516582, -2516582]
+    assert kern.requant_f64(x, m, np.array([11]), "gemmlowp", 31, 2 ** 21) is None  # int64's
 
 
 @settings(deadline=None, max_examples=30, derandomize=True)
