@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qpasses.algorithms.int_sim_reference_kernels import code_dtype
+
 __all__ = ["lut_ref"]
 
 _I64 = np.int64
@@ -27,14 +29,6 @@ _MEMO: "weakref.WeakKeyDictionary[Any, tuple[tuple, np.ndarray, dict]]" = \
     weakref.WeakKeyDictionary()
 _NARROW = {np.dtype(np.int8): np.uint8, np.dtype(np.uint8): np.uint8,
            np.dtype(np.int16): np.uint16, np.dtype(np.uint16): np.uint16}
-
-
-def _code_dtype(lo: int, hi: int) -> type:
-    for dt in (np.int8, np.int16, np.int32):
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return dt
-    return _I64
 
 
 def _build(mod: Any, fn: Any) -> np.ndarray:
@@ -49,7 +43,7 @@ def _build(mod: Any, fn: Any) -> np.ndarray:
             + mod.out_zero_point
         table = np.clip(t, mod.out_qmin, mod.out_qmax)
     if table.size:
-        table = table.astype(_code_dtype(int(table.min()), int(table.max())))
+        table = table.astype(code_dtype(int(table.min()), int(table.max())))
     return table
 
 
