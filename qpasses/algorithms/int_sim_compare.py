@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Scratch", "code_diff", "fake_quant_codes", "int_equal", "memory_order"]
+from qpasses.numerics.layout import in_memory_order, is_dense, memory_order_dims
+
+__all__ = ["Scratch", "code_diff", "fake_quant_codes", "int_equal", "min_max"]
 
 
 class Scratch:
@@ -23,7 +25,7 @@ class Scratch:
     def tensor_like(self, t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor | None:
         """Uninitialized, ``t``'s shape and (dense) memory layout in ``dtype``; None if ``t`` is
         not dense."""
-        if not _dense(t.shape, t.stride()):
+        if not is_dense(t.shape, t.stride()):
             return None
         buf = self._torch.get((key, dtype))
         if buf is None or buf.numel() < t.numel():
@@ -40,19 +42,6 @@ class Scratch:
         return buf[:n].reshape(shape)
 
 
-def _dense(shape: Any, strides: Any) -> bool:
-    """Whether strides (in elements) lay ``shape`` out densely: some permutation of it is
-    C-contiguous."""
-    expect = 1
-    for size, st in sorted(zip(shape, strides), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if st != expect:
-            return False
-        expect *= size
-    return True
-
-
 def code_diff(a: torch.Tensor, b: torch.Tensor,
               scratch: Scratch | None = None) -> tuple[tuple[int, int], int]:
     """``((codes off by one, codes off by more), max |a − b|)`` of two integer code tensors of
@@ -61,6 +50,9 @@ def code_diff(a: torch.Tensor, b: torch.Tensor,
     codes differ, the absolute differences in a narrow type, their max and a count."""
     a, b = (t.to(torch.int64) if t.dtype.is_floating_point or t.dtype == torch.bool else t
             for t in (a, b))                       # (a float value: its codes, truncated)
+    if a.dim() > 1 and not a.is_contiguous():      # both in a's memory order: numpy then walks
+        perm = memory_order_dims(a)                # a sequentially (the counts do not change)
+        a, b = a.permute(perm), b.permute(perm)
     x, y = a.detach().cpu().numpy(), b.detach().cpu().numpy()
     if x.dtype == y.dtype and x.dtype.kind in "iu" and x.itemsize <= 2 and x.shape == y.shape:
         return _narrow_diff(x, y, scratch)
@@ -78,10 +70,7 @@ def _narrow_diff(x: np.ndarray, y: np.ndarray,
     """:func:`code_diff` of two 8/16-bit integer arrays of one dtype: ``|x − y|`` is ``max − min``,
     in ``[0, 2^bits)``, so their difference in the unsigned type of that width is exact (no
     wider copy); then a count of nonzeros, the max, and (only if some differ by more than one)
-    a count of those. Axes go in ``x``'s memory order first (numpy then walks it sequentially)."""
-    if x.ndim > 1 and not x.flags.c_contiguous:
-        order = sorted(range(x.ndim), key=lambda k: -abs(x.strides[k]))
-        x, y = x.transpose(order), y.transpose(order)
+    a count of those."""
     u = np.uint8 if x.itemsize == 1 else np.uint16
     if scratch is not None and x.flags.c_contiguous:
         hi, lo = scratch.array(x.shape, x.dtype, "max"), scratch.array(x.shape, x.dtype, "min")
@@ -113,10 +102,10 @@ def fake_quant_codes(fv: torch.Tensor, scale: float, zp: int, like: torch.Tensor
     if t is None:
         t = fv.div(scale) if fv.dtype == torch.float32 else fv.to(torch.float64).div_(scale)
     t.round_()
-    lo, hi = _min_max(t) if t.numel() else (0, 0)
+    lo, hi = min_max(t) if t.numel() else (0, 0)
     if t.dtype == torch.float32 and max(-lo, hi) > 2 ** 16:
         t = fv.to(torch.float64).div_(scale).round_()
-        lo, hi = _min_max(t)
+        lo, hi = min_max(t)
     t.add_(zp)
     if like is not None and like.shape == t.shape and not like.dtype.is_floating_point and \
             like.dtype != torch.bool:
@@ -141,19 +130,12 @@ def int_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(a, b)
 
 
-def _min_max(t: torch.Tensor) -> tuple[int, int]:
-    """``(min, max)`` of a non-empty tensor (torch's ``aminmax`` on int8 is ~100x slower)."""
-    t = memory_order(t)
+def min_max(t: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty tensor, reduced in memory order (:func:`~qpasses.numerics.
+    layout.in_memory_order`); integers by two reductions (torch's ``aminmax`` on int8 is ~100x
+    slower than ``min`` and ``max``)."""
+    t = in_memory_order(t)
     if t.is_floating_point():                   # one pass (aminmax is fast on float)
         lo, hi = torch.aminmax(t)
         return int(lo), int(hi)
     return int(t.min()), int(t.max())
-
-
-def memory_order(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its dims permuted into memory order (a view; contiguous when ``t`` is dense,
-    e.g. channels-last): torch's reductions over a strided layout run element by element, an
-    order of magnitude slower (int16 channels-last ``min``: ~3 ns per value against ~0.1)."""
-    if t.dim() < 2 or t.is_contiguous():
-        return t
-    return t.permute(sorted(range(t.dim()), key=lambda k: -abs(t.stride(k))))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from qpasses.errors import NumericsError
+from qpasses.numerics.layout import memory_order_dims
 from qpasses.numerics.requant_window import requant_window
 
 __all__ = ["AffineFloor", "CHUNK_ELEMS", "PreparedRequant", "RequantPlan", "code_dtype",
@@ -167,15 +168,10 @@ def workspace(name: str, numel: int, dtype: torch.dtype,
 
 def scratch_like(name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
     """A :func:`workspace` tensor with ``like``'s shape and (for a dense ``like``) memory order."""
-    perm = _memory_order(like)
+    perm = memory_order_dims(like)
     buf = workspace(name, like.numel(), dtype, like.device)
     return buf.view([like.shape[d] for d in perm]).permute([perm.index(d)
                                                            for d in range(like.dim())])
-
-
-def _memory_order(t: Tensor) -> list[int]:
-    """Dims from outermost to innermost in memory."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
 def code_dtype(qmin: int, qmax: int) -> torch.dtype:
@@ -438,7 +434,7 @@ def _mul_add(y: Tensor, s: Tensor | float, c: Tensor | float) -> Tensor:
 def dense_flat(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """A 1-D view of ``t`` in memory order (a copy only if ``t`` is not a permutation of a
     contiguous tensor) and the function that puts a same-order result back into ``t``'s shape."""
-    perm = _memory_order(t)
+    perm = memory_order_dims(t)
     tp = t.permute(perm)
     if not tp.is_contiguous():
         tp = tp.contiguous()

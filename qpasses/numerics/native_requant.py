@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from qpasses.errors import NumericsError
+from qpasses.numerics.layout import is_dense
 
 __all__ = ["ENABLED", "MAX_THREADS", "native_add", "native_apply", "native_affine", "native_available",
            "native_lut"]
@@ -293,16 +294,7 @@ def _same_dense(*ts: Tensor) -> bool:
     flat index walks them all alike)."""
     t0 = ts[0]
     return all(not t.is_cuda and t.shape == t0.shape and t.stride() == t0.stride()
-               for t in ts) and t0.numel() > 0 and _dense(t0)
-
-
-def _dense(t: Tensor) -> bool:
-    size = 1
-    for st, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
-        if st != size:
-            return False
-        size *= n
-    return True
+               for t in ts) and t0.numel() > 0 and is_dense(t0.shape, t0.stride())
 
 
 def native_add(a: Tensor, b: Tensor, c: int, qmin: int, qmax: int,

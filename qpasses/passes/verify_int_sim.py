@@ -51,7 +51,7 @@ from qpasses.ir.ops import PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.algorithms.int_sim_check import classify_nodes
 from qpasses.algorithms.int_sim_compare import (Scratch, code_diff, fake_quant_codes, int_equal,
-                                                memory_order)
+                                                min_max)
 from qpasses.modules.int_sim import IntSimModule, set_backend
 from qpasses.modules.int_sim_layers import IntLayer
 from qpasses.modules.int_sim_transformer import IntMatMul
@@ -205,14 +205,6 @@ class _FqPoints(_Run):
         st[4] += om
         st[5] = max(st[5], mx)
         return fv
-
-
-def _minmax(t: torch.Tensor) -> tuple[int, int]:
-    """``(min, max)`` of a non-empty tensor (two reductions: torch's ``aminmax`` on int8 is
-    two orders of magnitude slower than ``min`` and ``max``), in memory order (a channels-last
-    tensor's reductions are otherwise an order of magnitude slower)."""
-    t = memory_order(t)
-    return int(t.min()), int(t.max())
 
 
 def _may_leave(dtype: torch.dtype, lo: int, hi: int) -> bool:
@@ -437,14 +429,14 @@ class VerifyIntSim(Pass):
             m = mods.get(str(n.target)) if n.op == "call_module" else None
             if isinstance(m, IntSimModule) and v.numel():
                 lo, hi = m.declared_range()
-                vmin, vmax = _minmax(v) if _may_leave(v.dtype, lo, hi) else (lo, hi)
+                vmin, vmax = min_max(v) if _may_leave(v.dtype, lo, hi) else (lo, hi)
                 if vmin < lo or vmax > hi:
                     raise AccumulatorOverflowError(
                         f"node '{n.name}' ({type(m).__name__}) produced values in [{vmin}, "
                         f"{vmax}], outside its declared range [{lo}, {hi}]", node=n.name)
             if isinstance(m, IntLayer):
                 x = values[n.args[0].name]
-                xlo, xhi = _minmax(x) if x.numel() and _may_leave(x.dtype, m.x_qmin, m.x_qmax) \
+                xlo, xhi = min_max(x) if x.numel() and _may_leave(x.dtype, m.x_qmin, m.x_qmax) \
                     else (m.x_qmin, m.x_qmax)
                 if xlo < m.x_qmin or xhi > m.x_qmax:
                     raise AccumulatorOverflowError(
