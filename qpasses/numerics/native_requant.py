@@ -135,12 +135,12 @@ int64_t NAME(const TI* q, TO* out, int64_t n, const TO* table, int64_t size, int
     }                                                                                        \
     return bad;                                                                              \
 }
-LUT(lut_u8_u8, uint8_t, uint8_t)
-LUT(lut_u8_i8, uint8_t, int8_t)
-LUT(lut_i8_u8, int8_t, uint8_t)
-LUT(lut_i8_i8, int8_t, int8_t)
-LUT(lut_i16_u8, int16_t, uint8_t)
-LUT(lut_i16_i8, int16_t, int8_t)
+/* one instance per (input codes, output codes) pair: u8/i8/i16 -> u8/i8 (_build's argtypes) */
+#define CODE_PAIRS(K, P)                                                                     \
+    K(P##_u8_u8, uint8_t, uint8_t) K(P##_u8_i8, uint8_t, int8_t)                             \
+    K(P##_i8_u8, int8_t, uint8_t) K(P##_i8_i8, int8_t, int8_t)                               \
+    K(P##_i16_u8, int16_t, uint8_t) K(P##_i16_i8, int16_t, int8_t)
+CODE_PAIRS(LUT, lut)
 
 /* AffineFloor.apply's float32 operations in its order: y = floor((float)q * s + c), clamped to
    [lo, hi], stored as (int)y + off */
@@ -155,12 +155,7 @@ void NAME(const TI* q, TO* out, int64_t n, float s, float c, float lo, float hi,
         out[i] = (TO)((int32_t)y + off);                                                     \
     }                                                                                        \
 }
-AFF(aff_u8_u8, uint8_t, uint8_t)
-AFF(aff_u8_i8, uint8_t, int8_t)
-AFF(aff_i8_u8, int8_t, uint8_t)
-AFF(aff_i8_i8, int8_t, int8_t)
-AFF(aff_i16_u8, int16_t, uint8_t)
-AFF(aff_i16_i8, int16_t, int8_t)
+CODE_PAIRS(AFF, aff)
 """
 
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",

@@ -12,19 +12,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qpasses.modules.int_sim_layers import IntConv2d, kernel_table
-from qpasses.numerics import int_conv_onednn, native_requant
+from qpasses.numerics import int_conv_onednn
 from qpasses.numerics.int_conv_onednn import (PreparedOnednnConv, onednn_conv_blocks,
                                               onednn_conv_ok, prepare_onednn_conv)
 from tests.passes.int_sim_helpers import assert_backends_bit_exact, calibrated, lower, randomize
 
-pytestmark = pytest.mark.skipif(not onednn_conv_ok(),
-                                reason="no oneDNN int8 convolution with VNNI/AMX here")
-
-
-@pytest.fixture(autouse=True)
-def _any_thread_count(monkeypatch):
-    """The kernels step aside for many intra-op threads; here they run whatever the count."""
-    monkeypatch.setattr(native_requant, "MAX_THREADS", 1 << 30)
+pytestmark = [pytest.mark.skipif(not onednn_conv_ok(),
+                                 reason="no oneDNN int8 convolution with VNNI/AMX here"),
+              pytest.mark.usefixtures("native_any_threads")]
 
 
 def _rows(x: torch.Tensor, p: PreparedOnednnConv, z: int, block: int | None) -> torch.Tensor:

@@ -19,13 +19,9 @@ from qpasses.numerics.int_conv_onednn import window_fits_float32
 from qpasses.numerics.native_requant import (native_add, native_affine, native_apply,
                                               native_available, native_lut)
 
-pytestmark = pytest.mark.skipif(not native_available(),
-                                reason="no C compiler here: the eager plan runs instead")
-
-@pytest.fixture(autouse=True)
-def _any_thread_count(monkeypatch):
-    """The kernels step aside for many intra-op threads; here they run whatever the count."""
-    monkeypatch.setattr(native_requant, "MAX_THREADS", 1 << 30)
+pytestmark = [pytest.mark.skipif(not native_available(),
+                                 reason="no C compiler here: the eager plan runs instead"),
+              pytest.mark.usefixtures("native_any_threads")]
 
 
 RANGES = [(0, 255), (-128, 127), (-8, 7), (0, 3), (3, 250)]
