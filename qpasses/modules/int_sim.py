@@ -131,11 +131,12 @@ class IntSimModule(nn.Module):
         state.pop("_cache", None)          # derived constants, rebuilt on first use
         return state
 
-    def _cached(self, name: str, key: tuple, build: Any) -> Any:
-        """``build()``, kept until ``key`` changes."""
+    def _cached(self, name: str, key: tuple, build: Any, reuse: Any = None) -> Any:
+        """``build()``, kept until ``key`` changes; ``reuse(kept key)``: whether what is kept
+        under another key serves this call as well."""
         cache = self.__dict__.setdefault("_cache", {})
         hit = cache.get(name)
-        if hit is None or hit[0] != key:
+        if hit is None or (hit[0] != key and not (reuse is not None and reuse(hit[0]))):
             hit = cache[name] = (key, build())
         return hit[1]
 

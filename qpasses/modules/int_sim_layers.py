@@ -318,7 +318,7 @@ class _IntConv(IntLayer):
         if self.kernel != "int8-mm" or self.w_q.dim() != 4 or not int_conv_onednn.ENABLED:
             return None
         rq = self.requant
-        key = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq), image) + \
+        base = (self.x_zero_point, self.x_qmin, self.x_qmax, self.acc_shift, id(rq)) + \
             tensor_versions(self.w_q, self.w_zp, self.bias_q, self.bias_f) + (
                 rq.cache_key() if rq is not None else ())
 
@@ -333,7 +333,9 @@ class _IntConv(IntLayer):
             plan, _ = self._epilogue(od)
             return od if plan is not None and window_fits_float32(*plan.window,
                                                                   plan.pre_shift) else None
-        return self._cached("onednn", key, build)
+        # without an input size (cpu_engine), whatever a forward packed answers as well
+        return self._cached("onednn", base + (image,), build,
+                            reuse=(lambda kept: kept[:-1] == base) if image is None else None)
 
     def _blocks(self, x: Tensor, p: Any) -> tuple[RowBlocks, Any]:
         run = onednn_conv_blocks(x, p, self.x_zero_point) if isinstance(p, PreparedOnednnConv) \

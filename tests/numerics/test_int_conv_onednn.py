@@ -149,3 +149,18 @@ def test_the_kernel_table_names_the_engine_that_runs_each_layer(monkeypatch, cap
     monkeypatch.setattr(int_conv_onednn, "ENABLED", True)
     set_backend(gm, "reference")
     assert {r["cpu_engine"] for r in kernel_table(gm)} == {"reference"}
+
+
+def test_the_kernel_table_reuses_what_a_forward_packed():
+    # cpu_engine needs no input size: it takes the forward's packing instead of repacking
+    # (which the next forward would undo, repacking for its size again)
+    gm, x, cal = calibrated(randomize(_Net(), 1), (2, 3, 20, 20))
+    _, gm = lower(gm, x, cal, "backend=fast")
+    with torch.no_grad():
+        gm(x)
+    convs = [m for m in gm.modules() if isinstance(m, IntConv2d)]
+    packed = [m.__dict__["_cache"]["onednn"] for m in convs]
+    assert {r["cpu_engine"] for r in kernel_table(gm) if r["layer"] != "fc"} == {"onednn-conv"}
+    with torch.no_grad():
+        gm(x)
+    assert all(m.__dict__["_cache"]["onednn"] is p for m, p in zip(convs, packed))
