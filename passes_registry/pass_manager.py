@@ -199,6 +199,14 @@ class PassManager:
         return gm
 
 
+def code_signature(gm: torch.fx.GraphModule) -> tuple:
+    """What ``gm``'s generated code depends on: the graph object and each node with its name,
+    opcode, target, arguments and type, in order (the nodes compare by identity, fx's argument
+    containers are immutable). Equal signatures give the same code."""
+    return (id(gm.graph), tuple((n, n.name, n.op, n.target, n.args, n.kwargs, n.type)
+                                for n in gm.graph.nodes))
+
+
 def verified_properties(gm: torch.fx.GraphModule) -> tuple[set[str], dict[str, list[str]]]:
     """The properties ``gm``'s recorded history establishes that still hold: each recorded,
     registered property whose checker (if any) finds no problem; and the problems of the others."""
@@ -328,6 +336,7 @@ class _Run:
         self.properties = set(properties)
         self.position = 0
         self.bisect_count = 0
+        self.code_signature: tuple | None = None   # of the graph gm.code was last generated for
 
     def execute(self) -> torch.fx.GraphModule:
         for inst in self.instruments:
@@ -417,7 +426,7 @@ class _Run:
                     gm.graph.lint()
                 except Exception as e:  # noqa: BLE001 - fx raises bare RuntimeError
                     raise VerificationError(f"graph.lint() failed after the pass: {e}") from e
-                gm.recompile()
+                self._recompile_if_changed()
             if ctx.verify_each:
                 self._verify(p, result, before, records_before)
             if ctx.check_preservation and result.modified:
@@ -439,6 +448,19 @@ class _Run:
         for inst in reversed(self.instruments):
             inst.after_pass(p, gm, result)
         return result.modified
+
+    def _recompile_if_changed(self) -> None:
+        """Regenerate ``gm``'s code unless this run already generated it for the same graph: a
+        pass that changes only weights, buffers, submodules or ``meta`` (calibration, bit-width
+        annotation) leaves the code as it was, and code generation costs milliseconds."""
+        signature = code_signature(self.gm)
+        try:
+            same = signature == self.code_signature
+        except Exception:  # noqa: BLE001 - an argument whose == is not a bool: regenerate
+            same = False
+        if not same:
+            self.gm.recompile()
+        self.code_signature = signature
 
     def _check_required_records(self, p: Pass, pos: str) -> None:
         for key in sorted(p.requires_records):

@@ -40,9 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from qpasses.errors import CalibrationError, NumericsError
+from qpasses.modules.quantizer_args import check_bits
+from qpasses.modules.quantizer_args import quantizer_where as _where
 from qpasses.modules.schemes import grid_scheme
 from qpasses.numerics.fast_fake_quant import FAST_DTYPES, FAST_MAX_BITS, fast_fake_quant
 from qpasses.numerics.observers import MinMaxObserver, Observer
+from qpasses.numerics.weight_codes import WeightCodes, fake_quant_codes
 from qpasses.numerics.quantizers import (MAX_BITS, ROUNDING_MODES, calc_qparams, dorefa_weight,
                                          fake_quantize, lsq_fake_quant, quantize_dequantize,
                                          scheme_qrange)
@@ -55,54 +58,6 @@ __all__ = [
 WEIGHT_SCHEMES = ("symmetric", "asymmetric", "dorefa")
 AFFINE_ACT_SCHEMES = ("symmetric", "asymmetric", "asymmetric_signed", "unsigned")
 ACT_SCHEMES = AFFINE_ACT_SCHEMES + ("pact", "lsq")
-
-
-def _where(name: str) -> str:
-    return f"quantizer '{name}'" if name else "fake-quant module"
-
-
-def check_bits(bits: Any, *, name: str = "", num_channels: int | None = None,
-               min_bits: int = 0, option: str = "bits") -> Tensor:
-    """Validate a bit-width (int, integral float, sequence or integer tensor) as an int64 tensor.
-
-    Raises :class:`NumericsError` naming the quantizer and the option for a bool, a fractional
-    value, a value outside ``min_bits..32`` or a per-kernel vector of the wrong length.
-    """
-    where = _where(name)
-    if isinstance(bits, bool) or (isinstance(bits, Tensor) and bits.dtype == torch.bool):
-        raise NumericsError(f"{where}: {option} must be an integer bit-width, got a bool")
-    if isinstance(bits, Tensor):
-        t = bits.detach().cpu()
-    else:
-        try:
-            t = torch.as_tensor(bits)
-        except (TypeError, ValueError, RuntimeError):
-            raise NumericsError(f"{where}: {option} must be an int or a list of ints, got "
-                                f"{type(bits).__name__} {bits!r}") from None
-    if t.dtype.is_complex:
-        raise NumericsError(f"{where}: {option} must be real integers, got {bits!r}")
-    if t.dtype.is_floating_point:
-        if not bool(torch.isfinite(t).all()) or not bool((t == torch.round(t)).all()):
-            bad = t[~(torch.isfinite(t) & (t == torch.round(t)))].flatten()[0].item()
-            raise NumericsError(
-                f"{where}: {option}={bad} is fractional; fake-quant modules need integer "
-                "bit-widths (fractional bit-widths belong to FracBits: insert-fracbits)")
-        t = t.to(torch.int64)
-    t = t.to(torch.int64)
-    if t.dim() > 1 or t.numel() == 0:
-        raise NumericsError(f"{where}: {option} must be one int or a 1-D list of per-kernel ints, "
-                            f"got shape {tuple(t.shape)}")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < min_bits or hi > MAX_BITS:
-        bad = lo if lo < min_bits else hi
-        raise NumericsError(f"{where}: {option}={bad} is outside the valid range "
-                            f"{min_bits}..{MAX_BITS}"
-                            + (" (0 bits, i.e. pruned, is for weights only)" if min_bits > 0 and
-                               bad == 0 else ""))
-    if num_channels is not None and t.dim() == 1 and t.numel() not in (1, num_channels):
-        raise NumericsError(f"{where}: {option} has {t.numel()} per-kernel entries but the layer "
-                            f"has {num_channels} output channels; give one entry per channel")
-    return t
 
 
 class FakeQuantize(nn.Module):
@@ -292,6 +247,16 @@ class WeightFakeQuant(FakeQuantize):
             return w
         if self.scheme == "dorefa":
             return dorefa_weight(w, self._bits_arg, axis=0, rounding=self.rounding)  # type: ignore[arg-type]
+        grid = self._prepared_grid(w)
+        if grid is not None:
+            return fast_fake_quant(w, *grid, axis=0)
+        return quantize_dequantize(w, self.scale, self.zero_point, self._bits_arg,  # type: ignore[arg-type]
+                                   self._ns_scheme, narrow=self.narrow_range, axis=0,  # type: ignore[arg-type]
+                                   rounding=self.rounding)  # type: ignore[arg-type]
+
+    def _prepared_grid(self, w: Tensor) -> tuple[Tensor, Tensor | None, int, int] | None:
+        """Observe ``w`` (or check a scale exists); (scale, zero point or None, qmin, qmax) of
+        the fast fake-quant path ``forward`` takes for ``w``, None where it takes another."""
         if self._obs_on:
             self.observe(w)
         elif not self._ready:
@@ -301,10 +266,18 @@ class WeightFakeQuant(FakeQuantize):
         if (self._uniform is not None and 0 < self._uniform <= FAST_MAX_BITS
                 and self.rounding == "rne" and w.dtype in FAST_DTYPES):
             zp = None if self._ns_scheme == "symmetric" else self.zero_point
-            return fast_fake_quant(w, self.scale, zp, int(self._qmin), int(self._qmax), axis=0)
-        return quantize_dequantize(w, self.scale, self.zero_point, self._bits_arg,  # type: ignore[arg-type]
-                                   self._ns_scheme, narrow=self.narrow_range, axis=0,  # type: ignore[arg-type]
-                                   rounding=self.rounding)  # type: ignore[arg-type]
+            return self.scale, zp, int(self._qmin), int(self._qmax)
+        return None
+
+    def integer_codes(self, w: Tensor) -> WeightCodes | None:
+        """The integer codes ``forward(w)`` puts ``w`` on, their per-kernel L1 norms and range
+        (:func:`~qpasses.numerics.weight_codes.fake_quant_codes`), without fake-quantizing it;
+        None where ``forward`` does not take the fast path (or the shortcut does not apply)."""
+        if not self._fq_on or self.scheme == "dorefa" or type(self).forward is not \
+                WeightFakeQuant.forward:
+            return None
+        grid = self._prepared_grid(w)
+        return None if grid is None else fake_quant_codes(w.detach(), *grid)
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         if not self._ready:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qpasses.numerics.int_ops import narrowest_int_dtype
 
-__all__ = ["WeightCodes", "row_l1", "weight_codes", "weight_codes_reference"]
+__all__ = ["WeightCodes", "fake_quant_codes", "row_l1", "weight_codes", "weight_codes_reference"]
 
 _F32_CODE_LIMIT = 2.0 ** 20     # |code − z| up to which the float32 shortcut is proven
 _ROW_CHUNK = 1 << 22            # elements per chunk of row_l1's temporaries
@@ -204,3 +204,68 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
     if bool((zero_point != 0).any()):
         codes.add_(zero_point.to(codes.dtype).reshape(_shape(w_hat)))
     return WeightCodes(codes, 0, l1, lo_c, hi_c)
+
+
+def fake_quant_codes(w: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
+                     qmax: int) -> WeightCodes | None:
+    """The codes the fake quantizer's fast path puts ``w`` on, with :func:`weight_codes`' L1 norms
+    and range, computed from ``w`` itself: no fake-quantized copy of the weight and no grid check.
+
+    ``fast_fake_quant(w, scale, zero_point, qmin, qmax, axis=0)`` returns ``w_hat = (q − z) ⊗ s``
+    (one float32 product) with ``q = clamp(rne(w ⊗ (1 ⊘ s)) + z, qmin, qmax)`` per output channel.
+    That ``w_hat`` passes :func:`weight_codes`' check by construction (the check recomputes the
+    same product), and its float32 quotient ``w_hat ⊘ s = (q − z)·(1 + δ)``, ``|δ| <= 2^-23``,
+    rounds back to ``q − z`` for ``|q − z| <= 2^17``. So ``weight_codes(w_hat, s, z)`` returns
+    these very codes (dtype included: the same narrowest dtype rule), L1 norms and range. Over
+    blocks of whole kernels, like :func:`weight_codes`. None where that argument or
+    :func:`weight_codes`' own shortcut does not apply (an empty or non-contiguous weight, a scale
+    that is not a finite normal float32 value, a range beyond 2^16, a NaN weight): the caller
+    fake-quantizes and checks the long way.
+    """
+    c = w.shape[0] if w.dim() else 0
+    if (w.dtype != torch.float32 or not w.numel() or not w.is_contiguous() or scale.numel() != c
+            or max(abs(qmin), abs(qmax)) > 2 ** 16 or qmin > qmax):
+        return None
+    s32 = scale.detach().to(torch.float32).reshape(c, 1)
+    if not (bool(torch.isfinite(s32).all())
+            and bool((s32 >= torch.finfo(torch.float32).tiny).all())
+            and bool((s32.to(scale.dtype) == scale.reshape(c, 1)).all())):
+        return None
+    inv = 1.0 / s32                                  # fast_fake_quant's float32 reciprocal
+    z = None
+    if zero_point is not None and bool((zero_point != 0).any()):
+        z = zero_point.detach().reshape(c, 1).to(torch.float32)
+    flat = w.view(c, -1)
+    k = flat.shape[1]
+    zmin, zmax = ((int(zero_point.min()), int(zero_point.max()))
+                  if zero_point is not None and zero_point.numel() else (0, 0))
+    # Σ|q − z| per kernel: float32 where every partial sum is an integer below 2^24
+    absmax = max(abs(q - zz) for q in (qmin, qmax) for zz in (zmin, zmax))
+    acc = torch.float32 if k * absmax < _F32_EXACT else torch.float64
+    rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    buf = torch.empty(min(rows, c) * k, dtype=torch.float32)
+    wide = torch.empty((c, k), dtype=torch.int16 if -2 ** 15 <= qmin and qmax < 2 ** 15
+                       else torch.int32)
+    lo_i, hi_i = float("inf"), float("-inf")
+    l1_parts = []
+    for i in range(0, c, rows):
+        blk = flat[i:i + rows]
+        r = buf[:blk.numel()].view(blk.shape)
+        torch.mul(blk, inv[i:i + rows], out=r).round_()
+        if z is not None:
+            r.add_(z[i:i + rows])
+        r.clamp_(qmin, qmax)
+        wide[i:i + rows].copy_(r)                    # a NaN's garbage code is never returned
+        if z is not None:
+            r.sub_(z[i:i + rows])
+        lo, hi = r.aminmax()
+        lo_b, hi_b = float(lo), float(hi)
+        if lo_b != lo_b or hi_b != hi_b:             # NaN
+            return None
+        lo_i, hi_i = min(lo_i, lo_b), max(hi_i, hi_b)
+        l1_parts.append(r.abs_().sum(1, dtype=acc))
+    l1 = (l1_parts[0] if len(l1_parts) == 1 else torch.cat(l1_parts)).to(torch.int64)
+    lo_c, hi_c = int(lo_i), int(hi_i)
+    dtype = narrowest_int_dtype(min(lo_c, lo_c + zmin, zmin), max(hi_c, hi_c + zmax, zmax))
+    codes = wide.view(w.shape)
+    return WeightCodes(codes if codes.dtype == dtype else codes.to(dtype), 0, l1, lo_c, hi_c)

@@ -14,6 +14,7 @@ import qpasses.algorithms.lowering.memory as memory
 from passes_registry import PassContext, PassManager, get_record
 from qpasses.algorithms.lowering.biases import zero_kernels
 from qpasses.errors import LoweringMemoryError, PassFailure
+from qpasses.modules.fake_quant import WeightFakeQuant
 from qpasses.ir.records import INT_SIM_KEY
 from qpasses.modules.int_sim_layers import IntLayer
 
@@ -59,14 +60,19 @@ def test_small_layers_are_not_checked_ahead(monkeypatch):
     _run(gm, x, cal)                      # 1.3 KB < CHECK_FROM_BYTES: lowered, nothing read
 
 
-def test_allocator_failure_is_converted_at_the_layer(monkeypatch):
+@pytest.mark.parametrize("where", ["quantizer codes", "checked codes"])
+def test_allocator_failure_is_converted_at_the_layer(monkeypatch, where):
     gm, x, cal = _graph()
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 123456789 bytes. Error code "
                            "12 (Cannot allocate memory)")
-    monkeypatch.setattr(layers_mod, "weight_codes", oom)
+    if where == "checked codes":           # the long way: fake-quantize, then check the grid
+        monkeypatch.setattr(WeightFakeQuant, "integer_codes", lambda self, w: None)
+        monkeypatch.setattr(layers_mod, "weight_codes", oom)
+    else:
+        monkeypatch.setattr(WeightFakeQuant, "integer_codes", oom)
     with pytest.raises(LoweringMemoryError) as ei:
         _run(gm, x, cal)
     assert ei.value.layer == "conv" and ei.value.bytes_needed == 123456789
@@ -78,7 +84,7 @@ def test_other_runtime_errors_are_not_memory_errors(monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("something else")
-    monkeypatch.setattr(layers_mod, "weight_codes", boom)
+    monkeypatch.setattr(WeightFakeQuant, "integer_codes", boom)
     with pytest.raises(PassFailure) as ei:
         _run(gm, x, cal)
     assert not isinstance(ei.value, LoweringMemoryError) and "internal error" in str(ei.value)

@@ -82,13 +82,17 @@ class LayerRules:
 
     def _layer_params(self, n: Node, mod: nn.Module, info: Any, xq: QType) -> dict[str, Any]:
         """The integer layer's constructor arguments and accumulator grid: integer weights
-        checked to lie on the grid, int32 bias, exactness bound and kernel. Holds one layer's
-        temporaries at a time (:func:`~qpasses.numerics.weight_codes.weight_codes`: float32,
-        no float64 copy of the weight)."""
+        checked to lie on the grid, int32 bias, exactness bound and kernel. The codes come from the
+        quantizer where its fast path defines them
+        (:meth:`~qpasses.modules.fake_quant.WeightFakeQuant.integer_codes`: no fake-quantized
+        copy, on the grid by construction), else from the fake-quantized weight, checked
+        (:func:`~qpasses.numerics.weight_codes.weight_codes`). Holds one layer's temporaries at
+        a time (float32 blocks, no float64 copy of the weight)."""
         wfq: WeightFakeQuant = mod.weight_fake_quant
         weight = mod.weight
         with torch.no_grad():
-            w_hat = wfq(weight).detach()
+            wc = wfq.integer_codes(weight)        # the quantizer's own codes, where it knows them
+            w_hat = wfq(weight).detach() if wc is None else None
         scale = wfq.scale.detach().to(torch.float64).reshape(-1)
         zp = wfq.zero_point.detach().to(torch.int64).reshape(-1)
         c_out = weight.shape[0]
@@ -102,7 +106,8 @@ class LayerRules:
         # the codes are unambiguous (a step is >= 2/(2^16 − 1)) and the difference can only
         # move an exact rounding tie downstream (at most 1 LSB). Without the tolerance no
         # DoReFa layer of >= 2 bits lowers (they all became float islands).
-        wc = weight_codes(w_hat, s_eff, zp_eff, _DOREFA_TOL if dorefa else None)
+        if wc is None:
+            wc = weight_codes(w_hat, s_eff, zp_eff, _DOREFA_TOL if dorefa else None)
         del w_hat
         if wc.num_off:
             raise FloatIsland(f"{wc.num_off} fake-quantized weights are not exactly scale·(code "
