@@ -96,6 +96,22 @@ def test_fold_weights_float64_and_dtype():
     torch.testing.assert_close(b2, (beta.double() - mean.double() * s).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (7, 4), (2, 1, 5), (300, 1, 3, 3)])
+def test_fold_weights_rounds_once_from_the_float64_product(dtype, shape):
+    """W' = the float64 product w·s rounded once into the weight's dtype, bit for bit, on every
+    path (numpy's mixed-type loop for float32/float64, the blocked torch loop otherwise)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    w = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    c = shape[0]
+    mean, var = torch.randn(c, generator=g), torch.rand(c, generator=g) * 4 + 1e-3
+    gamma, beta = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    w2, _ = fold_weights(w, None, mean, var, gamma, beta, 1e-5)
+    s = torch.rsqrt(var.double() + 1e-5) * gamma.double()
+    want = (w.double() * s.view(-1, *([1] * (w.dim() - 1)))).to(dtype)
+    assert w2.dtype == dtype and torch.equal(w2, want)
+
+
 # --------------------------------------------------------------------------------------------
 # Structure
 
