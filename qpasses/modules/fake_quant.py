@@ -45,7 +45,7 @@ from qpasses.modules.quantizer_args import quantizer_where as _where
 from qpasses.modules.schemes import grid_scheme
 from qpasses.numerics.fast_fake_quant import FAST_DTYPES, FAST_MAX_BITS, fast_fake_quant
 from qpasses.numerics.observers import MinMaxObserver, Observer
-from qpasses.numerics.weight_codes import WeightCodes, fake_quant_codes
+from qpasses.numerics.weight_codes import WeightCodes, fake_quant_codes, fake_quant_codes_bytes
 from qpasses.numerics.quantizers import (MAX_BITS, ROUNDING_MODES, calc_qparams, dorefa_weight,
                                          fake_quantize, lsq_fake_quant, quantize_dequantize,
                                          scheme_qrange)
@@ -263,21 +263,31 @@ class WeightFakeQuant(FakeQuantize):
             raise CalibrationError(f"{_where(self.qname)} has no scale: its observer is disabled "
                                    "and it was never calibrated (run calibrate, or "
                                    "enable_observer(True))")
+        return self._fast_grid(w)
+
+    def _fast_grid(self, w: Tensor) -> tuple[Tensor, Tensor | None, int, int] | None:
         if (self._uniform is not None and 0 < self._uniform <= FAST_MAX_BITS
                 and self.rounding == "rne" and w.dtype in FAST_DTYPES):
             zp = None if self._ns_scheme == "symmetric" else self.zero_point
             return self.scale, zp, int(self._qmin), int(self._qmax)
         return None
 
+    def _has_codes(self) -> bool:
+        return self._fq_on and self.scheme != "dorefa" and \
+            type(self).forward is WeightFakeQuant.forward
+
     def integer_codes(self, w: Tensor) -> WeightCodes | None:
         """The integer codes ``forward(w)`` puts ``w`` on, their per-kernel L1 norms and range
         (:func:`~qpasses.numerics.weight_codes.fake_quant_codes`), without fake-quantizing it;
         None where ``forward`` does not take the fast path (or the shortcut does not apply)."""
-        if not self._fq_on or self.scheme == "dorefa" or type(self).forward is not \
-                WeightFakeQuant.forward:
-            return None
-        grid = self._prepared_grid(w)
+        grid = self._prepared_grid(w) if self._has_codes() else None
         return None if grid is None else fake_quant_codes(w.detach(), *grid)
+
+    def integer_codes_bytes(self, w: Tensor) -> int | None:
+        """Bytes per weight :meth:`integer_codes` allocates for ``w`` at most; None where it
+        would not take the fast path (the caller fake-quantizes and checks instead)."""
+        grid = self._fast_grid(w) if self._has_codes() else None
+        return None if grid is None else fake_quant_codes_bytes(grid[2], grid[3], grid[1])
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         if not self._ready:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qpasses.numerics.int_ops import narrowest_int_dtype
 
-__all__ = ["WeightCodes", "fake_quant_codes", "row_l1", "weight_codes", "weight_codes_reference"]
+__all__ = ["WeightCodes", "fake_quant_codes", "fake_quant_codes_bytes", "row_l1", "weight_codes", "weight_codes_reference"]
 
 _F32_CODE_LIMIT = 2.0 ** 20     # |code − z| up to which the float32 shortcut is proven
 _ROW_CHUNK = 1 << 22            # elements per chunk of row_l1's temporaries
@@ -206,6 +206,23 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
     return WeightCodes(codes, 0, l1, lo_c, hi_c)
 
 
+def _grid_codes_dtype(qmin: int, qmax: int, zmin: int, zmax: int) -> torch.dtype:
+    """The dtype :func:`weight_codes`' rule gives the widest codes of the grid (int8 for 8-bit
+    symmetric codes): :func:`fake_quant_codes` writes them in it, then narrows only when the
+    codes turn out narrower than their grid."""
+    return narrowest_int_dtype(min(qmin - zmax, qmin - zmax + zmin, zmin),
+                               max(qmax - zmin, qmax - zmin + zmax, zmax))
+
+
+def fake_quant_codes_bytes(qmin: int, qmax: int, zero_point: Tensor | None) -> int:
+    """Bytes per weight :func:`fake_quant_codes` allocates at most: the codes in their grid's dtype,
+    plus a narrower copy where one can follow (its blocks and per-kernel sums aside)."""
+    zmin, zmax = ((int(zero_point.min()), int(zero_point.max()))
+                  if zero_point is not None and zero_point.numel() else (0, 0))
+    size = _grid_codes_dtype(qmin, qmax, zmin, zmax).itemsize
+    return size + size // 2
+
+
 def fake_quant_codes(w: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int,
                      qmax: int) -> WeightCodes | None:
     """The codes the fake quantizer's fast path puts ``w`` on, with :func:`weight_codes`' L1 norms
@@ -244,8 +261,7 @@ def fake_quant_codes(w: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: 
     acc = torch.float32 if k * absmax < _F32_EXACT else torch.float64
     rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
     buf = torch.empty(min(rows, c) * k, dtype=torch.float32)
-    wide = torch.empty((c, k), dtype=torch.int16 if -2 ** 15 <= qmin and qmax < 2 ** 15
-                       else torch.int32)
+    wide = torch.empty((c, k), dtype=_grid_codes_dtype(qmin, qmax, zmin, zmax))
     lo_i, hi_i = float("inf"), float("-inf")
     l1_parts = []
     for i in range(0, c, rows):

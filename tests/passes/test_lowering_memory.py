@@ -40,16 +40,21 @@ def _run(gm, x, cal):
         PassManager.parse("graph(lower-to-int-sim)", assume=gm).run(gm)
 
 
-def test_predicted_shortage_raises_before_the_layer(monkeypatch):
+@pytest.mark.parametrize("codes", ["quantizer", "checked"])
+def test_predicted_shortage_raises_before_the_layer(monkeypatch, codes):
     gm, x, cal = _graph()
-    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    per_weight = 1                                 # 8-bit symmetric codes straight from w
+    if codes == "checked":                         # fake-quantized weight + codes
+        monkeypatch.setattr(WeightFakeQuant, "integer_codes_bytes", lambda self, w: None)
+        per_weight = memory.LAYER_BYTES_PER_WEIGHT
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100)
     monkeypatch.setattr(memory, "CHECK_FROM_BYTES", 0)          # check even this tiny layer
     with pytest.raises(LoweringMemoryError) as ei:
         _run(gm, x, cal)
     e = ei.value
     assert isinstance(e, MemoryError) and isinstance(e, PassFailure)
-    assert e.layer == "conv" and e.bytes_needed == memory.LAYER_BYTES_PER_WEIGHT * 8 * 3 * 9
-    assert e.bytes_available == 1000 and e.pass_name == "lower-fake-quant-ops"
+    assert e.layer == "conv" and e.bytes_needed == per_weight * 8 * 3 * 9
+    assert e.bytes_available == 100 and e.pass_name == "lower-fake-quant-ops"
     assert f"lowering layer 'conv' needs {e.bytes_needed} bytes" in str(e) and \
         "keep-fake-quant" in str(e)
 
@@ -132,17 +137,26 @@ def test_zero_kernel_cache_follows_the_codes():
     assert z.tolist() == [i == 3 for i in range(8)]
 
 
-def test_the_predicted_bytes_bound_the_measured_peak_and_are_close_to_it():
-    # one big layer (8M weights: 32 MiB of float32), peak RSS growth while it is lowered
+@pytest.mark.parametrize("codes", ["quantizer", "checked"])
+def test_the_predicted_bytes_bound_the_measured_peak_and_are_close_to_it(monkeypatch, codes):
+    # one big layer (8M weights: 32 MiB of float32), peak RSS growth while it is lowered, with
+    # the codes from the quantizer (1 byte per weight) or fake-quantized and checked (6)
     from tools.bench_flow import reset_peak_rss, status_kib
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2048, 4096)).eval()
     gm, x, cal = calibrated(model, (2, 2048), batches=1)
     n = 2048 * 4096
+    wfq = gm.get_submodule("0").weight_fake_quant
+    per_weight = wfq.integer_codes_bytes(gm.get_submodule("0").weight)
+    assert per_weight == 1
+    if codes == "checked":
+        monkeypatch.setattr(WeightFakeQuant, "integer_codes", lambda self, w: None)
+        per_weight = memory.LAYER_BYTES_PER_WEIGHT
     if not reset_peak_rss() or status_kib("VmRSS") is None:
         pytest.skip("peak RSS cannot be reset here (needs Linux /proc/self/clear_refs)")
     start = status_kib("VmRSS")
     _run(gm, x, cal)
     grown = (status_kib("VmHWM") - start) * 1024
-    assert grown <= memory.layer_bytes(n) + 4 * 2 ** 20       # sound (4 MiB of other state)
-    assert memory.layer_bytes(n) <= 2 * grown                 # and not a gross overestimate
+    need = memory.layer_bytes(n, per_weight)
+    assert grown <= need + 4 * 2 ** 20                        # sound (4 MiB of other state)
+    assert need <= 2 * grown                                  # and not a gross overestimate

@@ -17,7 +17,8 @@ from qpasses.numerics.int_ops import choose_kernel
 from qpasses.numerics.weight_codes import weight_codes
 from qpasses.algorithms.lowering.biases import remember_zero_kernels, round_bias
 from qpasses.algorithms.lowering.config import INT32_MAX, FloatIsland, QType, Rep
-from qpasses.algorithms.lowering.memory import check_layer_memory, layer_memory_guard
+from qpasses.algorithms.lowering.memory import (LAYER_BYTES_PER_WEIGHT, check_layer_memory,
+                                                layer_memory_guard)
 from qpasses.algorithms.lowering.nodes import f32
 
 __all__ = ["LayerRules"]
@@ -57,7 +58,9 @@ class LayerRules:
         if getattr(mod, "padding_mode", "zeros") != "zeros":
             return self.float_op(n, f"padding_mode={mod.padding_mode!r} (only zeros is lowered)")
         path, num_weights = str(n.target), mod.weight.numel()
-        check_layer_memory(path, num_weights, n.name)
+        check_layer_memory(path, num_weights, n.name,
+                           mod.weight_fake_quant.integer_codes_bytes(mod.weight)
+                           or LAYER_BYTES_PER_WEIGHT)
         try:
             with layer_memory_guard(path, num_weights, n.name):
                 params = self._layer_params(n, mod, info, xq)

@@ -3,7 +3,10 @@ may still allocate, and :class:`~qpasses.errors.LoweringMemoryError` raised befo
 temporaries cannot fit (:func:`check_layer_memory`) or converted from the allocator's failure
 inside it (:func:`layer_memory_guard`).
 
-A layer's lowering holds, at its peak, the fake-quantized weight (float32) and the codes the
+Where the weight quantizer gives the codes itself (its fast path,
+``WeightFakeQuant.integer_codes``), a layer's lowering holds only the codes (one byte per weight
+for 8-bit symmetric codes; ``integer_codes_bytes``: the grid's dtype plus a possible narrower
+copy). Otherwise it holds, at its peak, the fake-quantized weight (float32) and the codes the
 integer layer keeps (the narrowest integer type: one byte for codes of up to 8 bits, two up to
 16): :data:`LAYER_BYTES_PER_WEIGHT` bytes per weight element. The grid check runs over blocks of
 kernels in two reused 1 MiB buffers (``numerics.weight_codes``), so no other weight-sized
@@ -33,9 +36,10 @@ CHECK_FROM_BYTES = 16 * 2 ** 20
 _ALLOC_BYTES = re.compile(r"tried to allocate (\d+) bytes")
 
 
-def layer_bytes(num_weights: int) -> int:
-    """Peak bytes the lowering of a layer with ``num_weights`` weights allocates."""
-    return LAYER_BYTES_PER_WEIGHT * int(num_weights)
+def layer_bytes(num_weights: int, bytes_per_weight: int = LAYER_BYTES_PER_WEIGHT) -> int:
+    """Peak bytes the lowering of a layer with ``num_weights`` weights allocates
+    (``bytes_per_weight``: less where the quantizer gives the codes itself)."""
+    return bytes_per_weight * int(num_weights)
 
 
 def _kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
@@ -69,11 +73,12 @@ def available_bytes() -> int | None:
     return min(candidates) if candidates else None
 
 
-def check_layer_memory(layer: str, num_weights: int, node: str | None = None) -> None:
+def check_layer_memory(layer: str, num_weights: int, node: str | None = None,
+                       bytes_per_weight: int = LAYER_BYTES_PER_WEIGHT) -> None:
     """Raise :class:`LoweringMemoryError` when the lowering of ``layer`` (``num_weights``
-    weights) needs more than :func:`available_bytes` (layers needing under
+    weights, :func:`layer_bytes`) needs more than :func:`available_bytes` (layers needing under
     :data:`CHECK_FROM_BYTES` are not checked)."""
-    need = layer_bytes(num_weights)
+    need = layer_bytes(num_weights, bytes_per_weight)
     if need < CHECK_FROM_BYTES:
         return      # reading /proc per small layer costs more than it can save
     avail = available_bytes()
