@@ -3,6 +3,7 @@ tensors, the codes of a fake-quant value, and equality of integer arrays (docs/i
 "Verifying it fast")."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ class Scratch:
 
     def array(self, shape: tuple[int, ...], dtype: Any, key: str) -> np.ndarray:
         """Uninitialized, C-contiguous."""
-        n = int(np.prod(shape)) if shape else 1
+        n = math.prod(shape)
         dt = np.dtype(dtype)
         buf = self._np.get((key, dt))
         if buf is None or buf.size < n:

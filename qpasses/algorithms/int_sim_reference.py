@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from qpasses.algorithms.int_sim_reference_kernels import (code_dtype, conv_exact, exact_matmul,
+from qpasses.algorithms.int_sim_reference_kernels import (block_slices, channel_slice, code_dtype,
+                                                          conv_exact, exact_matmul,
                                                           quantize_multipliers_exact, requant_f64)
 from qpasses.algorithms.int_sim_reference_lut import lut_ref
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
@@ -110,7 +111,19 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
     y = requant_f64(x, m, e, rounding, bits, amax, out_zp, qmin, qmax)   # exact float64 path
     if y is not None:
         return y
-    x = x.astype(_I64, copy=False)
+    # int64, a cache-sized block at a time (elementwise: the same values as whole arrays), the
+    # codes stored in the narrowest type holding [qmin, qmax] (as requant_f64 stores them)
+    out = np.empty(np.shape(x), dtype=code_dtype(qmin, qmax))
+    for idx in block_slices(np.shape(x)):
+        out[idx] = _requant_int64(np.asarray(x[idx]).astype(_I64, copy=False),
+                                  m[channel_slice(idx, m)], e[channel_slice(idx, e)],
+                                  rounding, bits, out_zp, qmin, qmax)
+    return out
+
+
+def _requant_int64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits: int,
+                   out_zp: int, qmin: int, qmax: int) -> np.ndarray:
+    """:func:`requant_ref` on int64 (``m``, ``e``: channel-shaped), clamped, still int64."""
     if rounding == "gemmlowp":
         left = np.maximum(e, 0)
         xl = x * _pow2(left) if np.any(left) else x
@@ -127,8 +140,7 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
             prod = np.where(neg, prod * _pow2(np.maximum(-t, 0)), prod)
         y = _div_round(prod, np.maximum(t, 0),
                        "rhu" if rounding == "single" else "rne")
-    # the codes in the narrowest type holding [qmin, qmax] (as requant_f64 stores them)
-    return np.clip(y + out_zp, qmin, qmax).astype(code_dtype(qmin, qmax), copy=False)
+    return np.clip(y + out_zp, qmin, qmax)
 
 
 def _round_float(v: np.ndarray, mode: str) -> np.ndarray:

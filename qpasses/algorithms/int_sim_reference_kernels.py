@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bit_length_vec", "code_dtype", "conv_exact", "exact_matmul", "isqrt_vec",
-           "quantize_multipliers_exact", "requant_f64"]
+__all__ = ["bit_length_vec", "block_slices", "channel_slice", "code_dtype", "conv_exact",
+           "exact_matmul", "isqrt_vec", "quantize_multipliers_exact", "requant_f64"]
 
 _I64 = np.int64
 _EXACT = 2 ** 53
@@ -311,21 +311,21 @@ def requant_f64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits
             return None
         scale, down = np.ldexp(m.astype(np.float64), (-t).astype(np.int32)), None
     out = np.empty(x.shape, dtype=code_dtype(qmin, qmax))
-    for idx in _blocks(x.shape, BLOCK):
-        sc = scale[_along(idx, scale)]
+    for idx in block_slices(x.shape):
+        sc = scale[channel_slice(idx, scale)]
         if bias is None and not shift:
             y = x[idx] * sc
         else:
             y = np.multiply(x[idx], float(1 << shift), dtype=np.float64) if shift else \
                 x[idx].astype(np.float64)
             if bias is not None:
-                y += bias[_along(idx, bias)]
+                y += bias[channel_slice(idx, bias)]
             y *= sc
         if rounding == "gemmlowp":
             y += 0.5
             np.floor(y, out=y)
             if down is not None:
-                y *= down[_along(idx, down)]
+                y *= down[channel_slice(idx, down)]
                 y += np.copysign(0.5, y)
                 np.trunc(y, out=y)
         else:
@@ -386,13 +386,13 @@ def gemmlowp_one_rounding(x: np.ndarray, m31: np.ndarray, t: np.ndarray, amax: i
     lo, hi = float(qmin - out_zp), float(qmax - out_zp)
     out = np.empty(x.shape, dtype=code_dtype(qmin, qmax))
     late = np.iinfo(out.dtype).min <= out_zp <= np.iinfo(out.dtype).max
-    for idx in _blocks(x.shape, BLOCK):
-        y = np.multiply(x[idx], k[_along(idx, k)], dtype=np.float64)
-        y += c[_along(idx, c)]
+    for idx in block_slices(x.shape):
+        y = np.multiply(x[idx], k[channel_slice(idx, k)], dtype=np.float64)
+        y += c[channel_slice(idx, c)]
         if tmax:
             # + 2^−t/2 where N >= 0, − 2^−t/2 where N < 0 (N = 0: +0.0, so +2^−t/2)
-            sgn = np.subtract(y, thr[_along(idx, thr)])
-            np.copysign(w2[_along(idx, w2)], sgn, out=sgn)
+            sgn = np.subtract(y, thr[channel_slice(idx, thr)])
+            np.copysign(w2[channel_slice(idx, w2)], sgn, out=sgn)
             y += sgn
         np.floor(y, out=y)
         np.clip(y, lo, hi, out=y)
@@ -407,7 +407,7 @@ def gemmlowp_one_rounding(x: np.ndarray, m31: np.ndarray, t: np.ndarray, amax: i
 BLOCK = 1 << 15
 
 
-def _blocks(shape: tuple[int, ...], limit: int) -> Any:
+def block_slices(shape: tuple[int, ...], limit: int = BLOCK) -> Any:
     """Index tuples (slices, leading dims first) cutting an array of ``shape`` into blocks of at
     most ``limit`` values (or single rows of the innermost dim)."""
     if not shape or math.prod(shape) <= limit:
@@ -420,11 +420,11 @@ def _blocks(shape: tuple[int, ...], limit: int) -> Any:
             yield (slice(i, i + step),)
         return
     for i in range(shape[0]):
-        for rest in _blocks(shape[1:], limit):
+        for rest in block_slices(shape[1:], limit):
             yield (slice(i, i + 1),) + rest
 
 
-def _along(idx: tuple[slice, ...], a: np.ndarray) -> tuple[slice, ...]:
+def channel_slice(idx: tuple[slice, ...], a: np.ndarray) -> tuple[slice, ...]:
     """``idx`` for a broadcast (channel-shaped) array: dims of extent 1 are taken whole."""
     if a.ndim == 0:
         return ()

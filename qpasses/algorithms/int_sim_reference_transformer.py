@@ -87,8 +87,8 @@ def _round_pow2(v: np.ndarray, r: int, mode: str) -> np.ndarray:
     if r == 0:
         return v
     p = 1 << r
-    fl = np.floor_divide(v, p)
-    rem = v - fl * p
+    fl = np.right_shift(v, r)                   # floor(v / 2^r): arithmetic shift of int64
+    rem = np.bitwise_and(v, p - 1)              # v − fl·2^r, in [0, 2^r) (two's complement)
     half = p // 2
     tie = rem == half
     if mode == "rhu":
@@ -96,7 +96,7 @@ def _round_pow2(v: np.ndarray, r: int, mode: str) -> np.ndarray:
     elif mode == "rha":
         up = (rem > half) | (tie & (v >= 0))
     else:
-        up = (rem > half) | (tie & (fl % 2 == 1))
+        up = (rem > half) | (tie & (np.bitwise_and(fl, 1) == 1))
     return fl + up.astype(_I64)
 
 
@@ -137,7 +137,7 @@ def normalized_ref(x: np.ndarray, n: int, k: int, eps_codes: int,
     r = isqrt_vec(tv << (2 * shift))
     inv = ((1 << 62) + r) // (2 * r)
     prod = (c * np.power(2, shift)) * inv
-    return np.floor_divide(prod + 2 ** 30, 2 ** 31)
+    return np.right_shift(prod + 2 ** 30, 31)    # floor(/2^31): arithmetic shift of int64
 
 
 def _layer_norm(mod: IntLayerNorm, q: np.ndarray) -> np.ndarray:
