@@ -198,10 +198,10 @@ def onednn_conv_blocks(x: Tensor, p: PreparedOnednnConv, x_zero_point: int,
     outs = tuple((xu.shape[2 + d] + 2 * p.padding[d] - p.dilation[d] * (p.kernel_size[d] - 1)
                   - 1) // p.stride[d] + 1 for d in range(2))
     per_image = outs[0] * outs[1]
-    # blocks of about 4 MiB of float32 accumulators, which the epilogue then reads while they
-    # are still in the last-level cache (16 MiB blocks spilled: ResNet-50 batch 8 took 10-12%
-    # more CPU time); each call allocates its output, so not much smaller either
-    step = max(1, (block_elems or 4 * fast_requant.CHUNK_ELEMS) //
+    # blocks of about 2 MiB of float32 accumulators, which the epilogue then reads while they
+    # are still in cache (16 MiB blocks spilled: ResNet-50 batch 8 took 5-15% more CPU time on
+    # a loaded machine); each call allocates its output, so not much smaller either
+    step = max(1, (block_elems or 2 * fast_requant.CHUNK_ELEMS) //
                max(1, per_image * p.out_channels))
 
     def blocks() -> Iterator[tuple[int, int, Tensor]]:
