@@ -15,6 +15,9 @@ in float32 and falls back to the definition whenever its shortcut does not prova
   quotient rounds to the same ``c`` for ``|c| <= 2^20``: the codes are those of the definition;
 - when it fails (or a code is larger, or ``s`` is not a float32 value) the definition decides,
   codes, count of off-grid weights and all.
+
+:func:`fake_quant_codes` gives the same result straight from the float weight where the weight
+quantizer's own fast path defines the codes (no fake-quantized copy, no check to make).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from torch import Tensor
 
 from qpasses.numerics.int_ops import narrowest_int_dtype
 
-__all__ = ["WeightCodes", "fake_quant_codes", "fake_quant_codes_bytes", "row_l1", "weight_codes", "weight_codes_reference"]
+__all__ = ["WeightCodes", "fake_quant_codes", "fake_quant_codes_bytes", "row_l1", "weight_codes",
+           "weight_codes_reference"]
 
 _F32_CODE_LIMIT = 2.0 ** 20     # |code − z| up to which the float32 shortcut is proven
 _ROW_CHUNK = 1 << 22            # elements per chunk of row_l1's temporaries
