@@ -9,7 +9,8 @@ HAWQ's round-half-even from the floor quotient and its remainder against half (n
 nudge formulas); convolution as a sum over kernel offsets of strided slices (no im2col; each
 offset an exact matmul, float64 only under the 2^53 accumulator bound); pooling windows from
 PyTorch's index formulas. Shape-only ops and float islands run through torch (they are not
-integer arithmetic).
+integer arithmetic). Requantizations and exact adds first try a small C kernel written from the
+same integer definitions (:mod:`qpasses.numerics.native_reference`; LayerNorm: ``native_norm_*``).
 
 ``run(inputs)`` returns every node's value; :func:`compare` finds the first node where two runs
 differ.
@@ -26,8 +27,8 @@ import torch
 import torch.fx
 
 from qpasses.algorithms.int_sim_reference_kernels import (block_slices, channel_slice, code_dtype,
-                                                          conv_exact, exact_matmul,
-                                                          quantize_multipliers_exact, requant_f64)
+                                                          conv_exact, exact_add, exact_matmul,
+                                                          quantize_multipliers_exact, requant_fixed)
 from qpasses.algorithms.int_sim_reference_lut import lut_ref
 from qpasses.modules.int_sim import Dequantize, Quantize, Requantize
 from qpasses.modules.int_sim_affine import IntAffine, IntConstant
@@ -108,7 +109,7 @@ def requant_ref(x: np.ndarray, reals: np.ndarray, rounding: str, bits: int, axis
     mults, shifts = quantize_multipliers_exact(reals, bits)   # = quantize_multiplier_exact
     m = _channel(mults, x, axis)
     e = _channel(shifts, x, axis)
-    y = requant_f64(x, m, e, rounding, bits, amax, out_zp, qmin, qmax)   # exact float64 path
+    y = requant_fixed(x, m, e, rounding, bits, amax, out_zp, qmin, qmax)   # compiled / float64
     if y is not None:
         return y
     # int64, a cache-sized block at a time (elementwise: the same values as whole arrays), the
@@ -370,9 +371,9 @@ def _requantize(mod: Requantize, q: np.ndarray, bias_f: np.ndarray | None = None
         amax = max(abs(int(q.max()) - z), abs(int(q.min()) - z))
         if amax <= 2 ** 31 - 1:
             mults, shifts = quantize_multipliers_exact(mod.real.numpy(), mod.multiplier_bits)
-            y = requant_f64(q, _channel(mults, q, mod.axis), _channel(shifts, q, mod.axis),
-                            mod.rounding, mod.multiplier_bits, amax, mod.out_zero_point,
-                            mod.qmin, mod.qmax, bias=np.array(float(-z)))
+            y = requant_fixed(q, _channel(mults, q, mod.axis), _channel(shifts, q, mod.axis),
+                              mod.rounding, mod.multiplier_bits, amax, mod.out_zero_point,
+                              mod.qmin, mod.qmax, bias=np.array(float(-z)))
             if y is not None:
                 return y
     x = q.astype(_I64) - mod.in_zero_point
@@ -409,9 +410,9 @@ def layer_forward(mod: IntLayer, x: np.ndarray) -> tuple[np.ndarray, int]:
             mults, shifts = quantize_multipliers_exact(rq.real.numpy(), rq.multiplier_bits)
             axis = mod.channel_axis if rq.real.numel() > 1 else None
             b = None if bias is None else _channel(bias.astype(np.float64), acc, mod.channel_axis)
-            y = requant_f64(acc, _channel(mults, acc, axis), _channel(shifts, acc, axis),
-                            rq.rounding, rq.multiplier_bits, amax, rq.out_zero_point, rq.qmin,
-                            rq.qmax, bias=b, shift=mod.acc_shift)
+            y = requant_fixed(acc, _channel(mults, acc, axis), _channel(shifts, acc, axis),
+                              rq.rounding, rq.multiplier_bits, amax, rq.out_zero_point,
+                              rq.qmin, rq.qmax, bias=b, shift=mod.acc_shift)
             if y is not None:
                 return y, amax
     acc, biased, amax = _layer_bias(mod, acc)
@@ -484,10 +485,9 @@ def _layer_out(mod: IntLayer, acc: np.ndarray, biased: np.ndarray) -> np.ndarray
 
 
 def _add(mod: IntAdd, *qs: np.ndarray) -> np.ndarray:
+    if mod.mode == "exact":          # clamp(Σ(q_i − z_i) + z_y): compiled for two inputs
+        return exact_add(qs, mod.in_zero_points, mod.out_zero_point, mod.qmin, mod.qmax)
     centred = [q.astype(_I64) - z for q, z in zip(qs, mod.in_zero_points)]
-    if mod.mode == "exact":
-        return np.clip(sum(centred) + mod.out_zero_point, mod.qmin, mod.qmax).astype(
-            code_dtype(mod.qmin, mod.qmax), copy=False)
     if mod.mode == "float":
         v = None
         for c, s in zip(centred, mod.in_scales):

@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from qpasses.numerics.native_reference import add_codes, requant_codes
+
 __all__ = ["bit_length_vec", "block_slices", "channel_slice", "code_dtype", "conv_exact",
-           "exact_matmul", "isqrt_vec", "quantize_multipliers_exact", "requant_f64"]
+           "exact_add", "exact_matmul", "isqrt_vec", "quantize_multipliers_exact",
+           "requant_f64", "requant_fixed"]
 
 _I64 = np.int64
 _EXACT = 2 ** 53
@@ -339,6 +342,37 @@ def requant_f64(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits
         np.clip(y, qmin, qmax, out=y)
         out[idx] = y
     return out
+
+
+def requant_fixed(x: np.ndarray, m: np.ndarray, e: np.ndarray, rounding: str, bits: int,
+                  amax: int, out_zp: int = 0, qmin: int = -(2 ** 62),
+                  qmax: int = 2 ** 62, bias: np.ndarray | None = None,
+                  shift: int = 0) -> np.ndarray | None:
+    """:func:`requant_f64`'s requantization (same arguments, same codes), first by the compiled
+    int64 evaluation of the contracts' integer definitions
+    (:func:`qpasses.numerics.native_reference.requant_codes`: one pass, ~3x faster, and valid
+    beyond the float64 bound too), else by :func:`requant_f64`; None where neither applies (the
+    caller's int64 path then runs)."""
+    y = requant_codes(x, m, e, rounding, bits, out_zp, qmin, qmax, code_dtype(qmin, qmax), bias,
+                      shift)
+    if y is not None:
+        return y
+    return requant_f64(x, m, e, rounding, bits, amax, out_zp, qmin, qmax, bias, shift)
+
+
+def exact_add(qs: tuple[np.ndarray, ...], zero_points: Any, out_zp: int, qmin: int,
+              qmax: int) -> np.ndarray:
+    """``clamp(Σ(q_i − z_i) + z_y, qmin, qmax)`` as :func:`code_dtype` codes: two C-ordered
+    inputs of one shape in one compiled pass (:func:`qpasses.numerics.native_reference.add_codes`,
+    int64 sums of ``q_a + q_b + (z_y − z_a − z_b)``), else in int64 numpy."""
+    dt = code_dtype(qmin, qmax)
+    if len(qs) == 2:
+        c = int(out_zp) - int(zero_points[0]) - int(zero_points[1])
+        y = add_codes(qs[0], qs[1], c, qmin, qmax, dt)
+        if y is not None:
+            return y
+    centred = [q.astype(_I64) - z for q, z in zip(qs, zero_points)]
+    return np.clip(sum(centred) + out_zp, qmin, qmax).astype(dt, copy=False)
 
 
 def gemmlowp_one_rounding(x: np.ndarray, m31: np.ndarray, t: np.ndarray, amax: int,

@@ -19,6 +19,7 @@ from qpasses.algorithms.int_sim_reference_kernels import (bit_length_vec, code_d
 from qpasses.modules.int_sim import Requantize
 from qpasses.modules.int_sim_transformer import (IntL2Normalize, IntLayerNorm, IntMatMul,
                                                  IntSoftmax)
+from qpasses.numerics.native_norm_reference import layer_norm_codes
 
 __all__ = ["TRANSFORMER_IMPLS", "exp_table_ref", "layer_norm_ref", "matmul_acc",
            "normalized_ref", "requant_of", "softmax_probabilities_ref"]
@@ -104,16 +105,23 @@ _MODE = {"gemmlowp": "rha", "single": "rhu", "hawq": "rne", "float-rne": "rne"}
 
 
 def layer_norm_ref(q: np.ndarray, mod: IntLayerNorm) -> np.ndarray:
-    """The LayerNorm contract: numpy int64 for the elementwise steps, Python integers for the
-    per-row square root and reciprocal."""
+    """The LayerNorm contract: compiled from the same definitions where it applies
+    (:func:`qpasses.numerics.native_norm_reference.layer_norm_codes`), else numpy int64 for the
+    elementwise steps and whole-array integer square roots and reciprocals per row."""
+    dt = code_dtype(mod.qmin, mod.qmax)
+    y = layer_norm_codes(q, mod.n, mod.in_zero_point, mod.frac_bits, mod.eps_codes,
+                         not isinstance(mod, IntL2Normalize), mod.gain.numpy(), mod.bias.numpy(),
+                         mod.out_frac_bits, _MODE[mod.rounding], mod.out_zero_point, mod.qmin,
+                         mod.qmax, dt)          # compiled, three passes per row; else numpy:
+    if y is not None:
+        return y
     lead = q.shape[:q.ndim - mod.n_dims]
     x = q.astype(_I64).reshape(lead + (mod.n,)) - mod.in_zero_point
     nv = normalized_ref(x, mod.n, mod.frac_bits, mod.eps_codes,
                         center=not isinstance(mod, IntL2Normalize))
     acc = nv * mod.gain.numpy() + mod.bias.numpy()
     y = _round_pow2(acc, mod.out_frac_bits, _MODE[mod.rounding])
-    return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax).astype(
-        code_dtype(mod.qmin, mod.qmax)).reshape(q.shape)
+    return np.clip(y + mod.out_zero_point, mod.qmin, mod.qmax).astype(dt).reshape(q.shape)
 
 
 def normalized_ref(x: np.ndarray, n: int, k: int, eps_codes: int,

@@ -34,12 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
-import os
-import platform
-import subprocess
-import tempfile
 from typing import Any
 
 import torch
@@ -47,6 +42,7 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 from qpasses.numerics.layout import is_dense
+from qpasses.numerics.native_build import build_library, checked_library, native_flags
 
 __all__ = ["ENABLED", "MAX_THREADS", "native_add", "native_apply", "native_affine", "native_available",
            "native_lut"]
@@ -158,8 +154,6 @@ void NAME(const TI* q, TO* out, int64_t n, float s, float c, float lo, float hi,
 CODE_PAIRS(AFF, aff)
 """
 
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
-          "-shared"]
 _NAMES = {(torch.int32, torch.uint8): "rq_i32_u8", (torch.int32, torch.int8): "rq_i32_i8",
           (torch.float32, torch.uint8): "rq_f32_u8", (torch.float32, torch.int8): "rq_f32_i8"}
 _KIND = {"gemmlowp": 0, "single": 1, "hawq": 2}
@@ -170,40 +164,10 @@ _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 
 
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on (a cache shared by machines keeps one build each)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
-
-
 def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC", "cc")
-    march = ["-march=native", "-mprefer-vector-width=512"] \
-        if platform.machine() in ("x86_64", "AMD64") else []
-    flags = _FLAGS + march
-    tag = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    root = os.environ.get("QPASSES_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "qpasses")
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError:
-        root = tempfile.gettempdir()
-    lib = os.path.join(root, f"native_requant_{tag}.so")
-    if not os.path.exists(lib):
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src, so = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
-            with open(src, "w", encoding="utf-8") as f:
-                f.write(_SOURCE)
-            res = subprocess.run([cc, *flags, src, "-o", so, "-lm"], capture_output=True,
-                                 timeout=120, check=False)
-            if res.returncode != 0:
-                return None
-            os.replace(so, lib)              # atomic: concurrent builders agree
-    dll = ctypes.CDLL(lib)
+    dll = build_library("native_requant", _SOURCE, native_flags())
+    if dll is None:
+        return None
     for name in _NAMES.values():
         fn = getattr(dll, name)
         fn.restype = None
@@ -225,13 +189,7 @@ def _build() -> ctypes.CDLL | None:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    try:
-        dll = _build()
-    except (OSError, subprocess.SubprocessError, AttributeError):
-        return None
-    if dll is None or not _self_test(dll):
-        return None
-    return dll
+    return checked_library(_build, _self_test)
 
 
 def native_available() -> bool:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from qpasses.algorithms import int_sim_reference as ref
 from qpasses.algorithms import int_sim_reference_kernels as kern
 from qpasses.algorithms import int_sim_compare as cmpmod
+from qpasses.numerics import native_reference
 
 from .conv_definition import conv_int64
 
@@ -20,23 +21,27 @@ def _requant(x, reals, rounding, bits, zp, lo, hi, float_path):
     try:
         if float_path:
             return ref.requant_ref(x, reals, rounding, bits, 1, zp, lo, hi)
-        keep = ref.requant_f64
-        ref.requant_f64 = lambda *a, **k: None          # the int64 definition alone
+        keep = ref.requant_fixed
+        ref.requant_fixed = lambda *a, **k: None        # the int64 definition alone
         try:
             return ref.requant_ref(x, reals, rounding, bits, 1, zp, lo, hi)
         finally:
-            ref.requant_f64 = keep
+            ref.requant_fixed = keep
     except ValueError as e:                             # same refusal either way
         return str(e)
 
 
+@pytest.mark.parametrize("native", [False, True])
 @settings(deadline=None, max_examples=60, derandomize=True)
 @given(st.sampled_from(["gemmlowp", "single", "hawq"]), st.sampled_from([31, 15, 7]),
        st.integers(1, 30), st.sampled_from(["uniform", "dyadic", "above-one"]),
        st.integers(0, 10 ** 6), st.sampled_from([5, 64, 1 << 15]))
-def test_float64_requant_equals_the_int64_definition(rounding, bits, log_hi, kind, seed, block):
+def test_float64_requant_equals_the_int64_definition(native, rounding, bits, log_hi, kind, seed,
+                                                     block):
+    """(native: the compiled int64 kernel first, numpy float64 where it declines)"""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kern, "BLOCK", block)
+        mp.setattr(native_reference, "ENABLED", native)
         _check_requant(rounding, bits, log_hi, kind, seed)
 
 
