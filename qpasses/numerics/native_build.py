@@ -6,8 +6,9 @@ compiler (``$CC``, else ``cc``) into a shared library cached under ``$QPASSES_KE
 file is named after the kernel and a hash of the source, the compiler, the flags and the CPU
 (``-march=native`` depends on it), so a cache shared by several machines or source versions keeps
 one build of each; a build is written to a temporary file and renamed into place (atomic:
-concurrent builders agree). Callers declare their functions' ``argtypes``, run their own
-self-test, and fall back to their numpy/torch paths when this returns None.
+concurrent builders agree). Callers declare their functions' signatures (:func:`declare`), run
+their own self-test (:func:`checked_library`), and fall back to their numpy/torch paths when
+there is no library.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-__all__ = ["BASE_FLAGS", "build_library", "checked_library", "cpu_id", "native_flags"]
+__all__ = ["BASE_FLAGS", "build_library", "checked_library", "cpu_id", "declare",
+           "native_flags"]
 
 # IEEE float semantics (no contraction, no errno/trap assumptions), position-independent shared
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
@@ -89,3 +92,12 @@ def checked_library(build: Callable[[], ctypes.CDLL | None],
     if dll is None or not self_test(dll):
         return None
     return dll
+
+
+def declare(dll: ctypes.CDLL, names: Iterable[str], restype: Any,
+            argtypes: Sequence[Any]) -> None:
+    """Give every function ``names`` of ``dll`` the C signature ``restype(argtypes)`` (ctypes then
+    converts each call's arguments to those types)."""
+    for name in names:
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = restype, list(argtypes)

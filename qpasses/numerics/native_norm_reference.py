@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from qpasses.numerics import native_reference
-from qpasses.numerics.native_build import build_library, checked_library, native_flags
+from qpasses.numerics.native_build import build_library, checked_library, declare
 
 __all__ = ["layer_norm_codes", "layer_norm_python"]
 
@@ -144,14 +144,11 @@ _P = ctypes.c_void_p
 
 
 def _load() -> ctypes.CDLL | None:
-    dll = build_library("native_norm_reference", _SOURCE, native_flags())
+    dll = build_library("native_norm_reference", _SOURCE)
     if dll is None:
         return None
-    for i in _LN_IN.values():
-        for o in _LN_OUT.values():
-            fn = getattr(dll, f"lnref_{i}_{o}")
-            fn.restype = _I64
-            fn.argtypes = [_P, _I64, _I64, _P] + [_I64] * 4 + [_P, _P] + [_I64] * 7
+    declare(dll, (f"lnref_{i}_{o}" for i in _LN_IN.values() for o in _LN_OUT.values()), _I64,
+            [_P, _I64, _I64, _P] + [_I64] * 4 + [_P, _P] + [_I64] * 7)
     return dll
 
 

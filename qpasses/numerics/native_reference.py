@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from qpasses.numerics.native_build import build_library, checked_library, native_flags
+from qpasses.numerics.native_build import build_library, checked_library, declare
 
 __all__ = ["ENABLED", "ROUND_DIV_C", "add_codes", "native_reference_available", "requant_codes",
            "requant_python"]
@@ -209,20 +209,13 @@ _MAX64 = 2 ** 63 - 1
 
 
 def _load() -> ctypes.CDLL | None:
-    dll = build_library("native_reference", _SOURCE, native_flags())
+    dll = build_library("native_reference", _SOURCE)
     if dll is None:
         return None
-    for i in _IN.values():
-        for o in _OUT.values():
-            fn = getattr(dll, f"rqref_{i}_{o}")
-            fn.restype = _I64
-            fn.argtypes = [_P, _I64, _I64, _I64] + [_P] * 8 + [_I64] * 5
-    for a in _ADD_IN.values():
-        for b in _ADD_IN.values():
-            for o in _ADD_OUT.values():
-                fn = getattr(dll, f"addref_{a}_{b}_{o}")
-                fn.restype = _I64
-                fn.argtypes = [_P, _P, _P] + [_I64] * 4
+    declare(dll, (f"rqref_{i}_{o}" for i in _IN.values() for o in _OUT.values()), _I64,
+            [_P, _I64, _I64, _I64] + [_P] * 8 + [_I64] * 5)
+    declare(dll, (f"addref_{a}_{b}_{o}" for a in _ADD_IN.values() for b in _ADD_IN.values()
+                  for o in _ADD_OUT.values()), _I64, [_P, _P, _P] + [_I64] * 4)
     return dll
 
 

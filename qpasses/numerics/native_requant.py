@@ -42,7 +42,7 @@ from torch import Tensor
 
 from qpasses.errors import NumericsError
 from qpasses.numerics.layout import is_dense
-from qpasses.numerics.native_build import build_library, checked_library, native_flags
+from qpasses.numerics.native_build import build_library, checked_library, declare
 
 __all__ = ["ENABLED", "MAX_THREADS", "native_add", "native_apply", "native_affine", "native_available",
            "native_lut"]
@@ -165,25 +165,17 @@ _P = ctypes.c_void_p
 
 
 def _build() -> ctypes.CDLL | None:
-    dll = build_library("native_requant", _SOURCE, native_flags())
+    dll = build_library("native_requant", _SOURCE)
     if dll is None:
         return None
-    for name in _NAMES.values():
-        fn = getattr(dll, name)
-        fn.restype = None
-        fn.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _D,
-                       ctypes.c_int, _D, _D, _D, ctypes.c_int]
-    for a, b, o in itertools.product(("u8", "i8"), ("u8", "i8"), ("u8", "i8", "i16")):
-        fn = getattr(dll, f"add_{a}_{b}_{o}")
-        fn.restype = None
-        fn.argtypes = [_P, _P, _P, _I64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
-    for i, o in itertools.product(("u8", "i8", "i16"), ("u8", "i8")):
-        fn = getattr(dll, f"lut_{i}_{o}")
-        fn.restype = _I64
-        fn.argtypes = [_P, _P, _I64, _P, _I64, _I64]
-        fn = getattr(dll, f"aff_{i}_{o}")
-        fn.restype = None
-        fn.argtypes = [_P, _P, _I64, _F, _F, _F, _F, ctypes.c_int32]
+    declare(dll, _NAMES.values(), None, [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P,
+                                         _D, ctypes.c_int, _D, _D, _D, ctypes.c_int])
+    i32 = ctypes.c_int32
+    declare(dll, (f"add_{a}_{b}_{o}" for a, b, o in itertools.product(
+        ("u8", "i8"), ("u8", "i8"), ("u8", "i8", "i16"))), None, [_P, _P, _P, _I64, i32, i32, i32])
+    pairs = list(itertools.product(("u8", "i8", "i16"), ("u8", "i8")))
+    declare(dll, (f"lut_{i}_{o}" for i, o in pairs), _I64, [_P, _P, _I64, _P, _I64, _I64])
+    declare(dll, (f"aff_{i}_{o}" for i, o in pairs), None, [_P, _P, _I64, _F, _F, _F, _F, i32])
     return dll
 
 
