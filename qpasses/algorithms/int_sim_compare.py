@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpasses.numerics.layout import in_memory_order, is_dense, memory_order_dims
+from qpasses.numerics.layout import (axes_in_memory_order, in_memory_order, is_dense,
+                                     memory_order_dims)
 
 __all__ = ["Scratch", "code_diff", "fake_quant_codes", "int_equal", "min_max"]
 
@@ -123,7 +124,7 @@ def int_equal(a: np.ndarray, b: np.ndarray) -> bool:
     memory order first (the same relabelling of both: equality is unchanged; numpy then walks
     ``a`` sequentially, about twice as fast)."""
     if a.ndim > 1 and a.shape == b.shape and not a.flags.c_contiguous:
-        order = sorted(range(a.ndim), key=lambda k: -abs(a.strides[k]))
+        order = axes_in_memory_order(a.strides)
         a, b = a.transpose(order), b.transpose(order)
     if a.dtype == b.dtype and a.itemsize < 8 and a.flags.c_contiguous and \
             b.flags.c_contiguous and a.nbytes % 8 == 0:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from qpasses.algorithms.int_sim_reference_kernels import code_dtype
+from qpasses.numerics.layout import axes_in_memory_order
 
 __all__ = ["gather", "lut_ref"]
 
@@ -107,7 +108,7 @@ def gather(full: np.ndarray, q: np.ndarray) -> np.ndarray:
     byte-for-byte lookup, several times faster than ``np.take``, which first widens every index
     to intp); else ``np.take`` on blocks of :data:`GATHER_BLOCK` indices widened into one
     reused buffer (in cache; about twice as fast as one whole-array ``np.take``)."""
-    order = sorted(range(q.ndim), key=lambda k: -abs(q.strides[k]))
+    order = axes_in_memory_order(q.strides)
     src = q.transpose(order)                        # q's axes in memory order (a view)
     if not src.flags.c_contiguous:
         src = np.ascontiguousarray(src)

@@ -1,18 +1,24 @@
-"""Memory layout of tensors, as the fast kernels and the checker's comparisons walk them: the dims
-in memory order, a view of a tensor in that order, and whether a layout is dense (a permutation
-of a contiguous tensor, so one flat index walks it)."""
+"""Memory layout of tensors (and numpy arrays), as the fast kernels and the checker's comparisons
+walk them: the dims in memory order, a view of a tensor in that order, and whether a layout is
+dense (a permutation of a contiguous tensor, so one flat index walks it)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["in_memory_order", "is_dense", "memory_order_dims"]
+__all__ = ["axes_in_memory_order", "in_memory_order", "is_dense", "memory_order_dims"]
+
+
+def axes_in_memory_order(strides: Sequence[int]) -> list[int]:
+    """Axes from outermost to innermost in memory for these strides (torch's element strides or
+    numpy's byte strides alike; ties, i.e. size-1 dims, in axis order)."""
+    return sorted(range(len(strides)), key=lambda d: -abs(strides[d]))
 
 
 def memory_order_dims(t: Tensor) -> list[int]:
-    """Dims from outermost to innermost in memory (ties, i.e. size-1 dims, in dim order)."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    """Dims of ``t`` from outermost to innermost in memory (:func:`axes_in_memory_order`)."""
+    return axes_in_memory_order(t.stride())
 
 
 def in_memory_order(t: Tensor) -> Tensor:
