@@ -12,10 +12,11 @@ integer layer keeps (the narrowest integer type: one byte for codes of up to 8 b
 kernels in two reused 1 MiB buffers (``numerics.weight_codes``), so no other weight-sized
 temporary exists; measured: 5.1 bytes per weight for 8-bit codes
 (``tests/passes/test_lowering_memory.py``). The float64 reference path, taken only for weights
-off the float32 shortcut, needs more and is covered by the converted allocator failure. The bytes available are ``MemAvailable``
-(``/proc/meminfo``), lowered by the ``RLIMIT_AS`` / ``RLIMIT_DATA`` headroom when a limit is set
-(``VmSize`` / ``VmData`` from ``/proc/self/status``); None where neither is known (not Linux),
-and then only the allocator's failure is converted.
+off the float32 shortcut, needs more and is covered by the converted allocator failure. The
+bytes available are ``MemAvailable`` (``/proc/meminfo``), lowered by the ``RLIMIT_AS`` /
+``RLIMIT_DATA`` headroom when a limit is set (``VmSize`` / ``VmData`` from
+``/proc/self/status``); None where neither is known (not Linux), and then only the allocator's
+failure is converted.
 """
 from __future__ import annotations
 
