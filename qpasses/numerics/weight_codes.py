@@ -74,6 +74,20 @@ def _shape(w: Tensor) -> tuple[int, ...]:
     return (-1,) + (1,) * (w.dim() - 1)
 
 
+def _z_range(zero_point: Tensor | None) -> tuple[int, int]:
+    """``(min, max)`` of the zero points ((0, 0) for none)."""
+    if zero_point is None or not zero_point.numel():
+        return 0, 0
+    return int(zero_point.min()), int(zero_point.max())
+
+
+def _codes_dtype(lo: int, hi: int, zmin: int, zmax: int) -> torch.dtype:
+    """The narrowest dtype holding every centred code in ``[lo, hi]``, every zero point in
+    ``[zmin, zmax]`` and every code ``centred + z`` (int8 for 8-bit codes with small zero
+    points): the codes' dtype, without an int64 copy of the weight."""
+    return narrowest_int_dtype(min(lo, lo + zmin, zmin), max(hi, hi + zmax, zmax))
+
+
 def weight_codes_reference(w_hat: Tensor, scale: Tensor, zero_point: Tensor,
                            tol: float | None = None) -> WeightCodes:
     """The definition, in float64: per-output-channel ``scale`` (float64, (C,)) and
@@ -132,11 +146,8 @@ def weight_codes(w_hat: Tensor, scale: Tensor, zero_point: Tensor,
     if off:
         del q
         return weight_codes_reference(w_hat, scale, zero_point, tol)
-    # codes in a dtype holding every centred code, zero point and code (int8 for 8-bit codes
-    # with small zero points): no int64 copy of the weight
-    zmin, zmax = (int(zero_point.min()), int(zero_point.max())) if zero_point.numel() else (0, 0)
     lo_c, hi_c = int(lo_i), int(hi_i)
-    codes = q.to(narrowest_int_dtype(min(lo_c, lo_c + zmin, zmin), max(hi_c, hi_c + zmax, zmax)))
+    codes = q.to(_codes_dtype(lo_c, hi_c, *_z_range(zero_point)))
     absmax = max(abs(lo_i), abs(hi_i))
     if q.numel():
         flat = q.reshape(q.shape[0], -1)
@@ -194,10 +205,8 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
         lo_i, hi_i = min(lo_i, lo_b), max(hi_i, hi_b)
         l1_parts.append(q.abs_().sum(1, dtype=torch.float64))
     l1 = (l1_parts[0] if len(l1_parts) == 1 else torch.cat(l1_parts)).to(torch.int64)
-    zmin, zmax = (int(zero_point.min()), int(zero_point.max())) if zero_point.numel() else (0, 0)
     lo_c, hi_c = int(lo_i), int(hi_i)
-    codes = torch.empty(w_hat.shape, dtype=narrowest_int_dtype(
-        min(lo_c, lo_c + zmin, zmin), max(hi_c, hi_c + zmax, zmax)))
+    codes = torch.empty(w_hat.shape, dtype=_codes_dtype(lo_c, hi_c, *_z_range(zero_point)))
     codes2 = codes.view(c, k)
     for i in range(0, c, rows):
         blk, sc = flat[i:i + rows], s_col[i:i + rows]
@@ -211,19 +220,16 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
 
 
 def _grid_codes_dtype(qmin: int, qmax: int, zmin: int, zmax: int) -> torch.dtype:
-    """The dtype :func:`weight_codes`' rule gives the widest codes of the grid (int8 for 8-bit
-    symmetric codes): :func:`fake_quant_codes` writes them in it, then narrows only when the
-    codes turn out narrower than their grid."""
-    return narrowest_int_dtype(min(qmin - zmax, qmin - zmax + zmin, zmin),
-                               max(qmax - zmin, qmax - zmin + zmax, zmax))
+    """:func:`_codes_dtype` of the widest centred codes of the grid (int8 for 8-bit symmetric
+    codes): :func:`fake_quant_codes` writes them in it, then narrows only when the codes turn
+    out narrower than their grid."""
+    return _codes_dtype(qmin - zmax, qmax - zmin, zmin, zmax)
 
 
 def fake_quant_codes_bytes(qmin: int, qmax: int, zero_point: Tensor | None) -> int:
     """Bytes per weight :func:`fake_quant_codes` allocates at most: the codes in their grid's dtype,
     plus a narrower copy where one can follow (its blocks and per-kernel sums aside)."""
-    zmin, zmax = ((int(zero_point.min()), int(zero_point.max()))
-                  if zero_point is not None and zero_point.numel() else (0, 0))
-    size = _grid_codes_dtype(qmin, qmax, zmin, zmax).itemsize
+    size = _grid_codes_dtype(qmin, qmax, *_z_range(zero_point)).itemsize
     return size + size // 2
 
 
@@ -258,8 +264,7 @@ def fake_quant_codes(w: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: 
         z = zero_point.detach().reshape(c, 1).to(torch.float32)
     flat = w.view(c, -1)
     k = flat.shape[1]
-    zmin, zmax = ((int(zero_point.min()), int(zero_point.max()))
-                  if zero_point is not None and zero_point.numel() else (0, 0))
+    zmin, zmax = _z_range(zero_point)
     # Σ|q − z| per kernel: float32 where every partial sum is an integer below 2^24
     absmax = max(abs(q - zz) for q in (qmin, qmax) for zz in (zmin, zmax))
     acc = torch.float32 if k * absmax < _F32_EXACT else torch.float64
@@ -286,6 +291,6 @@ def fake_quant_codes(w: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: 
         l1_parts.append(r.abs_().sum(1, dtype=acc))
     l1 = (l1_parts[0] if len(l1_parts) == 1 else torch.cat(l1_parts)).to(torch.int64)
     lo_c, hi_c = int(lo_i), int(hi_i)
-    dtype = narrowest_int_dtype(min(lo_c, lo_c + zmin, zmin), max(hi_c, hi_c + zmax, zmax))
+    dtype = _codes_dtype(lo_c, hi_c, zmin, zmax)
     codes = wide.view(w.shape)
     return WeightCodes(codes if codes.dtype == dtype else codes.to(dtype), 0, l1, lo_c, hi_c)
