@@ -171,8 +171,8 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
     temporary (the quotient and the check of the one-shot version are 8 fresh bytes per weight,
     page-faulted in on every call). The same elementwise operations give the same values: pass 1
     checks every block (a wide code, NaN or off-grid weight anywhere: the definition decides, as
-    before) and sums ``|code − z|`` per kernel exactly in float64 (integers below 2^53; the
-    one-shot version's float32 sums are exact too); pass 2 recomputes each block's codes into
+    before) and sums ``|code − z|`` per kernel exactly (float32 where every partial sum is an
+    integer below 2^24, else float64, as the one-shot version does); pass 2 recomputes each block's codes into
     the narrowest dtype, known only once every block was seen."""
     c = w_hat.shape[0]
     flat = w_hat.view(c, -1)
@@ -203,7 +203,10 @@ def _weight_codes_blocked(w_hat: Tensor, scale: Tensor, zero_point: Tensor, tol:
         if off:
             return weight_codes_reference(w_hat, scale, zero_point, tol)
         lo_i, hi_i = min(lo_i, lo_b), max(hi_i, hi_b)
-        l1_parts.append(q.abs_().sum(1, dtype=torch.float64))
+        # float32 where every partial sum is an integer below 2^24 (no float64 copy of the
+        # block, which worker threads' arenas would keep resident), else float64
+        acc = torch.float32 if k * max(-lo_b, hi_b) < _F32_EXACT else torch.float64
+        l1_parts.append(q.abs_().sum(1, dtype=acc).to(torch.float64))
     l1 = (l1_parts[0] if len(l1_parts) == 1 else torch.cat(l1_parts)).to(torch.int64)
     lo_c, hi_c = int(lo_i), int(hi_i)
     codes = torch.empty(w_hat.shape, dtype=_codes_dtype(lo_c, hi_c, *_z_range(zero_point)))
