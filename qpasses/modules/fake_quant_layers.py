@@ -7,8 +7,10 @@ fake-quantizes the weight through their ``weight_fake_quant``; :func:`wrap_layer
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,8 @@ from qpasses.modules.fake_quant import FakeQuantize, WeightFakeQuant
 
 __all__ = [
     "EMULATED_ACCUMULATORS", "FakeQuantConv1d", "FakeQuantConv2d", "FakeQuantConv3d", "FakeQuantLinear",
-    "fake_quant_modules", "is_fake_quant_layer", "set_fake_quant", "set_observing",
-    "unwrap_layer", "wrap_layer", "wrapper_class",
+    "fake_quant_modules", "is_fake_quant_layer", "onednn_convolutions", "set_fake_quant",
+    "set_observing", "unwrap_layer", "wrap_layer", "wrapper_class",
 ]
 
 
@@ -34,6 +36,35 @@ __all__ = [
 EMULATED_ACCUMULATORS = "__accumulators__"
 
 
+_DIRECT_ONEDNN = threading.local()
+
+
+@contextlib.contextmanager
+def onednn_convolutions() -> Iterator[None]:
+    """Within the block, a fake-quant 2-D convolution run without autograd on a channels-last
+    float32 CPU input calls oneDNN directly (``torch.mkldnn_convolution``).
+
+    torch's own dispatch sends a 1x1 stride-1 convolution of a batch under 16 on one thread to
+    its GEMM path, which first copies a channels-last input to NCHW; oneDNN reads it in place.
+    ResNet-50's 1x1 layers at batch 8, one thread: 15-35% faster (the calibration forward
+    0.88 s -> 0.81 s). The values are a convolution's, in oneDNN's summation order."""
+    before = getattr(_DIRECT_ONEDNN, "on", False)
+    _DIRECT_ONEDNN.on = True
+    try:
+        yield
+    finally:
+        _DIRECT_ONEDNN.on = before
+
+
+def _direct_onednn(layer: Any, x: Tensor, w: Tensor) -> bool:
+    return (getattr(_DIRECT_ONEDNN, "on", False) and x.dim() == 4 and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.device.type == "cpu"
+            and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple)
+            and (layer.bias is None or layer.bias.dtype == torch.float32)
+            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _conv_forward(self: Any, input: Tensor, emulation: dict[str, Any] | None = None) -> Tensor:
     w = self.weight_fake_quant(self.weight)
     acc = _emulated_accumulator(self, emulation)
@@ -41,6 +72,9 @@ def _conv_forward(self: Any, input: Tensor, emulation: dict[str, Any] | None = N
             tuple(acc.shape) == _conv_out_shape(self, input):
         return _FromAccumulator.apply(input, w, self.bias, acc,
                                       (self.stride, self.padding, self.dilation, self.groups))
+    if _direct_onednn(self, input, w):
+        return torch.mkldnn_convolution(input, w, self.bias, self.padding, self.stride,
+                                        self.dilation, self.groups)
     return self._conv_forward(input, w, self.bias)
 
 
