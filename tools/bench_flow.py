@@ -12,9 +12,10 @@ Times the *whole* post-training quantization flow against torch.ao's *whole* flo
   the same batches + ``convert_fx``; the deep copy that keeps the caller's model intact
   (``prepare_fx`` fuses the caller's modules in place) is shown but not counted in its total.
 
-A reference row times the float model's own forward on the calibration batches (not in any
-total): the floor of ``calibrate``, which runs the same batches through the BN-folded graph with
-its observers.
+A reference row times the float model's own forward on the calibration batches, as given (not in
+any total): what ``calibrate`` would cost without its layout choices; it runs the same batches
+through the BN-folded graph with its observers, channels-last with direct oneDNN convolutions
+where the graph allows.
 
 Both run on the same model, in the same process, interleaved (one ours, one torch.ao, per
 repeat), with one thread unless ``--threads`` says otherwise. Defaults: torchvision ResNet-50 and
@@ -163,12 +164,12 @@ def _ours(model: torch.nn.Module, pipeline: str, example: tuple, cal: list[torch
     return steps, peak.bytes, peak.method, gm
 
 
-FLOAT_FORWARD = "forward of the calibration batches (calibrate's floor; not in a total)"
+FLOAT_FORWARD = "forward of the calibration batches as given (reference; not in a total)"
 
 
 def _float_forward(model: torch.nn.Module, cal: list[torch.Tensor]) -> float:
-    """Seconds of the float model's forward passes on the calibration batches (no grad): the
-    floor of ``calibrate``, which runs the same batches through the (BN-folded) graph."""
+    """Seconds of the float model's forward passes on the calibration batches (no grad), as given:
+    the reference for ``calibrate``, which runs the same batches through the (BN-folded) graph."""
     def run() -> None:
         with torch.no_grad():
             for c in cal:

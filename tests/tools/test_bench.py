@@ -40,7 +40,7 @@ def test_ptq_flow_section_times_the_whole_flow_on_a_tiny_model(tmp_path, capsys)
     ao = [rows[f"tiny_cnn torch.ao: {k}"]["median_s"]
           for k in ("prepare_fx (x86 qconfig mapping)", "calibration forward", "convert_fx")]
     assert rows["tiny_cnn torch.ao: total"]["median_s"] == pytest.approx(sum(ao))
-    assert rows[f"tiny_cnn float model: {FLOAT_FORWARD}"]["median_s"] > 0   # calibrate's floor
+    assert rows[f"tiny_cnn float model: {FLOAT_FORWARD}"]["median_s"] > 0   # the reference
     assert any("peak RSS growth while lowering" in n and "MiB" in n for n in sec["notes"])
 
 
