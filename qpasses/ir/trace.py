@@ -12,7 +12,6 @@ import inspect
 import io
 import os
 import traceback
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -24,7 +23,6 @@ from passes_registry import get_record, set_record
 from passes_registry.suggest import did_you_mean
 
 from qpasses.errors import InputError, TraceError
-from qpasses.ir.huge_pages import MIN_ADVISED_BYTES, advise_huge_pages
 from qpasses.ir.meta_prop import MetaPropUnsupported, meta_propagate
 from qpasses.ir.records import MODEL_KEY
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -76,7 +74,7 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     inputs = normalize_inputs(example_inputs)
     leaf_types, leaf_names = _leaf_modules(model, leaf_modules)
     _check_concrete_args(model, concrete_args)
-    root = deepcopy_module(model).eval()
+    root = copy.deepcopy(model).eval()
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(root, concrete_args)
@@ -99,25 +97,6 @@ def trace(model: torch.nn.Module, example_inputs: Any,
     set_record(gm, MODEL_KEY, name)
     propagate_shapes(gm, inputs)
     return gm
-
-
-def deepcopy_module(model: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(model)``, its large parameters copied into memory advised for huge pages
-    (:mod:`qpasses.ir.huge_pages`: half the page faults' time for ResNet-50's 100 MB). Only plain
-    CPU parameters that own their storage alone are copied so; everything else, sharing
-    included, is deepcopy's own work."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    owners = Counter(t.untyped_storage().data_ptr() for t in tensors)
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        nbytes = p.numel() * p.element_size()
-        if (type(p) is torch.nn.Parameter and p.device.type == "cpu" and p.grad is None
-                and not p.__dict__ and p.is_contiguous() and p.storage_offset() == 0
-                and p.untyped_storage().nbytes() == nbytes and nbytes >= MIN_ADVISED_BYTES
-                and owners[p.untyped_storage().data_ptr()] == 1):
-            data = advise_huge_pages(torch.empty(p.shape, dtype=p.dtype))
-            memo[id(p)] = torch.nn.Parameter(data.copy_(p.detach()), p.requires_grad)
-    return copy.deepcopy(model, memo)
 
 
 def _leaf_modules(model: torch.nn.Module, leaf_modules: Any

@@ -17,7 +17,6 @@ from passes_registry import (Pass, PassFailure, PassResult, PreservedAnalyses, r
 
 from qpasses.ir.fx import (add_tensor_attr, bind, get_attr_value, replace_tensor_attr, resolve_attr,
                            set_arg, node_shape, tensor_meta_for, tensor_use_counts)
-from qpasses.ir.huge_pages import empty_like_huge
 
 # --------------------------------------------------------------------------------------------
 # What counts as a BatchNorm and as a foldable producer
@@ -290,7 +289,7 @@ def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Te
         return w.view(src.shape).to(dtype=weight.dtype, device=weight.device), new_b
     # W' = W * s per output channel (dim 0), in float64, over blocks of whole output channels
     # so the float64 temporaries stay in cache (the weights of big models are GBs).
-    out = empty_like_huge(src)
+    out = torch.empty_like(src)
     w2, o2 = src.view(c, -1), out.view(c, -1)
     if src.dtype in (torch.float32, torch.float64):
         # numpy's mixed-type loop: each product in float64, rounded once into the output's
