@@ -51,19 +51,21 @@ def quantize_codes(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: in
     if not x.dtype.is_floating_point:
         raise NumericsError(f"{where}: expects a float tensor, got {x.dtype}")
     xf = x.to(torch.float32)
-    finite = torch.isfinite(xf)
     if torch.compiler.is_compiling():
         # torch.export / torch.compile: no data-dependent Python branch; the same check as a
         # runtime assertion in the traced program (docs/export.md, "torch.export")
-        torch._assert_async(finite.all(), f"{where}: input has non-finite values (NaN or inf)")
-    elif not bool(finite.all()):
+        torch._assert_async(torch.isfinite(xf).all(),
+                            f"{where}: input has non-finite values (NaN or inf)")
+    elif xf.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(xf)):
+        # one pass: min / max are NaN when any value is, +-inf when one is
+        finite = torch.isfinite(xf)
         bad = int((~finite).sum())
         kind = "NaN" if bool(torch.isnan(xf).any()) else "inf"
         raise NumericsError(f"{where}: input has {bad} non-finite value(s) ({kind}); the integer "
                             "simulation accepts finite inputs only (clean the data)")
     inv = 1.0 / torch.tensor(scale, dtype=torch.float32)
-    q = round_tensor(xf * inv, rounding) + float(zero_point)  # type: ignore[arg-type]
-    return q.clamp(qmin, qmax).to(dtype)
+    q = round_tensor(xf * inv, rounding)  # type: ignore[arg-type]
+    return q.add_(float(zero_point)).clamp_(qmin, qmax).to(dtype)
 
 
 def _adaptive_bounds(size: int, out: int) -> tuple[Tensor, Tensor]:
