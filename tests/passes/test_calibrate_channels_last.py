@@ -176,12 +176,13 @@ def test_a_blocked_graph_calibrates_as_given():
 # -- direct oneDNN convolutions ------------------------------------------------------------------
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("kernel,stride,groups", [(1, 1, 1), (3, 1, 1), (3, 2, 4), (1, 2, 1)])
+@pytest.mark.parametrize("kernel,stride,groups,bias", [(1, 1, 1, True), (3, 1, 1, False),
+                                                      (3, 2, 4, True), (1, 2, 1, False)])
 def test_onednn_convolutions_match_torch_and_apply_only_where_they_may(kernel, stride, groups,
-                                                                      monkeypatch):
+                                                                      bias, monkeypatch):
     torch.manual_seed(0)
     conv = wrap_layer(nn.Conv2d(8, 16, kernel, stride=stride, padding=kernel // 2,
-                                groups=groups), WeightFakeQuant(16)).eval()
+                                groups=groups, bias=bias), WeightFakeQuant(16)).eval()
     assert isinstance(conv, FakeQuantConv2d)
     conv.weight_fake_quant.enable_fake_quant(False)
     calls = []
