@@ -6,7 +6,9 @@ not is small and known: ``view`` / ``view_as`` raise on a channels-last tensor w
 would have to merge with the channel dim, and a handful of methods (``stride``,
 ``is_contiguous``, ``data_ptr``, ...) expose the layout itself. Code the library cannot see into
 (a user's leaf module, a wrapped Python function, an op of a custom extension) might assume a
-contiguous input, so it blocks the switch as well.
+contiguous input, so it blocks the switch as well. A view the check lets through (its input not
+4-D, or a single pixel per channel) that still fails raises rather than computing anything
+wrong; ``calibrate`` then reruns its batch as given.
 
 On CPU, oneDNN's convolutions and torch's pooling run faster on channels-last (NHWC) activations
 than on NCHW ones, which they reorder on every call (ResNet-50, batch 8, one thread: the forward
