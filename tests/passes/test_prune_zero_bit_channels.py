@@ -674,8 +674,12 @@ def _fake_quant(name, weight_scheme="symmetric", seed=0):
                                example_inputs=(x,)))
     bits = random_bits(gm, np.random.default_rng(seed), 0.5, 0.05, cg=cg)
     set_bits(gm, bits, zero_weights=False)     # the weight quantizer makes them 0
+    # NCHW calibration, as before calibrate fed channels-last batches: with those ranges one
+    # resnet18 activation sits a few ulps from a rounding tie, and the pruned float graph's
+    # output then differs from the unpruned one in about 1 of 10 fresh processes (a code flip;
+    # the source of the cross-process difference is not yet found)
     gm = PassManager.parse(f"graph(insert-fake-quant{{weight-scheme={weight_scheme}}},"
-                           "calibrate)", assume=gm).run(
+                           "calibrate{channels-last=false})", assume=gm).run(
         gm, PassContext(example_inputs=(x,), calibration_data=[x]))
     return gm, x
 
