@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -132,6 +132,7 @@ def test_uniform_pi_closed_form_complexity_and_p():
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2 ** 16))
+@example(seed=3978)   # a small component from a float32 cancellation (see the atol below)
 def test_complexity_matches_expected_bits_and_gradient(seed):
     gm = _supernet(DigitsCNN().eval(), "pin-first-last=false")
     g = torch.Generator().manual_seed(seed)
@@ -152,9 +153,12 @@ def test_complexity_matches_expected_bits_and_gradient(seed):
     pi = torch.softmax(wm.logits.detach(), 0)
     bits = torch.tensor([2.0, 3.0, 4.0])
     d_e = pi * (bits - (pi * bits).sum())                # dE[b]/dlogits
-    want = d_e * macs["conv2"] * e["conv2"][1] / 1e9
+    scale = macs["conv2"] * e["conv2"][1] / 1e9
+    want = d_e * scale
+    # d_e = pi·(b − E[b]) cancels: float32 errors scale with the terms (b·scale, b <= 4), not
+    # with the result, whose middle component can be far smaller than the others
     torch.testing.assert_close(wm.logits.grad, want, rtol=1e-4,
-                               atol=1e-4 * float(want.abs().max()))
+                               atol=1e-4 * float(bits.max()) * scale)
 
 
 # -- (iii) Grad-CAM ------------------------------------------------------------------------------
