@@ -34,6 +34,7 @@ loops over channels.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -172,7 +173,7 @@ class WeightFakeQuant(FakeQuantize):
         self.register_buffer("bits", b.expand(num_channels).clone())
         self.register_buffer("scale", torch.full((num_channels,), float("nan")))
         self.register_buffer("zero_point", torch.zeros(num_channels, dtype=torch.int64))
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[weakref.ref, int] | None = None   # (weight, its version) observed
         self._cache_bits()
 
     # Numerics scheme name of the integer grid (DoReFa has none; its codes are symmetric).
@@ -224,8 +225,8 @@ class WeightFakeQuant(FakeQuantize):
         """Set ``scale`` / ``zero_point`` from the min/max of ``w`` (skipped if ``w`` is unchanged)."""
         if self.scheme == "dorefa":
             return
-        key = (id(w), w._version)
-        if self._ready and key == self._seen:
+        seen = self._seen
+        if self._ready and seen is not None and seen[0]() is w and seen[1] == w._version:
             return
         if w.shape[0] != self.num_channels:
             raise NumericsError(f"{_where(self.qname)}: weight has {w.shape[0]} output channels, "
@@ -240,7 +241,19 @@ class WeightFakeQuant(FakeQuantize):
         self.scale.copy_(scale.to(self.scale.dtype))
         self.zero_point.copy_(zp)
         self._ready = True
-        self._seen = key
+        self.mark_observed(w)
+
+    def mark_observed(self, w: Tensor) -> None:
+        """Take the current scales as observed from ``w`` as it is now: until ``w`` changes (or
+        another tensor comes), forward does not re-observe. Held by weak reference, not by
+        ``id``: a new tensor at a freed one's address is another tensor (an ``id`` key let that
+        skip a re-observe in some processes and not others). Copies and pickles forget it."""
+        self._seen = (weakref.ref(w), w._version)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_seen"] = None
+        return state
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._fq_on:

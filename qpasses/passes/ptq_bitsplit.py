@@ -474,7 +474,7 @@ class PtqBitsplit(Pass):
             wq.zero_point.zero_()
         wq.enable_observer(False)
         wq._ready = True
-        wq._seen = (id(weight), weight._version)
+        wq.mark_observed(weight)
         was = wq.fake_quant_on
         wq.enable_fake_quant(True)
         with torch.no_grad():
