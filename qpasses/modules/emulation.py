@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from qpasses.numerics.fixed_point import channel_view
 from qpasses.modules.fake_quant_layers import EMULATED_ACCUMULATORS, is_fake_quant_layer
+from qpasses.modules.int_sim import tensor_versions
 from qpasses.modules.int_sim_layers import IntLayer
 
 __all__ = ["EMULATION_MODULE", "IntSimEmulation", "emulate_output", "emulate_point",
@@ -109,7 +110,7 @@ class IntSimEmulation(nn.Module):
     def _key(self) -> tuple[tuple, list[Tensor]]:
         """Parameter versions (bumped by optimizer steps) and copies of the buffers (quantizer
         scales, zero points: small; their observers may rewrite them with equal values)."""
-        return (tuple((id(t), t._version) for t in self.plain.parameters()),
+        return (tensor_versions(*self.plain.parameters()),
                 [b.detach().clone() for b in self.plain.buffers()])
 
     def _fresh(self, key: tuple[tuple, list[Tensor]]) -> bool:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from qpasses.numerics.fixed_point import channel_view
 from qpasses.numerics.int_affine import AffineConstants
-from qpasses.modules.int_sim import IntSimModule, Requantize
+from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
 
 __all__ = ["IntAffine", "IntConstant"]
 
@@ -105,7 +105,7 @@ class IntConstant(IntSimModule):
 
     def forward(self) -> Tensor:
         if self.fast:
-            return self._cached("codes", (id(self.codes), self.codes._version, self.out_dtype),
+            return self._cached("codes", tensor_versions(self.codes) + (self.out_dtype,),
                                 lambda: self.codes.to(self.out_dtype))
         return self.codes.clone()
 

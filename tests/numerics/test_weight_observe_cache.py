@@ -1,5 +1,5 @@
-"""WeightFakeQuant's observed-weight cache: keyed by the tensor itself (weakly), never by its
-address."""
+"""Caches keyed by a tensor (WeightFakeQuant's observed weight, the integer simulation's
+``tensor_versions``) hold it weakly and never match another tensor at its freed address."""
 from __future__ import annotations
 
 import torch
@@ -35,3 +35,21 @@ def test_weight_observer_cache_follows_the_tensor_not_its_address():
         w3 = torch.full((4, 3), 8.0)
         twin.observe(w3)
         assert torch.allclose(twin.scale, s1 * 8)
+
+
+def test_tensor_versions_never_match_a_new_tensor_at_a_freed_address():
+    """Caches of the integer simulation key on ``tensor_versions``: equal for the same unchanged
+    tensor, unequal after an in-place edit and for any other tensor, even one that took the
+    freed tensor's address with the same version."""
+    from qpasses.modules.int_sim import tensor_versions
+    t = torch.zeros(5)
+    key = tensor_versions(t, None)
+    assert key == tensor_versions(t, None)
+    t.add_(1)
+    assert key != tensor_versions(t, None)
+    for _ in range(20):
+        a = torch.zeros(7)
+        k, old = tensor_versions(a), id(a)
+        del a
+        b = torch.zeros(7)                   # often at a's address, version 0
+        assert k != tensor_versions(b), id(b) == old
