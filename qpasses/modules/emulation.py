@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from qpasses.numerics.fixed_point import channel_view
 from qpasses.modules.fake_quant_layers import EMULATED_ACCUMULATORS, is_fake_quant_layer
-from qpasses.modules.int_sim import tensor_versions
+from qpasses.modules.tensor_keys import tensor_versions
 from qpasses.modules.int_sim_layers import IntLayer
 
 __all__ = ["EMULATION_MODULE", "IntSimEmulation", "emulate_output", "emulate_point",

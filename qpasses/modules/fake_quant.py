@@ -34,7 +34,6 @@ loops over channels.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +43,7 @@ from qpasses.errors import CalibrationError, NumericsError
 from qpasses.modules.quantizer_args import check_bits
 from qpasses.modules.quantizer_args import quantizer_where as _where
 from qpasses.modules.schemes import grid_scheme
+from qpasses.modules.tensor_keys import tensor_versions
 from qpasses.numerics.fast_fake_quant import FAST_DTYPES, FAST_MAX_BITS, fast_fake_quant
 from qpasses.numerics.observers import MinMaxObserver, Observer
 from qpasses.numerics.weight_codes import WeightCodes, fake_quant_codes, fake_quant_codes_bytes
@@ -173,7 +173,7 @@ class WeightFakeQuant(FakeQuantize):
         self.register_buffer("bits", b.expand(num_channels).clone())
         self.register_buffer("scale", torch.full((num_channels,), float("nan")))
         self.register_buffer("zero_point", torch.zeros(num_channels, dtype=torch.int64))
-        self._seen: tuple[weakref.ref, int] | None = None   # (weight, its version) observed
+        self._seen: tuple | None = None    # tensor_versions of the weight last observed
         self._cache_bits()
 
     # Numerics scheme name of the integer grid (DoReFa has none; its codes are symmetric).
@@ -225,8 +225,7 @@ class WeightFakeQuant(FakeQuantize):
         """Set ``scale`` / ``zero_point`` from the min/max of ``w`` (skipped if ``w`` is unchanged)."""
         if self.scheme == "dorefa":
             return
-        seen = self._seen
-        if self._ready and seen is not None and seen[0]() is w and seen[1] == w._version:
+        if self._ready and self._seen == tensor_versions(w):
             return
         if w.shape[0] != self.num_channels:
             raise NumericsError(f"{_where(self.qname)}: weight has {w.shape[0]} output channels, "
@@ -245,10 +244,11 @@ class WeightFakeQuant(FakeQuantize):
 
     def mark_observed(self, w: Tensor) -> None:
         """Take the current scales as observed from ``w`` as it is now: until ``w`` changes (or
-        another tensor comes), forward does not re-observe. Held by weak reference, not by
-        ``id``: a new tensor at a freed one's address is another tensor (an ``id`` key let that
-        skip a re-observe in some processes and not others). Copies and pickles forget it."""
-        self._seen = (weakref.ref(w), w._version)
+        another tensor comes), forward does not re-observe. Keyed by
+        :func:`~qpasses.modules.tensor_keys.tensor_versions`, not ``id``: a new tensor at a freed
+        one's address is another tensor (an ``id`` key let that skip a re-observe in some
+        processes and not others). Copies and pickles forget it."""
+        self._seen = tensor_versions(w)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

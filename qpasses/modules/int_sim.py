@@ -55,7 +55,6 @@ the fast kernels are exact under the bounds the lowering proved.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +66,7 @@ from passes_registry import get_record, has_record, set_record
 
 from qpasses.errors import NumericsError
 from qpasses.ir.records import INT_SIM_KEY
+from qpasses.modules.tensor_keys import tensor_versions
 from qpasses.numerics.fixed_point import (ROUNDING_CONTRACTS, channel_view, quantize_multiplier,
                                           requantize, requantize_float)
 from qpasses.numerics.int_sim_math import quantize_codes
@@ -76,8 +76,8 @@ from qpasses.numerics.fast_requant import (AffineFloor, RequantPlan, code_dtype,
                                            requantize_float_fast)
 
 __all__ = [
-    "BACKENDS", "MAX_TABLE_ENTRIES", "Dequantize", "IntSimModule", "Quantize", "Requantize",
-    "TensorIdentity", "int_sim_modules", "is_int_sim_graph", "set_backend", "tensor_versions",
+    "BACKENDS", "MAX_TABLE_ENTRIES", "Dequantize", "IntSimModule", "Quantize",
+    "Requantize", "int_sim_modules", "is_int_sim_graph", "set_backend",
 ]
 
 BACKENDS = ("reference", "fast")
@@ -89,33 +89,6 @@ MAX_TABLE_ENTRIES = 2 ** 16
 def _scalar_or_vector(values: Sequence[float] | float, dtype: torch.dtype) -> Tensor:
     t = torch.as_tensor(values, dtype=dtype)
     return t.reshape(-1) if t.dim() else t.reshape(1)
-
-
-class TensorIdentity:
-    """Equal only to a TensorIdentity of the same live tensor, held weakly: a new tensor at a
-    freed one's address (same ``id``, often the same version 0) is another tensor, so a cache
-    keyed by it never serves the old tensor's derived values."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, t: Tensor) -> None:
-        self.ref = weakref.ref(t)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TensorIdentity):
-            return NotImplemented
-        t = self.ref()
-        return t is not None and t is other.ref()
-
-    def __hash__(self) -> int:
-        return id(self.ref())
-
-
-def tensor_versions(*ts: Tensor | None) -> tuple:
-    """Identity (:class:`TensorIdentity`) and version of tensors a cached derived value depends
-    on (in-place edits of a buffer, e.g. by a test or a user, invalidate the cache, and so does
-    a new tensor in its place)."""
-    return tuple((TensorIdentity(t), t._version) if t is not None else None for t in ts)
 
 
 class IntSimModule(nn.Module):

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from qpasses.numerics.fixed_point import channel_view
 from qpasses.numerics.int_affine import AffineConstants
-from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
+from qpasses.modules.tensor_keys import tensor_versions
+from qpasses.modules.int_sim import IntSimModule, Requantize
 
 __all__ = ["IntAffine", "IntConstant"]
 

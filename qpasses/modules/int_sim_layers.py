@@ -29,7 +29,8 @@ from qpasses.numerics import int_conv_onednn
 from qpasses.numerics.fast_requant import RequantPlan
 from qpasses.numerics.native_requant import native_apply
 from qpasses.numerics.quant_utils import is_compiling
-from qpasses.modules.int_sim import IntSimModule, Requantize, tensor_versions
+from qpasses.modules.tensor_keys import tensor_versions
+from qpasses.modules.int_sim import IntSimModule, Requantize
 
 __all__ = ["INT_LAYER_CLASSES", "IntConv1d", "IntConv2d", "IntConv3d", "IntLayer", "IntLinear",
            "kernel_table", "make_int_layer"]

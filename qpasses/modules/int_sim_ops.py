@@ -19,7 +19,8 @@ from qpasses.numerics.native_requant import native_add
 from qpasses.numerics.quant_utils import is_compiling
 from qpasses.numerics.fast_requant import (code_dtype, lut_gather, lut_gather2, max_pool_codes,
                                            requantize_fast, scratch_like)
-from qpasses.modules.int_sim import MAX_TABLE_ENTRIES, IntSimModule, Requantize, tensor_versions
+from qpasses.modules.tensor_keys import tensor_versions
+from qpasses.modules.int_sim import MAX_TABLE_ENTRIES, IntSimModule, Requantize
 
 __all__ = ["IntAdd", "IntAvgPoolSum", "IntCat", "IntClamp", "IntLUT", "IntMaxPool", "IntMul"]
 

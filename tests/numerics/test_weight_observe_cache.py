@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from qpasses.modules.fake_quant import WeightFakeQuant
+from qpasses.modules.tensor_keys import tensor_versions
 
 
 def test_weight_observer_cache_follows_the_tensor_not_its_address():
@@ -41,7 +42,6 @@ def test_tensor_versions_never_match_a_new_tensor_at_a_freed_address():
     """Caches of the integer simulation key on ``tensor_versions``: equal for the same unchanged
     tensor, unequal after an in-place edit and for any other tensor, even one that took the
     freed tensor's address with the same version."""
-    from qpasses.modules.int_sim import tensor_versions
     t = torch.zeros(5)
     key = tensor_versions(t, None)
     assert key == tensor_versions(t, None)
